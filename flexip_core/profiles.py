@@ -1,0 +1,82 @@
+"""Profiles: data files naming a base model, encoders, adapter weights, gate curve and defaults."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .gate import GateCurve
+
+logger = logging.getLogger(__name__)
+
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "assets" / "profiles"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Generation settings a profile suggests; every one can be overridden per call."""
+
+    height: int = 512  # output height in pixels
+    width: int = 512  # output width in pixels
+    num_inference_steps: int = 30  # denoising steps
+    guidance_scale: float = 7.5  # classifier-free guidance scale
+    scheduler: str | None = "dpmpp_2m"  # scheduler name; None keeps the base model's own
+    max_side: int = 1024  # largest accepted height or width
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str  # profile name ("tiny", "sd15", ...)
+    base: str  # SD1.5-architecture base: Hub id, local folder, or single .safetensors/.ckpt file
+    clip_encoder: str  # CLIP vision tower: Hub id[:subfolder] or local folder
+    dino_encoder: str | None = None  # DINOv2: loaded only when an adapter needs it
+    adapter: str | None = None  # native FlexIP adapter file (both branches)
+    preservation: str | None = None  # IP-Adapter file for the preservation branch (when no native adapter)
+    personalization: str | None = None  # IP-Adapter file for the personalization branch
+    lora: str | None = None  # optional LoRA (e.g. LCM-LoRA) loaded through diffusers
+    build: str | None = None  # locally built models ("tiny"), written once into the FlexIP cache
+    description: str = ""  # one line for the UI and --help
+    defaults: Defaults = field(default_factory=Defaults)  # suggested generation settings
+    gate_curve: GateCurve = field(default_factory=GateCurve)  # gamma -> branch weights
+    dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 elsewhere), "float32", "float16", "bfloat16"
+
+    def with_overrides(self, **overrides) -> "Profile":
+        known = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(known) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown profile override(s): {', '.join(sorted(unknown))}")
+        return replace(self, **known)
+
+
+def cache_home() -> Path:
+    """Where locally built models live: $FLEXIP_HOME, else ~/.cache/flexip."""
+    return Path(os.environ.get("FLEXIP_HOME", Path.home() / ".cache" / "flexip"))
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Read a profile by name (assets/profiles/NAME.json) or from a .json path."""
+    path = Path(name_or_path)
+    if path.suffix != ".json":
+        path = PROFILE_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles())}")
+    data = json.loads(path.read_text())
+    data["defaults"] = Defaults(**data.get("defaults", {}))
+    data["gate_curve"] = GateCurve.from_dict(data.get("gate_curve"))
+    return Profile(**data)
+
+
+def default_profile() -> str:
+    """'sd15' when CUDA is present and its weights are cached or reachable; else the best offline profile."""
+    import torch
+
+    names = available_profiles()
+    if torch.cuda.is_available() and "sd15" in names and not os.environ.get("HF_HUB_OFFLINE"):
+        return "sd15"
+    return "mini" if "mini" in names else "tiny"

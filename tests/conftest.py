@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny profile built from config dicts, saved to disk and loaded back."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DREAMBENCH = REPO.parent / "shared" / "dreambench"
+# Tiny models are built once into a cache folder that test runs (and app servers they launch) share.
+os.environ.setdefault("FLEXIP_HOME", str(REPO / ".cache" / "flexip-test"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def dreambench() -> Path:
+    if not DREAMBENCH.is_dir():
+        pytest.skip(f"DreamBench photos not found at {DREAMBENCH}")
+    return DREAMBENCH
+
+
+@pytest.fixture(scope="session")
+def photos(dreambench):
+    from flexip_core.images import load_reference_image
+
+    return {name: load_reference_image(dreambench / name / "00.jpg") for name in ("dog", "cat", "backpack")}
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    from flexip_core import FlexIPPipeline
+
+    return FlexIPPipeline.from_profile("tiny")
+
+
+@pytest.fixture(scope="session")
+def subject(tiny_pipe, photos):
+    return tiny_pipe.encode_subject([photos["dog"]])

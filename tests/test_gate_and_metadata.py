@@ -1,0 +1,66 @@
+"""Gate curves and schedules; the PNG `parameters` chunk; the generate command."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from flexip_core.gate import GateCurve, GateSchedule, as_schedule
+from flexip_core.metadata import format_parameters, parse_parameters
+from tests.conftest import REPO
+
+
+def test_default_curve_is_the_spec_formula():
+    curve = GateCurve()
+    assert curve.weights(0.7, 1.0) == pytest.approx((0.7, 0.3))
+    assert curve.weights(0.25, 0.8) == pytest.approx((0.2, 0.6))
+    assert curve.weights(1.0, 0.0) == (0.0, 0.0)
+
+
+def test_calibrated_curve_interpolates():
+    curve = GateCurve.from_dict({"gammas": [0, 0.5, 1], "pres": [0, 0.2, 1], "pers": [1, 0.6, 0]})
+    assert curve.weights(0.25) == pytest.approx((0.1, 0.8))
+    with pytest.raises(ValueError, match="increase from 0 to 1"):
+        GateCurve((0.0, 0.5), (0, 1), (1, 0))
+
+
+def test_schedule_turns_identity_off_late():
+    schedule = as_schedule(0.5)
+    assert [schedule.factors(i, 4) for i in range(4)] == [(1.0, 1.0), (1.0, 1.0), (0.0, 1.0), (0.0, 1.0)]
+    assert GateSchedule(pers_from=0.5).factors(0, 4) == (1.0, 0.0)
+
+
+def test_parameters_round_trip():
+    params = dict(prompt="a dog, on the beach", negative_prompt="blurry", num_inference_steps=20,
+                  scheduler="dpmpp_2m", guidance_scale=7.5, seed=42, width=512, height=384, gate=0.25,
+                  strength=1.0, profile="tiny")
+    text = format_parameters(params)
+    assert text.splitlines()[0] == "a dog, on the beach"
+    assert "Steps: 20" in text and "Size: 512x384" in text and "FlexIP gate: 0.25" in text
+    back = parse_parameters(text)
+    assert {k: back[k] for k in params} == params
+
+
+def test_generate_command_writes_pngs_with_parameters(tmp_path, dreambench):
+    out = tmp_path / "out.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "flexip_core", "generate", "--profile", "tiny", "--image", str(dreambench / "dog" / "00.jpg"),
+         "--image", str(dreambench / "dog" / "01.jpg"), "--prompt", "a dog in snow", "--gate", "0.3", "--gate", "0.7",
+         "--seed", "3", "--steps", "2", "--size", "64", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for i, gate in enumerate((0.3, 0.7)):
+        image = Image.open(tmp_path / f"out_{i:02d}.png")
+        params = parse_parameters(image.text["parameters"])
+        assert params["gate"] == gate and params["seed"] == 3 and params["prompt"] == "a dog in snow"
+        assert params["num_inference_steps"] == 2 and (params["width"], params["height"]) == (64, 64)
+        assert params["profile"] == "tiny"
+
+
+def test_generate_command_reports_bad_input(tmp_path, dreambench):
+    result = subprocess.run(
+        [sys.executable, "-m", "flexip_core", "generate", "--profile", "tiny", "--image", str(tmp_path / "nope.jpg"),
+         "--prompt", "x", "--out", str(tmp_path / "o.png")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "file not found" in result.stderr

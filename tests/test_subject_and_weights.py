@@ -1,0 +1,70 @@
+"""Subject encoding (several photos, weights, cache) and native adapter files (round trip, strict errors)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flexip_core import FlexIPPipeline
+from flexip_core.weights import load_adapter, read_adapter_config, save_adapter
+
+FAST = dict(num_inference_steps=3, seed=1, output_type="np")
+
+
+def test_several_photos_are_averaged_by_weight(tiny_pipe, photos):
+    dog, cat = tiny_pipe.encode_subject([photos["dog"]]), tiny_pipe.encode_subject([photos["cat"]])
+    both = tiny_pipe.encode_subject([photos["dog"], photos["cat"]])
+    only_dog = tiny_pipe.encode_subject([photos["dog"], photos["cat"]], weights=[1.0, 0.0])
+    mostly_cat = tiny_pipe.encode_subject([photos["dog"], photos["cat"]], weights=[1.0, 3.0])
+    for field in ("clip_embeds", "dino"):
+        a, b = getattr(dog.features, field), getattr(cat.features, field)
+        assert torch.allclose(getattr(both.features, field), (a + b) / 2, atol=1e-6)
+        assert torch.allclose(getattr(only_dog.features, field), a, atol=1e-6)
+        assert torch.allclose(getattr(mostly_cat.features, field), 0.25 * a + 0.75 * b, atol=1e-6)
+    assert len({dog.key, cat.key, both.key, only_dog.key, mostly_cat.key}) == 5
+
+
+def test_each_photo_is_encoded_once(tiny_pipe, photos):
+    tiny_pipe.encode_subject([photos["backpack"]])
+    calls = tiny_pipe.encoder.calls
+    tiny_pipe.encode_subject([photos["backpack"], photos["backpack"].copy()], weights=[2, 1])
+    assert tiny_pipe.encoder.calls == calls
+
+
+@pytest.mark.parametrize("weights, message", [([1.0], "one weight per photo"), ([-1.0, 1.0], ">= 0"),
+                                              ([0.0, 0.0], "not all be 0"), ([float("nan"), 1], ">= 0")])
+def test_bad_photo_weights(tiny_pipe, photos, weights, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_pipe.encode_subject([photos["dog"], photos["cat"]], weights=weights)
+
+
+def test_adapter_save_load_reproduces_the_image(tiny_pipe, subject, photos, tmp_path):
+    path = save_adapter(tiny_pipe.adapter, tmp_path / "adapter.safetensors")
+    reloaded = FlexIPPipeline.from_profile("tiny", adapter=str(path))
+    assert reloaded.adapter.config == tiny_pipe.adapter.config
+    before = tiny_pipe("a dog", subject=subject, gate=[0.3, 0.8], **FAST).arrays
+    after = reloaded("a dog", subject=reloaded.encode_subject([photos["dog"]]), gate=[0.3, 0.8], **FAST).arrays
+    assert np.array_equal(before, after)
+
+
+def test_wrong_adapter_files_name_the_keys(tiny_pipe, tmp_path):
+    good = save_adapter(tiny_pipe.adapter, tmp_path / "good.safetensors")
+    meta = {"format": "flexip-adapter/1", "config": read_adapter_config(good).to_json()}
+    state = load_file(str(good))
+    dropped = next(k for k in state if k.startswith("kv."))
+    save_file({k: v for k, v in state.items() if k != dropped}, str(tmp_path / "missing.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=f"missing keys.*{dropped}"):
+        load_adapter(tmp_path / "missing.safetensors")
+    resized = dict(state, **{dropped: torch.zeros(3, 3)})
+    save_file(resized, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=f"mismatched shapes.*{dropped}: file \\(3, 3\\)"):
+        load_adapter(tmp_path / "shape.safetensors")
+    save_file(state, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a native FlexIP adapter"):
+        load_adapter(tmp_path / "plain.safetensors")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 50)
+    with pytest.raises(ValueError, match="not a readable .safetensors"):
+        load_adapter(tmp_path / "corrupt.safetensors")
+    with pytest.raises(ValueError, match="other cross-attention layers"):
+        load_adapter(good, layers=(("down_blocks.9.attn2.processor", 64),))
