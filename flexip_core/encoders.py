@@ -66,7 +66,8 @@ class SubjectEncoder:
         self.dino, self.dino_preprocess = dino, dino_preprocess
         self.needs = needs
         self.cache_size = cache_size
-        self.calls = 0  # encoder forward passes so far (tests and benchmarks count these)
+        self.calls = 0  # encoder passes over subject photos so far (tests and benchmarks count these)
+        self.score_calls = 0  # passes over generated images, for identity scores
         self._cache: OrderedDict[str, ImageFeatures] = OrderedDict()
         self._uncond: ImageFeatures | None = None
         self._lock = threading.Lock()
@@ -139,7 +140,7 @@ class SubjectEncoder:
     @torch.no_grad()
     def image_embeds(self, images: list[Image.Image]) -> torch.Tensor:
         """Projected CLIP [CLS] embeddings (B, E) of generated images, uncached (for identity scores)."""
-        self.calls += 1
+        self.score_calls += 1
         pixels = self.clip_preprocess([prepare_image(im) for im in images])
         dtype = next(self.clip.parameters()).dtype
         return self.clip(pixels.to(self.device, dtype)).image_embeds.float().cpu()

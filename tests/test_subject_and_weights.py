@@ -68,3 +68,11 @@ def test_wrong_adapter_files_name_the_keys(tiny_pipe, tmp_path):
         load_adapter(tmp_path / "corrupt.safetensors")
     with pytest.raises(ValueError, match="other cross-attention layers"):
         load_adapter(good, layers=(("down_blocks.9.attn2.processor", 64),))
+
+
+def test_identity_score_is_highest_for_the_reference_itself(tiny_pipe, photos):
+    subject = tiny_pipe.encode_subject([photos["dog"]])
+    calls = tiny_pipe.encoder.calls
+    same, other = tiny_pipe.identity_score([photos["dog"], photos["backpack"]], subject)
+    assert same == pytest.approx(1.0, abs=1e-5) and other < same
+    assert tiny_pipe.encoder.calls == calls  # scoring outputs never re-encodes the subject
