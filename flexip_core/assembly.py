@@ -1,16 +1,18 @@
 """Building a FlexIPPipeline from a profile: resolve sources, load components, attach the adapter."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from transformers import CLIPVisionModelWithProjection, Dinov2Model
 
 from .adapters import cross_attention_layers
+from .devices import (LowVRAM, NotEnoughMemory, free_memory, is_out_of_memory, out_of_memory_message, pick_device,
+                      pick_dtype)
 from .encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess, SubjectEncoder
 from .loading import load_base, load_pretrained, resolve_file
 from .profiles import Profile, cache_home, load_profile
@@ -18,28 +20,8 @@ from .weights import load_adapter
 
 logger = logging.getLogger(__name__)
 
-
-def pick_device(device=None) -> torch.device:
-    if device not in (None, "auto"):
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(requested, device: torch.device) -> torch.dtype:
-    """fp16 on CUDA and MPS, fp32 on CPU, unless asked otherwise."""
-    if isinstance(requested, torch.dtype):
-        return requested
-    if requested in (None, "auto"):
-        return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if requested not in names:
-        raise ValueError(f"dtype {requested!r} unknown; choose one of {', '.join(names)} or 'auto'")
-    return names[requested]
+PLACEHOLDER_FIELDS = ("base", "base_config", "clip_encoder", "dino_encoder", "adapter", "preservation",
+                      "personalization", "lora")
 
 
 def ensure_built(kind: str) -> Path:
@@ -65,9 +47,17 @@ def resolve_placeholders(profile: Profile) -> Profile:
     if profile.build is None:
         return profile
     root = str(ensure_built(profile.build))
-    fields = ("base", "clip_encoder", "dino_encoder", "adapter", "preservation", "personalization", "lora")
-    values = {f: getattr(profile, f).replace("{build}", root) for f in fields if getattr(profile, f)}
+    values = {f: getattr(profile, f).replace("{build}", root) for f in PLACEHOLDER_FIELDS if getattr(profile, f)}
     return profile.with_overrides(**values)
+
+
+def apply_overrides(profile: Profile, overrides: dict) -> Profile:
+    """Profile parts replaced by keyword overrides; IP-Adapter files given as overrides win over the
+    profile's own native adapter (and a native adapter given as an override wins over everything)."""
+    profile = profile.with_overrides(**overrides)
+    if (overrides.get("preservation") or overrides.get("personalization")) and not overrides.get("adapter"):
+        profile = dataclasses.replace(profile, adapter=None)
+    return profile
 
 
 def encoder_preprocess(model, mean, std, largest: int | None = None) -> Preprocess:
@@ -78,27 +68,65 @@ def encoder_preprocess(model, mean, std, largest: int | None = None) -> Preproce
 def load_adapter_for(profile: Profile, unet):
     layers = cross_attention_layers(unet)
     if profile.adapter:
-        return load_adapter(resolve_file(profile.adapter), layers=layers)
+        return load_adapter(resolve_file(profile.adapter, "adapter"), layers=layers)
     if profile.preservation or profile.personalization:
         from .ip_adapter import adapter_from_ip_adapter_files
 
-        return adapter_from_ip_adapter_files(profile.preservation, profile.personalization, layers)
+        return adapter_from_ip_adapter_files(profile.preservation, profile.personalization, layers,
+                                             cross_attention_dim=unet.config.cross_attention_dim)
     raise ValueError(f"profile {profile.name!r} names no adapter: give adapter= or preservation=/personalization=")
 
 
-def assemble(cls, name: str, *, device=None, dtype=None, attention=None, **overrides):
-    profile = resolve_placeholders(load_profile(name).with_overrides(**overrides))
+def check_encoders(profile: Profile, adapter, clip, dino) -> None:
+    """Each branch's input widths equal what the image encoders produce; errors say which encoder to use."""
+    branches = (("preservation", adapter.config.preservation), ("personalization", adapter.config.personalization))
+    for branch, cfg in branches:
+        wanted = []
+        if "clip_embeds" in cfg.needs:
+            wanted.append(("CLIP image embeddings", cfg.clip_embed_dim, clip.config.projection_dim,
+                           profile.clip_encoder))
+        if "clip_hidden" in cfg.needs:
+            wanted.append(("CLIP hidden states", cfg.clip_hidden_dim, clip.config.hidden_size, profile.clip_encoder))
+        if "dino" in cfg.needs and dino is not None:
+            wanted.append(("DINOv2 patch tokens", cfg.dino_dim, dino.config.hidden_size, profile.dino_encoder))
+        for what, expects, gives, source in wanted:
+            if expects != gives:
+                raise ValueError(
+                    f"the {branch} branch ({cfg.kind}) expects {expects}-wide {what}, but the encoder {source} gives "
+                    f"{gives}; the SD1.5 IP-Adapter files need OpenCLIP ViT-H/14 (--clip-encoder "
+                    "h94/IP-Adapter:models/image_encoder)")
+
+
+def assemble(cls, name: str, *, device=None, dtype=None, attention=None, low_vram=None, **overrides):
     device = pick_device(device)
+    low_vram = LowVRAM.parse(low_vram)
+    message = None
+    try:
+        return _assemble(cls, name, device, dtype, attention, low_vram, overrides)
+    except Exception as error:  # out of memory while loading: the same advice as during generation
+        if not is_out_of_memory(error):
+            raise
+        message = out_of_memory_message("load this profile", device, low_vram is not None, str(error).splitlines()[0])
+    free_memory()  # outside the except block: the failed load's tensors are released first
+    raise NotEnoughMemory(message)
+
+
+def _assemble(cls, name, device, dtype, attention, low_vram, overrides):
+    profile = resolve_placeholders(apply_overrides(load_profile(name), overrides))
     dtype = pick_dtype(dtype if dtype is not None else profile.dtype, device)
-    logger.info("loading profile %s on %s (%s)", profile.name, device, dtype)
-    components = load_base(profile.base, dtype)
+    logger.info("loading profile %s on %s (%s%s)", profile.name, device, dtype, ", low VRAM" if low_vram else "")
+    components = load_base(profile.base, dtype, config=profile.base_config, lora=profile.lora)
     adapter = load_adapter_for(profile, components["unet"])
-    clip = load_pretrained(CLIPVisionModelWithProjection, profile.clip_encoder, dtype).to(device).eval()
+    offload = low_vram is not None and low_vram.cpu_offload and device.type == "cuda"
+    place = "cpu" if offload else device  # offloaded encoders move to the GPU only while they run
+    clip = load_pretrained(CLIPVisionModelWithProjection, profile.clip_encoder, dtype, part="clip_encoder")
+    clip = clip.to(place).eval()
     dino = None
     if "dino" in adapter.needs:
         if not profile.dino_encoder:
             raise ValueError(f"profile {profile.name!r}: the adapter needs DINOv2 features; give dino_encoder=")
-        dino = load_pretrained(Dinov2Model, profile.dino_encoder, dtype).to(device).eval()
+        dino = load_pretrained(Dinov2Model, profile.dino_encoder, dtype, part="dino_encoder").to(place).eval()
+    check_encoders(profile, adapter, clip, dino)
     encoder = SubjectEncoder(
         clip, encoder_preprocess(clip, CLIP_MEAN, CLIP_STD),
         dino, encoder_preprocess(dino, IMAGENET_MEAN, IMAGENET_STD, largest=224) if dino is not None else None,
@@ -106,4 +134,4 @@ def assemble(cls, name: str, *, device=None, dtype=None, attention=None, **overr
     )
     return cls(unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
                tokenizer=components["tokenizer"], scheduler=components["scheduler"], encoder=encoder,
-               adapter=adapter, profile=profile, device=device, dtype=dtype, attention=attention)
+               adapter=adapter, profile=profile, device=device, dtype=dtype, attention=attention, low_vram=low_vram)

@@ -51,7 +51,7 @@ class BranchInputs:
     w_pers: torch.Tensor  # (B,) personalization weight per sample
     pres_on: bool  # False when w_pres is 0 for the whole batch: the branch is skipped
     pers_on: bool  # False when w_pers is 0 for the whole batch
-    cache: dict = field(default_factory=dict)  # per-generation keys/values: layer -> name -> tensor
+    cache: dict | None = field(default_factory=dict)  # per-generation keys/values by layer; None: no reuse (training)
     kv_calls: list = field(default_factory=lambda: [0])  # how many key/value projections ran (tests count them)
 
 
@@ -83,7 +83,7 @@ class GatedCrossAttnProcessor:
 
     def _cached(self, flexip: BranchInputs | None, name: str, source: torch.Tensor, project) -> torch.Tensor:
         """Project `source` once per generation: the result is reused while `source` is the same tensor."""
-        if flexip is None:
+        if flexip is None or flexip.cache is None:
             return project(source)
         slot = flexip.cache.setdefault(id(self), {})
         hit = slot.get(name)

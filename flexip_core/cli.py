@@ -8,7 +8,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-MODEL_FLAGS = ("base", "clip_encoder", "dino_encoder", "preservation", "personalization", "adapter", "lora")
+MODEL_FLAGS = ("base", "base_config", "clip_encoder", "dino_encoder", "preservation", "personalization", "adapter",
+               "lora")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -20,6 +21,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     parser.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on GPU)")
     parser.add_argument("--attention", default=None, choices=["auto", "sdpa", "xformers"], help="attention backend")
+    parser.add_argument("--low-vram", action="store_true",
+                        help="for small GPUs: model CPU offload plus VAE tiling and slicing (slower)")
 
 
 def pipeline_from_args(args):
@@ -28,7 +31,8 @@ def pipeline_from_args(args):
 
     overrides = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name, None)}
     return FlexIPPipeline.from_profile(args.profile or default_profile(), device=args.device, dtype=args.dtype,
-                                       attention=args.attention, **overrides)
+                                       attention=args.attention, low_vram=getattr(args, "low_vram", False) or None,
+                                       **overrides)
 
 
 def _generate(args) -> int:
@@ -48,6 +52,27 @@ def _generate(args) -> int:
         path = target if len(out.images) == 1 else target.with_name(f"{target.stem}_{i:02d}{target.suffix or '.png'}")
         save_png(image, path, params)
         print(path)
+    return 0
+
+
+def _convert_ip_adapter(args) -> int:
+    from .ip_adapter import convert_ip_adapter_files
+    from .loading import unet_layout
+
+    base, base_config = args.base, args.base_config
+    preservation, personalization = args.preservation, args.personalization
+    if args.profile:
+        from .assembly import resolve_placeholders
+        from .profiles import load_profile
+
+        profile = resolve_placeholders(load_profile(args.profile))
+        base, base_config = base or profile.base, base_config or profile.base_config
+        preservation, personalization = preservation or profile.preservation, personalization or profile.personalization
+    if not preservation or not personalization:
+        raise ValueError("give --preservation and --personalization (IP-Adapter files: paths or 'repo/id:path')")
+    layers, width = unet_layout(base, base_config)
+    path = convert_ip_adapter_files(preservation, personalization, args.out, layers, cross_attention_dim=width)
+    print(path)
     return 0
 
 
@@ -73,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", default="profile", help="dpmpp_2m, euler, euler_a, ddim, pndm, unipc, lcm")
     gen.add_argument("--out", default="out.png")
     gen.set_defaults(func=_generate)
+
+    conv = sub.add_parser("convert-ip-adapter", help="convert a pair of IP-Adapter files into one native FlexIP file",
+                          description="Map two IP-Adapter files (plain or Plus, .safetensors or .bin) into the "
+                                      "preservation and personalization branches and write one native adapter file "
+                                      "(use it with --adapter).")
+    conv.add_argument("--preservation", help="IP-Adapter file for the identity branch (path or 'repo/id:path')")
+    conv.add_argument("--personalization", help="IP-Adapter file for the prompt branch (path or 'repo/id:path')")
+    conv.add_argument("--out", required=True, help="native FlexIP adapter file to write (.safetensors)")
+    conv.add_argument("--profile", default=None, help="take the base and any missing file from this profile")
+    conv.add_argument("--base", default=None,
+                      help="base model whose UNet layout to use (default: the SD1.5 architecture, no download)")
+    conv.add_argument("--base-config", dest="base_config", default=None,
+                      help="for a single-file --base: diffusers folder or Hub id holding its config")
+    conv.set_defaults(func=_convert_ip_adapter)
     return parser
 
 

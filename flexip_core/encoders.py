@@ -90,6 +90,10 @@ class SubjectEncoder:
             dino = dino_out.last_hidden_state[:, 1:].float().cpu()  # (B, P, D): patch tokens without [CLS]
         return ImageFeatures(torch.zeros_like(embeds) if zero_embeds else embeds, hidden, dino)
 
+    def features_from_pixels(self, clip_pixels: torch.Tensor, dino_pixels: torch.Tensor | None = None) -> ImageFeatures:
+        """Uncached features (B, ...) of a batch already run through clip_preprocess / dino_preprocess (training)."""
+        return self._run(clip_pixels, dino_pixels if "dino" in self.needs else None, zero_embeds=False)
+
     def _encode_one(self, image: Image.Image) -> ImageFeatures:
         key = content_hash(image)
         with self._lock:

@@ -81,5 +81,6 @@ def save_png(image: Image.Image, path: str | Path, params: dict) -> Path:
 
 
 def read_png_parameters(image: Image.Image) -> dict | None:
-    text = getattr(image, "text", {}).get("parameters") if hasattr(image, "text") else image.info.get("parameters")
-    return parse_parameters(text) if text else None
+    """Settings from an opened PNG's header text chunk (no pixel decoding), or None."""
+    text = image.info.get("parameters")
+    return parse_parameters(text) if isinstance(text, str) and text else None

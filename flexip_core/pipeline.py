@@ -5,6 +5,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from PIL import Image
 
 from .adapters import FlexIPAdapter, ImageFeatures
 from .attention import BranchInputs, install_processors, pick_backend
+from .devices import LowVRAM, SafeVaeDecoder, apply_low_vram, reports_out_of_memory
 from .encoders import SubjectEmbedding, SubjectEncoder
 from .gate import GateCurve, GateSchedule, as_schedule, check_unit
 from .preview import latents_to_previews
@@ -45,19 +47,25 @@ class FlexIPPipeline:
 
     def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler, encoder: SubjectEncoder,
                  adapter: FlexIPAdapter, profile: Profile, device: torch.device, dtype: torch.dtype,
-                 attention: str | None = None):
+                 attention: str | None = None, low_vram: LowVRAM | bool | None = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.scheduler_config = dict(scheduler.config)
+        self.scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # also when built in code
         self.encoder, self.adapter, self.profile = encoder, adapter, profile
         self.device, self.dtype = torch.device(device), dtype
         self.backend = pick_backend(attention, self.device)
+        self.low_vram = LowVRAM.parse(low_vram)
+        offload = self.low_vram is not None and self.low_vram.cpu_offload and self.device.type == "cuda"
         for module in (unet, vae, text_encoder, adapter):
+            place = "cpu" if offload and module is not adapter else self.device  # offloaded models start on the CPU
             same_dtype = next(module.parameters()).dtype == self.dtype
-            module.to(self.device) if same_dtype else module.to(self.device, self.dtype)
+            module.to(place) if same_dtype else module.to(place, self.dtype)
             module.eval().requires_grad_(False)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         install_processors(unet, adapter, self.backend)
+        models = [encoder.clip, encoder.dino, text_encoder, unet, vae]  # in the order they run
+        self.offload_hooks = apply_low_vram(self.low_vram, models, vae, self.device)
+        self.vae_decoder = SafeVaeDecoder(vae, self.device)  # fp16 VAE kept from NaN/black images
 
     @property
     def defaults(self) -> Defaults:
@@ -65,13 +73,14 @@ class FlexIPPipeline:
 
     @classmethod
     def from_profile(cls, name: str = "tiny", *, device=None, dtype=None, attention: str | None = None,
-                     **overrides) -> "FlexIPPipeline":
+                     low_vram: LowVRAM | bool | None = None, **overrides) -> "FlexIPPipeline":
         """Load a profile by name or path; keyword overrides replace its parts (base=, adapter=, ...)."""
         from .assembly import assemble
 
-        return assemble(cls, name, device=device, dtype=dtype, attention=attention, **overrides)
+        return assemble(cls, name, device=device, dtype=dtype, attention=attention, low_vram=low_vram, **overrides)
 
     # --- subject -------------------------------------------------------------------------------
+    @reports_out_of_memory("encode the subject photos")
     def encode_subject(self, images: list[Image.Image], weights: list[float] | None = None) -> SubjectEmbedding:
         """Encode the subject's photos once (cached by content) and combine them."""
         return self.encoder.encode_subject(images, weights)
@@ -139,6 +148,7 @@ class FlexIPPipeline:
         return torch.cat(rows)
 
     # --- generation ------------------------------------------------------------------------------
+    @reports_out_of_memory("generate these images")
     @torch.no_grad()
     def __call__(self, prompt: str, subject: SubjectEmbedding | None = None, gate=0.5, strength: float = 1.0,
                  negative_prompt: str | None = None, num_inference_steps: int | None = None,
@@ -206,7 +216,7 @@ class FlexIPPipeline:
                 callback(i + 1, total, latents_to_previews(latents))
 
         # 7. Decode
-        decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        decoded = self.vae_decoder(latents)
         arrays = self.image_processor.postprocess(decoded, output_type="np")  # (N, H, W, 3)
         params = self._parameters(prompt, negative_prompt, gate, weights, branch_weights, strength, seed, steps,
                                   guidance, height, width, scheduler_name, gate_schedule)
@@ -219,10 +229,18 @@ class FlexIPPipeline:
         common = dict(prompt=prompt, negative_prompt=negative_prompt or "", strength=float(strength), seed=int(seed),
                       num_inference_steps=int(steps), guidance_scale=float(guidance), height=int(height),
                       width=int(width), scheduler=scheduler or "default", gate_schedule=gate_schedule,
-                      profile=self.profile.name, base=self.profile.base, adapter=self.profile.adapter)
+                      profile=self.profile.name, base=_public_name(self.profile.base),
+                      adapter=_public_name(self.profile.adapter))
         out = []
         for g, (w_pres, w_pers) in zip(gates, weights):
             entry = dict(common, gate=None if branch_weights is not None else float(g))
             entry.update(w_pres=w_pres, w_pers=w_pers)
             out.append(entry)
         return out
+
+
+def _public_name(source: str | None) -> str | None:
+    """A model source as safe to publish: Hub ids as they are, local paths by their last part only."""
+    if source is None or not Path(source).exists():
+        return source
+    return Path(source).name

@@ -31,6 +31,7 @@ class Profile:
     name: str  # profile name ("tiny", "sd15", ...)
     base: str  # SD1.5-architecture base: Hub id, local folder, or single .safetensors/.ckpt file
     clip_encoder: str  # CLIP vision tower: Hub id[:subfolder] or local folder
+    base_config: str | None = None  # for a single-file base: diffusers folder or Hub id with its config + tokenizer
     dino_encoder: str | None = None  # DINOv2: loaded only when an adapter needs it
     adapter: str | None = None  # native FlexIP adapter file (both branches)
     preservation: str | None = None  # IP-Adapter file for the preservation branch (when no native adapter)

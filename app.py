@@ -1,0 +1,103 @@
+"""FlexIP Studio: `python app.py` serves the studio on http://127.0.0.1 (next free port from 7860).
+
+Models are not loaded at import or before the page is served: loading starts in the background once the
+server is up (or on the first render with --no-preload), and the page shows its progress."""
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger("flexip_studio")
+
+# Command-line flags passed through to FlexIPPipeline.from_profile as profile overrides.
+OVERRIDES = ("base", "clip_encoder", "dino_encoder", "preservation", "personalization", "adapter", "lora")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", help="profile name or .json path (default: sd15 on CUDA, else the best "
+                                          "offline profile)")
+    parser.add_argument("--port", type=int, help="port to serve on (default: first free from 7860)")
+    parser.add_argument("--listen", action="store_true", help="serve on all interfaces (0.0.0.0), not only localhost")
+    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
+    parser.add_argument("--device", help="torch device for the models (default: cuda if present, else cpu)")
+    parser.add_argument("--low-vram", action="store_true",
+                        help="keep idle models in CPU memory and decode in tiles (small GPUs; slower)")
+    parser.add_argument("--no-preload", dest="preload", action="store_false",
+                        help="load the models on the first render instead of right after the server starts")
+    for name in OVERRIDES:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"override the profile's {name}")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from flexip_core.images import DEFAULT_LIMITS
+    from flexip_core.profiles import available_profiles, default_profile, load_profile
+    from ui.context import Studio
+    from ui.engine import CoreEngine
+    from ui.layout import build_studio, launch_options
+
+    profile = args.profile or default_profile()
+    try:
+        load_profile(profile)
+    except ValueError as error:
+        raise SystemExit(f"{error} (profiles: {', '.join(available_profiles())})") from None
+    overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name)}
+    if args.device:
+        overrides["device"] = args.device
+    if args.low_vram:
+        overrides["low_vram"] = True
+    engine = CoreEngine(profile, overrides)
+
+    folder = Path(tempfile.mkdtemp(prefix="flexip-studio-"))  # photos and results of this run; removed on exit
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
+    demo = build_studio(Studio(engine=engine, folder=folder))
+    demo.launch(
+        server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,
+        max_file_size=DEFAULT_LIMITS.max_bytes, allowed_paths=[], show_error=True, prevent_thread_lock=True,
+        footer_links=["api", "gradio"], **launch_options(),
+    )
+    logger.info("FlexIP Studio serving on %s (profile %s)", demo.local_url, profile)
+    if args.preload:
+        threading.Thread(target=_preload, args=(engine,), name="flexip-preload", daemon=True).start()
+    threading.Thread(target=_prune_hourly, args=(folder,), name="flexip-prune", daemon=True).start()
+    demo.block_thread()
+
+
+def _exit_on_terminate(*_) -> None:
+    """`kill` ends the app through atexit too (removing its output folder); later signals are ignored."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
+
+
+def _prune_hourly(folder: Path) -> None:
+    from ui.exports import prune
+    from ui.layout import FILES_KEPT_S
+
+    while True:
+        time.sleep(3600)
+        prune(folder, FILES_KEPT_S)
+
+
+def _preload(engine) -> None:
+    try:
+        engine.load()
+    except Exception:  # the first render reports it to the user; keep serving
+        logger.exception("preloading the %s models failed", engine.profile)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""DreamBench metrics on tiny random CLIP and DINO models, and the evaluation command end to end."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from flexip_core.evaluate import curve_quality, main, prompt_text, read_prompts
+from flexip_core.metrics import MetricConfig, MetricModels, clip_i, clip_t, dino_i
+
+TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
+            max_position_embeddings=77, bos_token_id=668, eos_token_id=669, pad_token_id=669)
+VISION = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+              patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def metric_folders(tmp_path_factory):
+    """Tiny random CLIP (both towers, with the tiny tokenizer) and DINO ViT, built from config dicts and saved."""
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    from flexip_core.tokenizer import save_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("metric-models")
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=32)).save_pretrained(root / "clip")
+    save_tiny_tokenizer(root / "clip")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(**VISION), add_pooling_layer=False).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"
+
+
+@pytest.fixture(scope="module")
+def metrics(metric_folders):
+    clip, dino = metric_folders
+    return MetricModels.load(MetricConfig(clip=str(clip), dino=str(dino)), device="cpu")
+
+
+def test_identical_images_score_one_and_different_images_less(metrics, photos):
+    dog, cat, backpack = photos["dog"], photos["cat"], photos["backpack"]
+    same_clip, other_clip = clip_i(metrics, [dog, backpack], [dog])
+    same_dino, other_dino = dino_i(metrics, [dog, backpack], [dog.copy()])
+    assert same_clip == pytest.approx(1.0, abs=1e-5) and same_dino == pytest.approx(1.0, abs=1e-5)
+    assert other_clip < same_clip - 1e-4 and other_dino < same_dino - 1e-4
+    # several references: the mean of the pairwise similarities
+    both = dino_i(metrics, [dog], [dog, cat])[0]
+    assert both == pytest.approx((1.0 + dino_i(metrics, [dog], [cat])[0]) / 2, abs=1e-6)
+
+
+def test_prompt_score_is_the_cosine_of_image_and_text_embeddings(metrics, photos):
+    images, prompts = [photos["dog"], photos["cat"]], ["a dog", "a cat on the beach"]
+    scores = clip_t(metrics, images, prompts)
+    image, text = metrics.clip_image(images), metrics.clip_text(prompts)
+    expected = torch.nn.functional.cosine_similarity(image, text).tolist()
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert all(-1.0 <= s <= 1.0 for s in scores)
+    references = metrics.references([photos["dog"]])
+    scored = metrics.score(images, references, "a dog")
+    assert scored["clip_i"][0] == pytest.approx(1.0, abs=1e-5) and len(scored["clip_t"]) == 2
+
+
+def test_missing_metric_models_are_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="clip metric: file not found"):
+        MetricModels.load(MetricConfig(clip=str(tmp_path / "nothing"), dino=str(tmp_path / "nothing")))
+    with pytest.raises(ValueError, match="clip metric .*--clip-metric"):  # a Hub id that is not in the cache
+        MetricModels.load(MetricConfig(clip="flexip-test/no-such-clip", dino="flexip-test/no-such-dino"))
+
+
+def test_dreambench_prompts_and_classes(dreambench):
+    bench = read_prompts(dreambench / "prompts_and_classes.txt")
+    assert len(bench.classes) == 30 and len(bench.object_prompts) == 25 and len(bench.live_prompts) == 25
+    assert bench.class_of("bear_plushie") == "stuffed animal"
+    assert "wearing a red hat" in bench.templates_for("dog2")[10]  # live subject
+    assert "wheat field" in bench.templates_for("backpack")[10]  # object
+    assert prompt_text(bench.object_prompts[0], "", "backpack") == "a backpack in the jungle"
+    assert prompt_text(bench.object_prompts[0], "sks", "backpack") == "a sks backpack in the jungle"
+
+
+def test_curve_quality_flags_jumps_and_direction():
+    smooth = [dict(setting=g, clip_i=0.5 + 0.1 * g, dino_i=0.3 + 0.2 * g, clip_t=0.3 - 0.1 * g) for g in (0, 0.5, 1)]
+    quality = curve_quality(smooth)
+    assert all(q["monotonic"] for q in quality.values())
+    assert quality["clip_i"]["max_step_over_mean"] == pytest.approx(1.0)
+    jumpy = [dict(setting=g, clip_i=c, dino_i=c, clip_t=0.3) for g, c in ((0, 0.5), (0.5, 0.51), (1, 0.9))]
+    assert curve_quality(jumpy)["clip_i"]["max_step_over_mean"] > 1.9
+    falling_identity = [dict(p, clip_i=-p["clip_i"]) for p in jumpy]
+    assert not curve_quality(falling_identity)["clip_i"]["monotonic"]
+
+
+def test_evaluation_writes_scores_summary_and_plot(dreambench, metric_folders, tmp_path):
+    clip, dino = metric_folders
+    out = tmp_path / "eval"
+    code = main(["--profile", "tiny", "--subjects", str(dreambench), "--subject", "dog", "--subject", "backpack",
+                 "--max-prompts", "2", "--gates", "0,0.5,1", "--seeds", "0", "--steps", "2", "--baseline", "tiny",
+                 "--baseline-scales", "0.5,1", "--clip-metric", str(clip), "--dino-metric", str(dino),
+                 "--out", str(out)])
+    assert code == 0
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 2 * 2 * (3 + 2)  # subjects x prompts x (gates + baseline scales)
+    flexip = [r for r in rows if r["method"] == "flexip"]
+    assert {r["gate"] for r in flexip} == {"0.0", "0.5", "1.0"}
+    assert {(r["w_pres"], r["w_pers"]) for r in flexip if r["gate"] == "1.0"} == {("1.0", "0.0")}
+    assert {r["w_pers"] for r in rows if r["method"] == "ip_adapter"} == {"0.0"}
+    assert all(-1.0 <= float(r[m]) <= 1.0 for r in rows for m in ("clip_i", "dino_i", "clip_t"))
+    assert {r["prompt"] for r in rows if r["subject"] == "dog"} == {"a dog in the jungle", "a dog in the snow"}
+    assert all((out / r["image"]).is_file() for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(s["method"], s["setting"]) for s in summary["summary"]} == {
+        ("flexip", 0.0), ("flexip", 0.5), ("flexip", 1.0), ("ip_adapter", 0.5), ("ip_adapter", 1.0)}
+    assert summary["images"] == 20 and summary["images_per_second"] > 0
+    assert set(summary["curves"]) == {"flexip", "ip_adapter"}
+    with Image.open(out / "tradeoff.png") as plot:
+        assert plot.format == "PNG" and plot.size[0] > 500
+    assert (out / "summary.csv").is_file()
+
+
+def test_evaluation_refuses_bad_arguments(dreambench, metric_folders, tmp_path, capsys):
+    clip, dino = metric_folders
+    common = ["--profile", "tiny", "--subjects", str(dreambench), "--out", str(tmp_path), "--clip-metric", str(clip),
+              "--dino-metric", str(dino)]
+    assert main(common + ["--subject", "unicorn"]) == 2
+    assert "unicorn" in capsys.readouterr().err
+    assert main(common + ["--gates", "0,1.5"]) == 2
+    assert "[0, 1]" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""Headless Chromium (Debian's, through Playwright) against a real `app.py --profile tiny`: upload a photo, type a
+prompt, generate, drag the γ slider (the nearest render shows while dragging), release it and see a new result;
+the page fits 1440x900 without scrolling; saves docs/screenshot.png for the README."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.ui_fixtures import DREAMBENCH, REPO, AppServer
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = REPO / "docs" / "screenshot.png"
+
+pytestmark = [
+    pytest.mark.browser, pytest.mark.server, pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed at /usr/bin/chromium "
+                                                     "(apt-get install -y chromium)"),
+    pytest.mark.skipif(not DREAMBENCH.is_dir(), reason=f"DreamBench photos not found at {DREAMBENCH}"),
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    app = AppServer("--profile", "tiny")
+    try:
+        app.wait_for_log("profile 'tiny' loaded", timeout=240)
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture
+def page(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=90_000)  # renders on a busy CPU take a while
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.set_default_timeout(90_000)
+        page.goto(server.url)
+        page.wait_for_selector("#generate")
+        yield page
+        browser.close()
+
+
+def drag_gate(page, start: float, end: float, release: bool = True) -> None:
+    """Drag the γ slider's thumb from fraction `start` to `end` of its track with the mouse."""
+    box = page.locator("#gate-slider input[type=range]").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * start, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * end, y, steps=8)
+    if release:
+        page.mouse.up()
+
+
+def result_src(page) -> str | None:
+    image = page.locator("#result img")
+    return image.first.get_attribute("src") if image.count() else None
+
+
+def paste_image(page, path: Path) -> None:
+    """Paste an image file onto the page as a browser would from the clipboard."""
+    data = list(path.read_bytes())
+    page.evaluate("""(bytes) => {
+        const file = new File([new Uint8Array(bytes)], "clipboard.jpg", {type: "image/jpeg"});
+        const transfer = new DataTransfer();
+        transfer.items.add(file);
+        document.body.dispatchEvent(new ClipboardEvent("paste", {clipboardData: transfer, bubbles: true}));
+    }""", data)
+
+
+def test_upload_prompt_generate_and_slide(page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.set_input_files("#subject-upload input[type=file]", [str(DREAMBENCH / "dog" / "00.jpg"),
+                                                              str(DREAMBENCH / "dog" / "01.jpg")])
+    expect(page.locator(".slot img")).to_have_count(2)
+    paste_image(page, DREAMBENCH / "dog" / "02.jpg")
+    expect(page.locator(".slot img")).to_have_count(3)
+    page.get_by_label("Prompt", exact=True).fill("a dog on the beach, watercolor")
+    page.click("#generate")
+    info = page.locator("#info")
+    expect(info).to_contain_text("identity score")
+    expect(info).to_contain_text("γ 0.50")
+    first = result_src(page)
+    assert first
+
+    drag_gate(page, 0.5, 0.8, release=False)  # while dragging: the nearest render, nothing computed
+    expect(info).to_contain_text("nearest rendered γ 0.50")
+    page.mouse.up()  # release: a new render at the new γ with the same seed
+    expect(info).to_contain_text("identity score")
+    gate = page.locator("#gate-slider input[type=number]").input_value()
+    expect(info).to_contain_text(f"γ {float(gate):.2f}")
+    assert float(gate) > 0.6 and result_src(page) != first
+    expect(page.locator("#history img")).to_have_count(2)
+    assert page.evaluate("document.scrollingElement.scrollHeight") <= 900  # one screen at 1440x900
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT))
+
+    page.locator("#history img").last.click()  # the first result: its settings come back
+    expect(page.locator("#gate-slider input[type=number]")).to_have_value("0.5")
+
+    png = tmp_path / "result.png"  # the PNG the page shows and downloads carries its settings ...
+    png.write_bytes(page.request.get(result_src(page)).body())
+    page.locator("#seed input").fill("12345")
+    page.set_input_files("#restore-png input[type=file]", str(png))  # ... and dropping it restores them
+    expect(info).to_contain_text("settings restored from result.png")
+    assert page.locator("#seed input").input_value() != "12345"

@@ -1,0 +1,350 @@
+"""Handler tests with a fake engine: no model, no server. They call the handlers as Gradio would."""
+from __future__ import annotations
+
+import asyncio
+import re
+import zipfile
+
+import gradio as gr
+import pytest
+from PIL import Image
+
+from flexip_core.metadata import parse_parameters
+from tests.ui_fixtures import FakeEngine, bad_uploads, odd_mode_uploads, png_bytes
+from ui import api, comparison, handlers, subject
+from ui.binding import bind
+from ui.context import Studio, ensure_loaded
+from ui.engine import SCHEDULERS, make_request
+from ui.runner import Done, Step, stream_render
+from ui.settings import Settings, parse_gates, parse_prompts
+from ui.state import Session
+
+
+def collect(agen) -> list[dict]:
+    async def run():
+        return [values async for values in agen]
+
+    return asyncio.run(run())
+
+
+def form(**changes) -> dict:
+    values = dict(prompt="a toy on the beach", negative_prompt="", gate=0.5, strength=1.0, seed=7, steps=3,
+                  guidance=7.5, width=64, height=64, scheduler="dpmpp_2m", identity_early=1.0)
+    return {**values, **changes}
+
+
+@pytest.fixture
+def studio(tmp_path) -> Studio:
+    return Studio(engine=FakeEngine(), folder=tmp_path / "app")
+
+
+@pytest.fixture
+def photo(tmp_path) -> str:
+    path = tmp_path / "uploads" / "red_toy.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes((96, 64)))
+    return str(path)
+
+
+@pytest.fixture
+def session(studio, photo) -> Session:
+    session = Session()
+    subject.add_photos(studio, session=session, files=[photo])
+    return session
+
+
+def chunk(path: str) -> str:
+    with Image.open(path) as image:
+        return image.info["parameters"]
+
+
+# --- subject photos -------------------------------------------------------------------------------
+def test_add_photos_keeps_good_files_and_warns_about_each_bad_one_by_name(studio, photo, tmp_path):
+    session = Session()
+    subject.add_photos(studio, session=session, files=[photo])
+    bad = bad_uploads(tmp_path / "bad")
+    with pytest.warns(UserWarning) as caught:
+        values = subject.add_photos(studio, session=session, files=[str(path) for path, _ in bad.values()])
+    messages = [str(w.message) for w in caught]
+    for name, (_, reason) in bad.items():
+        assert any(name in m and reason in m for m in messages), (name, messages)
+    assert [p.name for p in session.photos] == ["red_toy.png"]  # the earlier upload stays
+    assert values["files"] is None and values["slot0"]["visible"] and not values["slot1"]["visible"]
+
+
+def test_odd_modes_and_exif_orientation_become_rgb_photos(studio, tmp_path):
+    session = Session()
+    odd = odd_mode_uploads(tmp_path / "odd")
+    subject.add_photos(studio, session=session, files=[str(p) for p, _ in list(odd.values())[:4]])
+    assert len(session.photos) == 4
+    rotated, size = odd["rotated.jpg"]
+    session = Session()
+    subject.add_photos(studio, session=session, files=[str(rotated)])
+    with Image.open(session.photos[0].path) as stored:
+        assert stored.mode == "RGB" and stored.size == size
+    with Image.open(session.photos[0].view) as view:
+        assert view.size == (224, 224)
+
+
+def test_photo_limit_duplicates_and_remove(studio, photo, tmp_path):
+    session = Session()
+    paths = []
+    for i in range(studio.max_photos + 1):
+        path = tmp_path / f"p{i}.png"
+        path.write_bytes(png_bytes(colour=(i * 40, 10, 10)))
+        paths.append(str(path))
+    with pytest.warns(UserWarning, match="at most"):
+        subject.add_photos(studio, session=session, files=paths)
+    assert len(session.photos) == studio.max_photos
+    with pytest.warns(UserWarning, match="already in the subject"):
+        subject.add_photos(studio, session=session, files=[paths[0]])
+    values = subject.remove_photo(studio, session=session, index=0)
+    assert len(session.photos) == studio.max_photos - 1 and not values[f"slot{studio.max_photos - 1}"]["visible"]
+
+
+def test_weights_are_checked_and_reach_the_engine(studio, session, photo):
+    with pytest.raises(gr.Error, match="weight 0"):
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(weight0=0)))
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form(weight0=0.5)))
+    assert studio.engine.requests[-1].weights == (0.5,)
+
+
+def test_an_example_sets_the_subject_and_prompt(studio, session):
+    from ui.examples import EXAMPLES
+
+    values = subject.load_example(studio, session=session, name=EXAMPLES[0].name)
+    assert [p.name for p in session.photos] == [f"{EXAMPLES[0].name}.png"] and values["prompt"] == EXAMPLES[0].prompt
+    with pytest.raises(gr.Error, match="unknown example"):
+        subject.load_example(studio, session=session, name="nope")
+
+
+# --- generation -----------------------------------------------------------------------------------
+def test_generate_streams_previews_then_a_png_with_its_settings(studio, session):
+    updates = collect(handlers.generate(studio, session=session, lock_seed=True, **form(gate=0.3)))
+    previews = [u for u in updates if isinstance(u.get("result"), Image.Image)]
+    assert previews  # one per step, though stale ones are dropped when the consumer lags
+    assert all(re.search(r"step [123]/3", p["info"]) for p in previews)
+    final = updates[-1]
+    params = Settings.from_parameters(parse_parameters(chunk(final["result"])))
+    assert (params.seed, params.gate, params.steps, params.prompt) == (7, 0.3, 3, "a toy on the beach")
+    assert final["compare"] == (session.photos[0].view, final["result"])
+    assert final["history"][0][1].startswith("γ 0.30 · seed 7 · id 0.62")
+    assert "identity score **0.620**" in final["info"]
+    assert len(studio.engine.requests) == 1 and studio.engine.requests[0].gates == (0.3,)
+
+
+def test_unlocked_seed_is_new_each_run_and_shown(studio, session):
+    first = collect(handlers.generate(studio, session=session, lock_seed=False, **form()))
+    second = collect(handlers.generate(studio, session=session, lock_seed=False, **form()))
+    seeds = [first[0]["seed"], second[0]["seed"]]
+    assert seeds[0] != seeds[1]
+    assert [r.seed for r in studio.engine.requests] == seeds
+    assert f"seed {seeds[1]}" in second[-1]["info"]
+
+
+def test_errors_become_gr_error_and_keep_the_session(studio, session):
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form()))
+    with pytest.raises(gr.Error, match="num_inference_steps"):
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(steps=0)))
+    with pytest.raises(gr.Error, match="prompt is empty"):
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(prompt="  ")))
+    with pytest.raises(gr.Error, match="enter a number"):
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(guidance=None)))
+    with pytest.raises(gr.Error, match="add at least one photo"):
+        collect(handlers.generate(studio, session=Session(), lock_seed=True, **form()))
+    assert len(session.history) == 1 and len(session.photos) == 1
+
+
+def test_a_failed_render_says_so_in_the_info_line(studio, session):
+    updates = []
+
+    async def run():
+        async for values in handlers.generate(studio, session=session, lock_seed=True, **form(width=100)):
+            updates.append(values)
+
+    with pytest.raises(gr.Error, match="multiple of 8"):
+        asyncio.run(run())
+    assert "not rendered: width must be a multiple of 8" in updates[-1]["info"]
+
+
+def test_old_files_are_pruned_and_reused_photos_kept(studio, session, photo):
+    import os
+    import time
+
+    from ui.exports import prune
+
+    old = time.time() - 2 * 86400
+    for path in (session.photos[0].path, session.photos[0].view):
+        os.utime(path, (old, old))
+    subject.add_photos(studio, session=Session(), files=[photo])  # the same photo again: its files are renewed
+    assert prune(studio.folder, 86400) == 0
+    for path in (session.photos[0].path, session.photos[0].view):
+        os.utime(path, (old, old))
+    assert prune(studio.folder, 86400) == 2
+    with pytest.raises(gr.Error, match="red_toy.png: this photo has expired"):
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form()))
+
+
+def test_models_load_once_even_when_asked_concurrently(studio):
+    async def twice():
+        await asyncio.gather(ensure_loaded(studio), ensure_loaded(studio))
+
+    asyncio.run(twice())
+    asyncio.run(ensure_loaded(studio))
+    assert studio.engine.loads == 1
+
+
+# --- the live slider ------------------------------------------------------------------------------
+def test_peek_shows_the_nearest_render_without_computing(studio, session):
+    collect(comparison.sweep(studio, session=session, gates_text="0, 0.5, 1", **form()))
+    requests = len(studio.engine.requests)
+    values = handlers.peek(studio, session=session, **form(gate=0.62, weight0=1.0))
+    assert "nearest rendered γ 0.50" in values["info"] and values["result"].endswith(".png")
+    assert "FlexIP gate: 0.5," in chunk(values["result"])
+    assert handlers.peek(studio, session=session, **form(gate=0.9))["result"] == session.exact(
+        Settings(**{**form(), "gate": 1.0})).path
+    assert "result" not in handlers.peek(studio, session=session, **form(gate=0.6, seed=8))  # other seed
+    assert "result" not in handlers.peek(studio, session=session, **form(gate=0.6, prompt="other"))
+    assert len(studio.engine.requests) == requests
+
+
+def test_release_renders_with_the_same_seed_or_reuses_an_exact_render(studio, session):
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=11, gate=0.5)))
+    collect(handlers.release(studio, session=session, **form(seed=11, gate=0.8)))
+    assert [(r.seed, r.gates) for r in studio.engine.requests] == [(11, (0.5,)), (11, (0.8,))]
+    updates = collect(handlers.release(studio, session=session, **form(seed=11, gate=0.5)))
+    assert len(studio.engine.requests) == 2 and len(updates) == 1 and "0.50" in updates[0]["info"]
+
+
+def test_cancelling_the_consumer_stops_the_render_within_a_step():
+    engine = FakeEngine(step_delay=0.05)
+    request = make_request([Image.new("RGB", (32, 32))], [1.0], Settings(prompt="x", steps=200), [0.5])
+
+    async def consume_two_steps():
+        stream = stream_render(engine, request)
+        events = [await anext(stream), await anext(stream)]
+        await stream.aclose()
+        return events
+
+    events = asyncio.run(consume_two_steps())
+    assert all(isinstance(e, Step) for e in events)
+    assert engine.cancelled.wait(2.0)
+
+
+def test_stream_render_reports_engine_errors_and_results():
+    engine = FakeEngine()
+    good = make_request([Image.new("RGB", (32, 32))], [1.0], Settings(prompt="x", steps=2), [0.2, 0.9])
+
+    async def run(request):
+        return [event async for event in stream_render(engine, request)]
+
+    events = asyncio.run(run(good))
+    assert isinstance(events[-1], Done) and [r.parameters["gate"] for r in events[-1].results] == [0.2, 0.9]
+    bad = make_request([Image.new("RGB", (32, 32))], [1.0], Settings(prompt="x", gate=2.0), [2.0])
+    with pytest.raises(ValueError, match="gate"):
+        asyncio.run(run(bad))
+
+
+# --- sweep, grid, export --------------------------------------------------------------------------
+def test_sweep_is_one_batched_call_with_a_zip_of_pngs(studio, session):
+    updates = collect(comparison.sweep(studio, session=session, gates_text="0, .25, .5, .75, 1", **form(gate=0.7)))
+    assert [r.gates for r in studio.engine.requests] == [(0.0, 0.25, 0.5, 0.75, 1.0)]
+    final = updates[-1]
+    assert [caption for _, caption in final["sweep_gallery"]][0] == "reference" and len(final["sweep_gallery"]) == 6
+    assert "γ 0.75" in final["info"]  # the large result is the render nearest the slider
+    with zipfile.ZipFile(final["sweep_zip"]["value"]) as archive:
+        names = archive.namelist()
+        assert len(names) == 5 and all(n.endswith(".png") for n in names)
+        assert b"FlexIP gate: 0.25" in archive.read(names[1])
+
+
+def test_low_vram_sweep_renders_one_image_at_a_time(studio, session):
+    collect(comparison.sweep(studio, session=session, gates_text="0, 0.5, 1", low_vram=True, **form()))
+    assert [r.gates for r in studio.engine.requests] == [(0.0,), (0.5,), (1.0,)]
+
+
+def test_grid_renders_each_prompt_as_one_batch(studio, session):
+    updates = collect(comparison.grid(studio, session=session, prompts_text="a dog\n\na cat in snow",
+                                      gates_text="0, 1", **form()))
+    rows = [(r.prompt, r.gates) for r in studio.engine.requests]
+    assert rows == [("a dog", (0.0, 1.0)), ("a cat in snow", (0.0, 1.0))]
+    galleries = [u["grid_gallery"] for u in updates if "grid_gallery" in u]
+    assert len(galleries[-1]["value"]) == 4 and galleries[-1]["columns"] == 2
+    with pytest.raises(gr.Error, match="outside 0"):
+        collect(comparison.grid(studio, session=session, prompts_text="a", gates_text="0, 3", **form()))
+
+
+def test_history_click_and_png_drop_restore_the_settings(studio, session):
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=21, gate=0.25, steps=2)))
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=22, gate=0.75)))
+    picked = handlers.select_history(studio, gr.SelectData(None, {"index": 1, "value": None}), session=session)
+    assert (picked["seed"], picked["gate"], picked["steps"], picked["lock_seed"]) == (21, 0.25, 2, True)
+    png = session.history[1].path
+    restored = handlers.restore_png(studio, file=png, **form())
+    assert (restored["seed"], restored["gate"], restored["steps"], restored["lock_seed"]) == (21, 0.25, 2, True)
+    studio.engine.profile = "sd15"  # a PNG from another profile restores too, with a warning
+    with pytest.warns(UserWarning, match="made with profile 'fake'"):
+        handlers.restore_png(studio, file=png, **form())
+
+
+def test_png_without_settings_is_refused_by_name(studio, tmp_path):
+    plain = tmp_path / "plain.png"
+    plain.write_bytes(png_bytes())
+    with pytest.raises(gr.Error, match="plain.png.*no FlexIP settings"):
+        handlers.restore_png(studio, file=str(plain), **form())
+    text = tmp_path / "notes.png"
+    text.write_bytes(b"hello")
+    with pytest.raises(gr.Error, match="notes.png"):
+        handlers.restore_png(studio, file=str(text), **form())
+
+
+def test_settings_survive_the_png_chunk_round_trip():
+    from flexip_core.metadata import format_parameters, parse_parameters
+
+    settings = Settings(prompt="a, b", negative_prompt="blur", gate=0.35, strength=1.2, seed=99, steps=12,
+                        guidance=5.5, width=96, height=64, scheduler="euler_a", identity_early=0.4)
+    text = format_parameters(settings.as_core_parameters())
+    assert Settings.from_parameters(parse_parameters(text)) == settings
+
+
+def test_gate_and_prompt_lists_are_checked():
+    assert parse_gates("0, .25;0.5 1") == [0.0, 0.25, 0.5, 1.0]
+    for text, words in (("", "empty"), ("0, x", "not a number"), ("1.5", "outside"), (",".join("0" * 10), "at most")):
+        with pytest.raises(ValueError, match=words):
+            parse_gates(text)
+    with pytest.raises(ValueError, match="at most 4"):
+        parse_prompts("a\nb\nc\nd\ne")
+
+
+# --- API handlers ----------------------------------------------------------------------------------
+def test_api_generate_returns_pngs_and_parameters(studio, photo):
+    values = asyncio.run(api.api_generate(studio, photos=[photo], weights="", progress=None, **form(gate=0.9)))
+    assert len(values["api_images"]) == 1 and values["api_parameters"][0]["gate"] == 0.9
+    assert values["api_parameters"][0]["identity_score"] == pytest.approx(0.86)
+    assert "FlexIP gate: 0.9" in chunk(values["api_images"][0])
+
+
+def test_api_rejects_bad_photos_and_weights_by_name(studio, photo, tmp_path):
+    bad = bad_uploads(tmp_path / "bad")
+    with pytest.raises(gr.Error, match="vector.svg: SVG"):
+        asyncio.run(api.api_generate(studio, photos=[photo, str(bad["vector.svg"][0])], progress=None, **form()))
+    with pytest.raises(gr.Error, match="2 weights given for 1 photos"):
+        asyncio.run(api.api_generate(studio, photos=[photo], weights="1, 2", progress=None, **form()))
+    with pytest.raises(gr.Error, match="no subject photos"):
+        asyncio.run(api.api_sweep(studio, photos=[], progress=None, **form()))
+
+
+# --- wiring ---------------------------------------------------------------------------------------
+def test_bind_translates_names_and_refuses_unwired_outputs():
+    box = gr.Textbox(render=False)
+    assert bind(lambda: {"a": 1}, {"a": box})() == {box: 1}
+    with pytest.raises(KeyError, match="not wired"):
+        bind(lambda: {"b": 1}, {"a": box})()
+
+
+def test_the_app_builds_with_named_api_endpoints(studio):
+    from ui.layout import build_studio
+
+    demo = build_studio(studio)
+    names = {fn.api_name for fn in demo.fns.values()}
+    assert {"generate", "sweep", "ui_generate", "ui_release", "add_photos"} <= names

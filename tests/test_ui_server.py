@@ -1,0 +1,153 @@
+"""A real `python app.py --profile tiny` server driven through gradio_client: API results and metadata, every
+bad input answered with its error while the server keeps serving, two clients at once, cancellation."""
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+import urllib.request
+import zipfile
+
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from tests.ui_fixtures import DREAMBENCH, AppServer, bad_uploads, ui_form
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def server():
+    if not DREAMBENCH.is_dir():
+        pytest.skip(f"DreamBench photos not found at {DREAMBENCH}")
+    app = AppServer("--profile", "tiny")
+    try:
+        app.wait_for_log("profile 'tiny' loaded", timeout=240)
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Client:
+    return Client(server.url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list:
+    return [handle_file(str(DREAMBENCH / "dog" / name)) for name in ("00.jpg", "01.jpg")]
+
+
+def chunk(path: str) -> str:
+    with Image.open(path) as image:
+        return image.info["parameters"]
+
+
+def quick_generate(client: Client, photos, **changes):
+    values = dict(photos=photos[:1], prompt="a dog", seed=3, steps=2, gate=0.5, width=64, height=64)
+    return client.predict(**{**values, **changes}, api_name="/generate")
+
+
+def test_generate_returns_one_png_with_its_settings(client, photos):
+    images, parameters = client.predict(photos=photos, weights="1, 0.5", prompt="a dog in the snow", gate=0.7,
+                                        seed=42, steps=3, api_name="/generate")
+    assert len(images) == 1 and len(parameters) == 1
+    text = chunk(images[0])
+    assert text.startswith("a dog in the snow\n") and "Seed: 42" in text and "FlexIP gate: 0.7" in text
+    assert "Model: tiny" in text and "Steps: 3" in text
+    assert parameters[0]["gate"] == 0.7 and parameters[0]["profile"] == "tiny"
+    assert -1.0 <= parameters[0]["identity_score"] <= 1.0
+
+
+def test_sweep_returns_one_png_per_gate_and_a_zip(client, photos):
+    images, parameters, archive = client.predict(photos=photos[:1], prompt="a dog", seed=5, steps=2,
+                                                 gates="0, 0.5, 1", api_name="/sweep")
+    assert len(images) == 3 and [p["gate"] for p in parameters] == [0.0, 0.5, 1.0]
+    assert {p["seed"] for p in parameters} == {5}
+    for path, gate in zip(images, ("0.0", "0.5", "1.0"), strict=True):
+        assert f"FlexIP gate: {gate}," in chunk(path)
+    with zipfile.ZipFile(archive) as bundle:
+        assert len(bundle.namelist()) == 3
+
+
+def test_each_bad_upload_gets_its_error_and_the_server_keeps_serving(client, photos, tmp_path):
+    for name, (path, reason) in bad_uploads(tmp_path).items():
+        with pytest.raises(Exception) as caught:
+            quick_generate(client, [handle_file(str(path))])
+        assert name in str(caught.value) and reason in str(caught.value), (name, str(caught.value))
+        images, _ = quick_generate(client, photos)
+        assert len(images) == 1
+
+
+@pytest.mark.parametrize("changes, words", [  # range checks of Gradio's own components, then the core's and ours
+    (dict(gate=1.5), "1.5 is greater than maximum"), (dict(steps=0), "0 is less than minimum"),
+    (dict(width=65), "width must be a multiple of 8"), (dict(scheduler="nope"), "nope"),
+    (dict(prompt=""), "prompt is empty"), (dict(weights="1, 1"), "2 weights given for 1 photos"),
+    (dict(guidance=80), "80 is greater than maximum"),
+])
+def test_bad_settings_get_their_error_and_the_server_keeps_serving(client, photos, changes, words):
+    with pytest.raises(Exception, match=words):
+        quick_generate(client, photos, **changes)
+    images, _ = quick_generate(client, photos)
+    assert len(images) == 1
+
+
+def test_uploads_over_the_server_limit_are_refused(client, photos, tmp_path):
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff\xd8\xff" + b"\0" * (26 * 2**20))
+    with pytest.raises(Exception):
+        quick_generate(client, [handle_file(str(big))])
+    images, _ = quick_generate(client, photos)
+    assert len(images) == 1
+
+
+def test_files_outside_the_app_are_not_served(server):
+    for target in ("app.py", "/etc/passwd", str(DREAMBENCH / "dog" / "00.jpg")):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{server.url}gradio_api/file={target}", timeout=10)
+        assert caught.value.code in (403, 404)
+
+
+def test_two_clients_at_once_each_get_their_own_result(server, photos):
+    results = {}
+
+    def run(seed):
+        client = Client(server.url, verbose=False)
+        results[seed] = quick_generate(client, photos, seed=seed, steps=3)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (101, 202)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(results) == [101, 202]
+    for seed, (images, parameters) in results.items():
+        assert parameters[0]["seed"] == seed and f"Seed: {seed}" in chunk(images[0])
+
+
+def test_ui_session_generate_release_and_cancel(server, photos):
+    client = Client(server.url, verbose=False)
+    client.predict([photos[0]], api_name="/add_photos")
+    first = client.predict(True, *ui_form(seed=9, gate=0.2, steps=3), api_name="/ui_generate")
+    assert "seed 9" in first[1] and "γ 0.20" in first[1]
+    stranger = Client(server.url, verbose=False)  # another user's session holds none of these photos
+    with pytest.raises(Exception, match="add at least one photo"):
+        stranger.predict(True, *ui_form(), api_name="/ui_generate")
+
+    # Release the slider: same seed, new γ, previews streamed before the final image.
+    job = client.submit(*ui_form(seed=9, gate=0.6, steps=3), api_name="/ui_release")
+    job.result(timeout=120)
+    infos = [output[1] for output in job.outputs()]
+    assert any("step 1/3" in info for info in infos) and "γ 0.60" in infos[-1] and "identity score" in infos[-1]
+
+    # A long run, cancelled after its first preview, leaves the server ready for the next request.
+    job = client.submit(True, *ui_form(seed=10, steps=400), api_name="/ui_generate")
+    deadline = time.time() + 120
+    while not any("step" in str(output[1]) for output in job.outputs()) and time.time() < deadline:
+        time.sleep(0.1)
+    job.cancel()
+    started = time.perf_counter()
+    images, _ = quick_generate(client, photos, seed=11)
+    assert len(images) == 1 and time.perf_counter() - started < 60  # not behind 400 steps
+    server.wait_for_log("stopping it at the next step", timeout=30)

@@ -1,0 +1,219 @@
+"""Helpers for the UI tests: a fake engine (no model), photo files, and a real `app.py` server process."""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from PIL import Image
+
+from ui.engine import SCHEDULERS, Defaults, Rendered, RenderRequest
+
+REPO = Path(__file__).resolve().parent.parent
+DREAMBENCH = REPO.parent / "shared" / "dreambench"
+
+
+class FakeEngine:
+    """Renders flat colours that encode γ and the seed, calling on_step like the core; checks inputs as the
+    core does (ValueError naming the setting). `step_delay` slows each step so cancellation can be tested."""
+
+    profile = "fake"
+    schedulers = SCHEDULERS
+
+    def __init__(self, step_delay: float = 0.0):
+        self.step_delay = step_delay
+        self.requests: list[RenderRequest] = []
+        self.loads = 0
+        self.cancelled = threading.Event()  # set when a render stopped because on_step raised
+        self._loaded = False
+
+    def defaults(self) -> Defaults:
+        return Defaults(width=64, height=64, steps=4, guidance=7.5, scheduler="dpmpp_2m", max_side=512)
+
+    def ready(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        if not self._loaded:
+            self.loads += 1
+            self._loaded = True
+
+    def render(self, request: RenderRequest, on_step=None) -> list[Rendered]:
+        for gate in request.gates:
+            if not 0.0 <= gate <= 1.0:
+                raise ValueError(f"gate must be in [0, 1], got {gate}")
+        if not 1 <= request.steps <= 500:
+            raise ValueError(f"num_inference_steps must be a whole number from 1 to 500, got {request.steps}")
+        if request.width % 8 or request.height % 8:
+            raise ValueError(f"width must be a multiple of 8 from 64 to 512, got {request.width}")
+        self.load()
+        self.requests.append(request)
+        for step in range(1, request.steps + 1):
+            time.sleep(self.step_delay)
+            if on_step is not None:
+                try:
+                    on_step(step, request.steps, [Image.new("RGB", (8, 8), _colour(g, step)) for g in request.gates])
+                except Exception:
+                    self.cancelled.set()
+                    raise
+        return [
+            Rendered(
+                image=Image.new("RGB", (request.width, request.height), _colour(gate, request.seed)),
+                parameters=dict(prompt=request.prompt, negative_prompt=request.negative_prompt, gate=gate,
+                                strength=request.strength, seed=request.seed, num_inference_steps=request.steps,
+                                guidance_scale=request.guidance, width=request.width, height=request.height,
+                                scheduler=request.scheduler, gate_schedule=request.identity_early, profile="fake"),
+                identity=0.5 + 0.4 * gate,
+            )
+            for gate in request.gates
+        ]
+
+
+def _colour(gate: float, salt: int) -> tuple[int, int, int]:
+    return round(255 * gate), salt % 256, 128
+
+
+def png_bytes(size=(96, 64), mode="RGB", colour=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour if mode == "RGB" else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class AppServer:
+    """`python app.py --profile tiny --port N` as a subprocess; `url` once it answers."""
+
+    def __init__(self, *args: str, timeout: float = 120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = REPO / ".cache" / f"app-{self.port}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
+        env.setdefault("FLEXIP_HOME", str(REPO / ".cache" / "flexip-test"))
+        self._log_file = self.log.open("w")
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port), *args], cwd=REPO,
+                                        stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+        self.ready_after = self._wait(timeout)
+
+    def _wait(self, timeout: float) -> float:
+        deadline = self.started + timeout
+        while time.perf_counter() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"app.py exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as response:
+                    if response.status == 200:
+                        return time.perf_counter() - self.started
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        tail = self.log.read_text()[-3000:]
+        raise RuntimeError(f"app.py did not answer on {self.url} within {timeout:.0f} s:\n{tail}")
+
+    def wait_for_log(self, text: str, timeout: float = 120.0) -> None:
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            if text in self.log.read_text():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{text!r} not in the app log after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log_file.close()
+
+
+def _png_with_size(width: int, height: int) -> bytes:
+    """A small PNG whose header claims width x height (a decompression bomb stand-in): pixels never decode."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes((8, 8)))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def _animated_gif() -> bytes:
+    buffer = io.BytesIO()
+    frames = [Image.new("RGB", (32, 32), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buffer.getvalue()
+
+
+def bad_uploads(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files each upload check must refuse: name -> (path, words the error must contain)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "not_an_image.png": (b"this is plain text, not a picture\n" * 4, "not an image"),
+        "empty.jpg": (b"", "empty"),
+        "vector.svg": (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>',
+                       "SVG"),
+        "truncated.png": (png_bytes((256, 256), colour=(1, 2, 3))[:120], "truncated"),
+        "animated.gif": (_animated_gif(), "animated"),
+        "bomb.png": (_png_with_size(30000, 30000), "decompression bomb"),
+        "huge.png": (_png_with_size(8000, 6000), "8000x6000"),
+    }
+    result = {}
+    for name, (payload, reason) in files.items():
+        path = folder / name
+        path.write_bytes(payload)
+        result[name] = (path, reason)
+    return result
+
+
+def odd_mode_uploads(folder: Path) -> dict[str, tuple[Path, tuple[int, int]]]:
+    """Files that must be accepted and converted: name -> (path, expected RGB size after EXIF rotation)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {}
+    cmyk = folder / "cmyk.jpg"
+    Image.new("CMYK", (40, 30), (0, 200, 200, 0)).save(cmyk)
+    made["cmyk.jpg"] = (cmyk, (40, 30))
+    deep = folder / "sixteen_bit.png"
+    Image.new("I;16", (40, 30), 40000).save(deep)
+    made["sixteen_bit.png"] = (deep, (40, 30))
+    palette = folder / "palette_alpha.png"
+    image = Image.new("P", (40, 30), 3)
+    image.info["transparency"] = 3
+    image.save(palette, transparency=3)
+    made["palette_alpha.png"] = (palette, (40, 30))
+    rgba = folder / "alpha.png"
+    Image.new("RGBA", (40, 30), (255, 0, 0, 90)).save(rgba)
+    made["alpha.png"] = (rgba, (40, 30))
+    rotated = folder / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    Image.new("RGB", (40, 30), (0, 120, 0)).save(rotated, exif=exif.tobytes())
+    made["rotated.jpg"] = (rotated, (30, 40))
+    return made
+
+
+UI_SETTINGS = ("prompt", "negative_prompt", "gate", "strength", "seed", "steps", "guidance", "width", "height",
+               "scheduler", "identity_early")
+
+
+def ui_form(max_photos: int = 4, **values) -> list:
+    """Positional inputs of the UI's undocumented endpoints (/ui_generate after lock_seed, /ui_release):
+    the settings in layout order, then one weight per photo slot."""
+    defaults = dict(prompt="a photo of the subject", negative_prompt="", gate=0.5, strength=1.0, seed=1, steps=4,
+                    guidance=7.5, width=64, height=64, scheduler="dpmpp_2m", identity_early=1.0)
+    defaults.update(values)
+    return [defaults[name] for name in UI_SETTINGS] + [1.0] * max_photos

@@ -1,0 +1,1 @@
+"""FlexIP Studio's user interface: a Gradio Blocks app over a small engine interface (see ui.engine)."""

@@ -1,0 +1,233 @@
+"""The studio's one-screen layout (subject | controls | result) and the wiring of its events."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import gradio as gr
+
+from . import api, comparison, handlers, subject
+from .binding import bind, components
+from .context import Studio
+from .examples import EXAMPLES
+from .state import Session
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+CSS = ROOT / "assets" / "css" / "studio.css"
+PASTE_JS = Path(__file__).resolve().parent / "paste.js"
+FILES_KEPT_S = 86400  # results and photos older than this are deleted (Gradio's cache and the app's folder)
+GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # every event that runs the engine shares one queue
+DEFAULT_GATES = "0, 0.25, 0.5, 0.75, 1"
+GATE_ENDS = ('<div class="gate-ends"><span>◀ Style: follow the prompt</span>'
+             '<span>Identity: keep the subject ▶</span></div>')
+
+
+def launch_options() -> dict:
+    """Keyword arguments for Blocks.launch that style the page (Gradio 6 takes these at launch)."""
+    return dict(theme=gr.themes.Soft(primary_hue="indigo", radius_size="sm", text_size="sm"),
+                css_paths=[CSS], js=PASTE_JS.read_text())
+
+
+def _subject_panel(out: dict, max_photos: int) -> dict:
+    """Left column: photo upload, one slot per photo, examples, settings restore. Returns its buttons."""
+    buttons = {}
+    gr.Markdown("### Subject photos\nDrop, paste (Ctrl+V) or click to add; several photos of one subject.",
+                elem_classes="panel-title")
+    out["files"] = gr.File(label="Subject photos", show_label=False, file_count="multiple", type="filepath",
+                           height=112, elem_id="subject-upload")
+    with gr.Row(elem_classes="slots"):
+        for i in range(max_photos):
+            with gr.Column(visible=False, elem_classes="slot", min_width=120) as out[f"slot{i}"]:
+                out[f"thumb{i}"] = gr.Image(label="", type="filepath", interactive=False, height=92,
+                                            buttons=[], elem_classes="thumb", container=False)
+                with gr.Row(elem_classes="slot-row", equal_height=True):
+                    out[f"weight{i}"] = gr.Number(1.0, label="weight", show_label=False, minimum=0, maximum=10,
+                                                  step=0.1, min_width=50, scale=3, container=False,
+                                                  elem_classes="weight")
+                    buttons[f"remove{i}"] = gr.Button("✕", size="sm", min_width=30, scale=1, variant="secondary",
+                                                      elem_classes="remove")
+    gr.Markdown("Thumbnails: the centre square the encoders see · number: the photo's weight.", elem_classes="hint")
+    gr.Markdown("**Try an example** (one click: subject, prompt and a γ sweep)", elem_classes="hint")
+    with gr.Row(elem_classes="examples"):
+        for example in EXAMPLES:
+            buttons[f"example_{example.name}"] = gr.Button(example.label, size="sm", min_width=60)
+    gr.Markdown("**Restore settings:** drop a PNG saved by FlexIP Studio", elem_classes="hint")
+    out["restore_file"] = gr.File(label="FlexIP PNG", show_label=False, file_count="single", file_types=[".png"],
+                                  type="filepath", height=100, elem_id="restore-png")
+    return buttons
+
+
+def _controls_panel(out: dict, studio: Studio) -> dict:
+    """Middle column: prompts, the γ slider, strength, seed, Generate/Stop and the Advanced settings."""
+    d = studio.engine.defaults()
+    buttons = {}
+    out["prompt"] = gr.Textbox(label="Prompt", lines=2, max_lines=3, placeholder="a photo of the subject on a beach")
+    out["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=1, max_lines=2,
+                                        placeholder="blurry, low quality")
+    out["gate"] = gr.Slider(0, 1, 0.5, step=0.01, label="Style ↔ identity (γ)", elem_id="gate-slider")
+    gr.HTML(GATE_ENDS, padding=False)
+    with gr.Row(equal_height=True):
+        out["strength"] = gr.Slider(0, 2, 1.0, step=0.05, label="Strength", elem_id="strength-slider", scale=3)
+        out["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, scale=2, min_width=110, elem_id="seed")
+    with gr.Row(equal_height=True):
+        out["lock_seed"] = gr.Checkbox(False, label="Lock seed", scale=1, min_width=90, elem_id="lock-seed")
+        buttons["dice"] = gr.Button("Random seed", scale=1, min_width=90, size="sm", elem_id="random-seed")
+        buttons["generate"] = gr.Button("Generate", variant="primary", scale=2, min_width=100, elem_id="generate")
+        buttons["stop"] = gr.Button("Stop", variant="stop", scale=1, min_width=60, elem_id="stop")
+    with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+        with gr.Row():
+            out["steps"] = gr.Number(d.steps, label="Steps", precision=0, minimum=1, maximum=500, min_width=70)
+            out["guidance"] = gr.Number(d.guidance, label="Guidance", minimum=0, maximum=50, step=0.5, min_width=70)
+            out["width"] = gr.Number(d.width, label="Width", precision=0, minimum=64, maximum=d.max_side, step=8,
+                                     min_width=70)
+            out["height"] = gr.Number(d.height, label="Height", precision=0, minimum=64, maximum=d.max_side, step=8,
+                                      min_width=70)
+        with gr.Row(equal_height=True):
+            out["scheduler"] = gr.Dropdown(list(studio.engine.schedulers), value=d.scheduler, label="Scheduler",
+                                           min_width=110)
+            out["identity_early"] = gr.Number(1.0, label="Identity until (0–1)", minimum=0.05,
+                                              maximum=1.0, step=0.05, min_width=110)
+            out["low_vram"] = gr.Checkbox(False, label="Low VRAM: one γ at a time", min_width=90)
+    return buttons
+
+
+def _result_panel(out: dict) -> dict:
+    """Right column: result / comparison / sweep / grid tabs, and the history strip."""
+    buttons = {}
+    with gr.Tabs():
+        with gr.Tab("Result"):
+            out["result"] = gr.Image(label="Result", type="filepath", interactive=False, height=430,
+                                     elem_id="result", buttons=["download", "fullscreen"])
+            out["download"] = gr.DownloadButton("Download PNG (with settings)", interactive=False, size="sm")
+        with gr.Tab("Compare with reference"):
+            out["compare"] = gr.ImageSlider(label="reference | result", type="filepath", max_height=470)
+        with gr.Tab("γ sweep"):
+            with gr.Row(equal_height=True):
+                out["gates_text"] = gr.Textbox(DEFAULT_GATES, label="γ values (same seed, one batch)", scale=3)
+                buttons["sweep"] = gr.Button("Run sweep", variant="primary", scale=1)
+            out["sweep_gallery"] = gr.Gallery(label="reference, then each γ", columns=6, height=300,
+                                              object_fit="contain", elem_id="sweep-gallery", interactive=False,
+                                              fit_columns=False)
+            out["sweep_zip"] = gr.DownloadButton("Download all (zip)", interactive=False, size="sm")
+        with gr.Tab("Prompt × γ grid"):
+            with gr.Row(equal_height=True):
+                out["prompts_text"] = gr.Textbox(label="Prompts, one per line (up to 4)", lines=3, scale=3)
+                buttons["grid"] = gr.Button("Run grid", variant="primary", scale=1)
+            out["grid_gallery"] = gr.Gallery(label="rows: prompts · columns: γ", columns=5, height=300,
+                                             object_fit="contain", interactive=False, fit_columns=False)
+            out["grid_zip"] = gr.DownloadButton("Download all (zip)", interactive=False, size="sm")
+    out["info"] = gr.Markdown("Release the γ slider to render; drag it to see renders already made.",
+                              elem_id="info")
+    out["history"] = gr.Gallery(label="History · click one to restore its settings", columns=10, height=118,
+                                allow_preview=False, object_fit="cover", elem_id="history",
+                                interactive=False, fit_columns=False)
+    return buttons
+
+
+def _api_panel(out: dict) -> dict:
+    """Hidden inputs and outputs of the `/generate` and `/sweep` API endpoints."""
+    with gr.Column(visible=False):
+        out["photos"] = gr.File(label="photos", file_count="multiple", type="filepath")
+        out["weights"] = gr.Textbox("", label="weights")
+        out["gates"] = gr.Textbox(DEFAULT_GATES, label="gates")
+        out["api_images"] = gr.File(label="images", file_count="multiple")
+        out["api_parameters"] = gr.JSON(label="parameters")
+        out["api_zip"] = gr.File(label="zip")
+        return {"api_generate": gr.Button("generate"), "api_sweep": gr.Button("sweep")}
+
+
+def build_studio(studio: Studio) -> gr.Blocks:
+    """The whole app for `studio` (its engine is loaded lazily, on the first render)."""
+    out: dict = {}
+    with gr.Blocks(title="FlexIP Studio", fill_width=True, delete_cache=(3600, FILES_KEPT_S),
+                   analytics_enabled=False) as demo:
+        out["session"] = gr.State(Session())
+        out["status"] = gr.Markdown(elem_id="status")
+        out["timer"] = gr.Timer(2.0)
+        with gr.Row(elem_id="studio", equal_height=False):
+            with gr.Column(scale=3, min_width=280, elem_classes="panel"):
+                buttons = _subject_panel(out, studio.max_photos)
+            with gr.Column(scale=5, min_width=420, elem_classes="panel"):
+                buttons |= _controls_panel(out, studio)
+            with gr.Column(scale=6, min_width=480, elem_classes="panel"):
+                buttons |= _result_panel(out)
+        buttons |= _api_panel(out)
+        _wire(studio, demo, out, buttons)
+    demo.queue(max_size=64, default_concurrency_limit=8)
+    return demo
+
+
+def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
+    max_photos = studio.max_photos
+    slots = components(out, *subject.slot_names(max_photos))
+    settings = {name: out[name] for name in handlers.SETTING_NAMES}
+    form = {**settings, **{f"weight{i}": out[f"weight{i}"] for i in range(max_photos)}}
+    shown = components(out, "seed", "info", "result", "compare", "download", "history", "session")
+    restored = components(out, *handlers.SETTING_NAMES, "lock_seed")
+
+    # API first, so that /generate and /sweep get exactly these names
+    api_inputs = {"photos": out["photos"], "weights": out["weights"], **settings}
+    buttons["api_generate"].click(bind(api.api_generate, out, studio), inputs_kwargs=api_inputs,
+                                  outputs=components(out, "api_images", "api_parameters"), api_name="generate", **GPU)
+    buttons["api_sweep"].click(bind(api.api_sweep, out, studio), inputs_kwargs={**api_inputs, "gates": out["gates"]},
+                               outputs=components(out, "api_images", "api_parameters", "api_zip"), api_name="sweep",
+                               **GPU)
+
+    status = dict(outputs=components(out, "status", "timer"), queue=False, api_visibility="private")
+    demo.load(bind(handlers.status, out, studio), api_name="status_on_load", **status)
+    out["timer"].tick(bind(handlers.status, out, studio), api_name="status_on_timer", **status)
+
+    # Subject panel
+    out["files"].upload(bind(subject.add_photos, out, studio), inputs_kwargs={"session": out["session"],
+                        "files": out["files"]}, outputs=[out["session"], out["files"], *slots],
+                        api_visibility="undocumented", api_name="add_photos", concurrency_limit=4)
+    for i in range(max_photos):
+        buttons[f"remove{i}"].click(bind(subject.remove_photo, out, studio, index=i),
+                                    inputs_kwargs={"session": out["session"]}, outputs=[out["session"], *slots],
+                                    api_visibility="private")
+    out["restore_file"].upload(bind(handlers.restore_png, out, studio),
+                               inputs_kwargs={"file": out["restore_file"], **settings},
+                               outputs=[*restored, out["restore_file"], out["info"]], api_visibility="private")
+
+    # Generation
+    generate_kwargs = dict(inputs_kwargs={"session": out["session"], "lock_seed": out["lock_seed"], **form},
+                           outputs=shown, api_visibility="undocumented", **GPU)
+    gen = buttons["generate"].click(bind(handlers.generate, out, studio), api_name="ui_generate", **generate_kwargs)
+    gen_submit = out["prompt"].submit(bind(handlers.generate, out, studio), api_name="ui_generate_submit",
+                                      **generate_kwargs)
+    sweep_kwargs = dict(inputs_kwargs={"session": out["session"], "gates_text": out["gates_text"],
+                                       "low_vram": out["low_vram"], **form},
+                        outputs=components(out, "sweep_gallery", "sweep_zip", "result", "compare", "info",
+                                           "session"), api_visibility="undocumented", **GPU)
+    sweep = buttons["sweep"].click(bind(comparison.sweep, out, studio), api_name="ui_sweep", **sweep_kwargs)
+    grid = buttons["grid"].click(
+        bind(comparison.grid, out, studio), api_name="ui_grid", api_visibility="undocumented", **GPU,
+        inputs_kwargs={"session": out["session"], "prompts_text": out["prompts_text"],
+                       "gates_text": out["gates_text"], "low_vram": out["low_vram"], **form},
+        outputs=components(out, "grid_gallery", "grid_zip", "info", "session"))
+    examples = []
+    for example in EXAMPLES:
+        load = buttons[f"example_{example.name}"].click(
+            bind(subject.load_example, out, studio, name=example.name), inputs_kwargs={"session": out["session"]},
+            outputs=[out["session"], out["prompt"], *slots], api_visibility="private",
+            api_name=f"load_example_{example.name}")
+        examples.append(load.success(bind(comparison.sweep, out, studio), api_name=f"ui_example_{example.name}",
+                                     **sweep_kwargs))
+    runs = [gen, gen_submit, sweep, grid, *examples]
+
+    # The live slider: release renders (replacing a run in flight); dragging shows renders already made.
+    release = out["gate"].release(bind(handlers.release, out, studio),
+                                  inputs_kwargs={"session": out["session"], **form}, outputs=shown,
+                                  api_name="ui_release", api_visibility="undocumented", trigger_mode="always_last",
+                                  cancels=runs, **GPU)
+    out["gate"].input(bind(handlers.peek, out, studio), inputs_kwargs={"session": out["session"], **form},
+                      outputs=components(out, "result", "compare", "info"), queue=False, show_progress="hidden",
+                      api_visibility="private", cancels=[*runs, release])
+    buttons["stop"].click(fn=None, cancels=[*runs, release])
+
+    # History, seed
+    out["history"].select(bind(handlers.select_history, out, studio), inputs_kwargs={"session": out["session"]},
+                          outputs=[*shown, *restored], api_visibility="private")
+    buttons["dice"].click(bind(handlers.new_seed, out), outputs=[out["seed"]], queue=False, api_visibility="private")
