@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flexip_core.adapters import cross_attention_layers  # noqa: E402
-from flexip_core.attention import BranchInputs, install_processors, xformers_available  # noqa: E402
+from flexip_core.attention import BranchInputs, install_processors, xformers_available, xformers_usable  # noqa: E402
 from flexip_core.encoders import CLIP_MEAN, CLIP_STD, Preprocess, SubjectEncoder  # noqa: E402
 from flexip_core.ip_adapter import adapter_from_ip_adapter_files  # noqa: E402
 from flexip_core.pipeline import FlexIPPipeline  # noqa: E402
@@ -180,14 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         install_processors(unet, adapter, "xformers")
 
     # 4. xformers vs SDPA on one UNet step
-    if device.type == "cuda" and xformers_available():
+    xformers_problem = xformers_usable(str(device)) if device.type == "cuda" else "no CUDA"
+    if xformers_problem is None:
         diff = backend_agreement(pipe, subject, ("sdpa", "xformers"), size)
         report["backend_agreement"] = {"backends": "sdpa vs xformers", "max_abs_diff": diff, "ok": diff <= TOLERANCE}
     elif args.smoke:  # exercises the code path only
         diff = backend_agreement(pipe, subject, ("sdpa", "sdpa"), size)
         report["backend_agreement"] = {"backends": "sdpa vs sdpa (smoke)", "max_abs_diff": diff, "ok": diff == 0.0}
     else:
-        report["backend_agreement"] = {"backends": "skipped: xformers is not installed", "ok": None}
+        report["backend_agreement"] = {"backends": f"skipped: {xformers_problem}", "ok": None}
 
     # 5. one 4-step fast-profile image: a LoRA fused through diffusers (as sd15-fast), LCM scheduler, no CFG
     from flexip_core.loading import load_lora

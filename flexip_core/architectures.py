@@ -67,7 +67,7 @@ def build_sd15(device=None, dtype: torch.dtype = torch.float32, seed: int = 0) -
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER))
     parts = dict(unet=unet, vae=vae, text_encoder=text_encoder)
     parts = {name: model.to(dtype).eval().requires_grad_(False) for name, model in parts.items()}
-    return dict(parts, scheduler=PNDMScheduler(**SD15_SCHEDULER))
+    return dict(parts, scheduler=PNDMScheduler.from_config(SD15_SCHEDULER))
 
 
 def build_vit_h14(device=None, dtype: torch.dtype = torch.float32, seed: int = 0):

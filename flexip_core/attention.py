@@ -8,6 +8,7 @@ The text projection code follows diffusers' `AttnProcessor2_0` / `IPAdapterAttnP
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ BACKENDS = ("sdpa", "xformers")
 
 
 def xformers_available() -> bool:
+    """True when xformers imports (it may still lack kernels for this torch; see `xformers_usable`)."""
     try:
         import xformers.ops  # noqa: F401
     except Exception:  # ImportError, or a broken binary build
@@ -30,14 +32,50 @@ def xformers_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def xformers_usable(device: str = "cuda") -> str | None:
+    """None when xformers runs one fp16 attention call on `device`, else why not.
+
+    An xformers wheel built for another torch or CUDA imports fine but has no kernels, so only a real call tells.
+    """
+    if not xformers_available():
+        return "the xformers package is not installed (pip install -r requirements-gpu.txt)"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "xformers needs CUDA"
+    import xformers.ops
+
+    probe = torch.zeros(1, 8, 1, 40, device=device, dtype=torch.float16)  # (B, N, heads, head_dim)
+    try:
+        xformers.ops.memory_efficient_attention(probe, probe, probe)
+    except Exception as error:  # NotImplementedError when no operator was built for this torch/CUDA
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"xformers {xformers.__version__} cannot run on this torch {torch.__version__}: {first}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
 def pick_backend(requested: str | None, device: torch.device) -> str:
-    """'xformers' on CUDA when installed, else 'sdpa'; an explicit request is honoured or refused clearly."""
+    """'xformers' on CUDA when it runs there, else 'sdpa'; an explicit request is honoured or refused clearly."""
     if requested is None or requested == "auto":
-        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+        if device.type != "cuda" or not xformers_available():
+            return "sdpa"
+        problem = xformers_usable(str(device))
+        if problem:
+            _warn_once(f"{problem}; using PyTorch SDPA attention")
+            return "sdpa"
+        return "xformers"
     if requested not in BACKENDS:
         raise ValueError(f"attention backend {requested!r} unknown; choose one of {', '.join(BACKENDS)} or 'auto'")
-    if requested == "xformers" and (device.type != "cuda" or not xformers_available()):
-        raise ValueError("the xformers backend needs CUDA and the xformers package; use 'sdpa'")
+    if requested == "xformers":
+        if device.type != "cuda":
+            raise ValueError("the xformers backend needs CUDA; use 'sdpa'")
+        problem = xformers_usable(str(device))
+        if problem:
+            raise ValueError(f"{problem}; use 'sdpa' or reinstall xformers for this torch")
     return requested
 
 

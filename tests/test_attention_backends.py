@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexip_core.attention import pick_backend, xformers_available
+from flexip_core.attention import pick_backend, xformers_usable
 
 
 def test_backend_choice_on_cpu():
@@ -17,10 +17,47 @@ def test_backend_choice_on_cpu():
         pick_backend("flash9", torch.device("cpu"))
 
 
+def _fake_xformers(monkeypatch, attention):
+    """Installs a stand-in `xformers` package whose attention op is `attention`."""
+    import sys
+    import types
+
+    package, ops = types.ModuleType("xformers"), types.ModuleType("xformers.ops")
+    package.__version__, package.ops, ops.memory_efficient_attention = "0.0.0-fake", ops, attention
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    xformers_usable.cache_clear()
+
+
+def test_xformers_without_kernels_is_reported_not_used(monkeypatch):
+    """A wheel built for another torch imports but has no operators: the probe says why, auto falls back."""
+    def no_operator(q, k, v):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n ...")
+
+    _fake_xformers(monkeypatch, no_operator)
+    problem = xformers_usable("cpu")
+    assert problem and "cannot run on this torch" in problem and "No operator found" in problem
+    xformers_usable.cache_clear()
+
+
+def test_working_xformers_passes_the_probe(monkeypatch):
+    calls = []
+
+    def works(q, k, v):
+        calls.append(q.shape)
+        return q
+
+    _fake_xformers(monkeypatch, works)
+    assert xformers_usable("cpu") is None and calls == [(1, 8, 1, 40)]
+    assert xformers_usable("cpu") is None and len(calls) == 1  # probed once per process
+    xformers_usable.cache_clear()
+
+
 @pytest.mark.gpu
 def test_xformers_matches_sdpa_on_cuda(photos):
-    if not xformers_available():
-        pytest.skip("xformers is not installed (pip install -r requirements-gpu.txt)")
+    problem = xformers_usable("cuda")
+    if problem:
+        pytest.skip(problem)
     from flexip_core import FlexIPPipeline
 
     results = []
