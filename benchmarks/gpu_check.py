@@ -25,14 +25,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flexip_core.adapters import cross_attention_layers  # noqa: E402
-from flexip_core.attention import BranchInputs, install_processors, xformers_available, xformers_usable  # noqa: E402
-from flexip_core.encoders import CLIP_MEAN, CLIP_STD, Preprocess, SubjectEncoder  # noqa: E402
-from flexip_core.ip_adapter import adapter_from_ip_adapter_files  # noqa: E402
-from flexip_core.pipeline import FlexIPPipeline  # noqa: E402
-from flexip_core.profiles import load_profile  # noqa: E402
-from flexip_core.tiny import write_lora, write_synthetic_ip_adapter_files  # noqa: E402
-from flexip_core.tokenizer import save_tiny_tokenizer  # noqa: E402
+from flexip_core.adapters import cross_attention_layers
+from flexip_core.attention import BranchInputs, install_processors, xformers_available, xformers_usable
+from flexip_core.encoders import CLIP_MEAN, CLIP_STD, Preprocess, SubjectEncoder
+from flexip_core.ip_adapter import adapter_from_ip_adapter_files
+from flexip_core.pipeline import FlexIPPipeline
+from flexip_core.profiles import load_profile
+from flexip_core.tiny import write_lora, write_synthetic_ip_adapter_files
+from flexip_core.tokenizer import save_tiny_tokenizer
 
 logger = logging.getLogger("gpu_check")
 PROMPT = "a photo of a dog on the beach, watercolor"

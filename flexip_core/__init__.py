@@ -1,7 +1,7 @@
 """FlexIP: identity-preserving, prompt-editable subject generation on Stable Diffusion 1.5 (arXiv 2504.07405)."""
 from __future__ import annotations
 
-__all__ = ["FlexIPPipeline", "FlexIPOutput", "GenerationCancelled", "SubjectEmbedding"]
+__all__ = ["FlexIPOutput", "FlexIPPipeline", "GenerationCancelled", "SubjectEmbedding"]
 
 
 def __getattr__(name):  # lazy: `import flexip_core.images` must not pull in torch and diffusers

@@ -23,11 +23,11 @@ class ImageFeatures:
     clip_hidden: torch.Tensor | None = None  # (B, 1 + P, H) CLIP penultimate hidden states
     dino: torch.Tensor | None = None  # (B, P, D) DINOv2 patch tokens
 
-    def map(self, fn) -> "ImageFeatures":
+    def map(self, fn) -> ImageFeatures:
         return ImageFeatures(*(None if t is None else fn(t) for t in (self.clip_embeds, self.clip_hidden, self.dino)))
 
     @staticmethod
-    def cat(items: list["ImageFeatures"]) -> "ImageFeatures":
+    def cat(items: list[ImageFeatures]) -> ImageFeatures:
         fields = zip(*((f.clip_embeds, f.clip_hidden, f.dino) for f in items))
         return ImageFeatures(*(None if parts[0] is None else torch.cat(parts) for parts in fields))
 

@@ -11,8 +11,15 @@ from pathlib import Path
 from transformers import CLIPVisionModelWithProjection, Dinov2Model
 
 from .adapters import cross_attention_layers
-from .devices import (LowVRAM, NotEnoughMemory, free_memory, is_out_of_memory, out_of_memory_message, pick_device,
-                      pick_dtype)
+from .devices import (
+    LowVRAM,
+    NotEnoughMemory,
+    free_memory,
+    is_out_of_memory,
+    out_of_memory_message,
+    pick_device,
+    pick_dtype,
+)
 from .encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess, SubjectEncoder
 from .loading import load_base, load_pretrained, resolve_file
 from .profiles import Profile, cache_home, load_profile

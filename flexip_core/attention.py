@@ -32,7 +32,7 @@ def xformers_available() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def xformers_usable(device: str = "cuda") -> str | None:
     """None when xformers runs one fp16 attention call on `device`, else why not.
 
@@ -53,7 +53,7 @@ def xformers_usable(device: str = "cuda") -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     logger.warning(message)
 

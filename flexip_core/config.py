@@ -46,7 +46,7 @@ class AdapterConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "AdapterConfig":
+    def from_json(cls, text: str) -> AdapterConfig:
         data = json.loads(text)
         return cls(
             preservation=BranchConfig(**data["preservation"]),

@@ -57,7 +57,7 @@ class LowVRAM:
     vae_slicing: bool = True  # decode a batch one image at a time
 
     @classmethod
-    def parse(cls, value) -> "LowVRAM | None":
+    def parse(cls, value) -> LowVRAM | None:
         """None/False: off; True: all savers; a LowVRAM: as given."""
         if value is None or value is False:
             return None

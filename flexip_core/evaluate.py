@@ -61,10 +61,10 @@ def read_prompts(path: str | Path) -> Benchmark:
         if not templates:
             raise ValueError(f"{path.name}: no prompt found")
         return Benchmark({}, templates, ())
-    classes = dict(re.findall(r"^([\w-]+),([^,\n]+)$", text.split("Prompts")[0], flags=re.M))
+    classes = dict(re.findall(r"^([\w-]+),([^,\n]+)$", text.split("Prompts")[0], flags=re.MULTILINE))
     classes.pop("subject_name", None)
     lists = [tuple(re.findall(r"'([^']*)'\.format", block)) for block in text.split("prompt_list")[1:]]
-    sections = re.findall(r"^(\w[\w ]*) Prompts\s*$", text, flags=re.M)  # e.g. "Object", "Live Subject"
+    sections = re.findall(r"^(\w[\w ]*) Prompts\s*$", text, flags=re.MULTILINE)  # e.g. "Object", "Live Subject"
     by_name = dict(zip((s.lower() for s in sections), lists))
     objects = by_name.get("object", lists[0])
     live = by_name.get("live subject", lists[1] if len(lists) > 1 else ())

@@ -37,7 +37,7 @@ class GateCurve:
             raise ValueError("gate curve gammas must increase from 0 to 1")
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "GateCurve":
+    def from_dict(cls, data: dict | None) -> GateCurve:
         if not data:
             return cls()
         return cls(tuple(data["gammas"]), tuple(data["pres"]), tuple(data["pers"]))

@@ -65,7 +65,7 @@ class MetricModels:
         self.dino_size = dino.config.image_size
 
     @classmethod
-    def load(cls, config: MetricConfig = MetricConfig(), device=None) -> "MetricModels":
+    def load(cls, config: MetricConfig = MetricConfig(), device=None) -> MetricModels:
         """Load both models (fp32: metrics are compared across runs, so no reduced precision)."""
         from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
@@ -115,13 +115,13 @@ class MetricModels:
         pooled = self.clip.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
         return self.clip.text_projection(pooled).float().cpu()  # (B, E)
 
-    def references(self, photos: list[Image.Image]) -> "References":
+    def references(self, photos: list[Image.Image]) -> References:
         """Embed a subject's real photos once; every generated image is scored against them."""
         if not photos:
             raise ValueError("a subject needs at least one reference photo to score against")
         return References(self.clip_image(photos), self.dino_image(photos))
 
-    def score(self, generated: list[Image.Image], references: "References",
+    def score(self, generated: list[Image.Image], references: References,
               prompt: str | list[str]) -> dict[str, list[float]]:
         """Per generated image: clip_i and dino_i (mean over the references) and clip_t (vs its prompt)."""
         prompts = [prompt] * len(generated) if isinstance(prompt, str) else list(prompt)

@@ -17,7 +17,7 @@ from .adapters import FlexIPAdapter, ImageFeatures
 from .attention import BranchInputs, install_processors, pick_backend
 from .devices import LowVRAM, SafeVaeDecoder, apply_low_vram, reports_out_of_memory
 from .encoders import SubjectEmbedding, SubjectEncoder
-from .gate import GateCurve, GateSchedule, as_schedule, check_unit
+from .gate import GateSchedule, as_schedule, check_unit
 from .preview import latents_to_previews
 from .profiles import Defaults, Profile
 from .schedulers import make_scheduler
@@ -73,7 +73,7 @@ class FlexIPPipeline:
 
     @classmethod
     def from_profile(cls, name: str = "tiny", *, device=None, dtype=None, attention: str | None = None,
-                     low_vram: LowVRAM | bool | None = None, **overrides) -> "FlexIPPipeline":
+                     low_vram: LowVRAM | bool | None = None, **overrides) -> FlexIPPipeline:
         """Load a profile by name or path; keyword overrides replace its parts (base=, adapter=, ...)."""
         from .assembly import assemble
 
@@ -140,7 +140,7 @@ class FlexIPPipeline:
 
     def _branch_tokens(self, provider, features: ImageFeatures, uncond: ImageFeatures, text, neg_text, n, cfg):
         """(2N or N, tokens, C) for one branch: unconditional rows first when CFG is on."""
-        to_device = lambda f: f.map(lambda t: t.to(self.device, self.dtype))  # noqa: E731
+        to_device = lambda f: f.map(lambda t: t.to(self.device, self.dtype))
         cond = provider(to_device(features), text)  # (1, T, C)
         rows = [cond.expand(n, -1, -1)]
         if cfg:

@@ -43,7 +43,7 @@ class Profile:
     gate_curve: GateCurve = field(default_factory=GateCurve)  # gamma -> branch weights
     dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 elsewhere), "float32", "float16", "bfloat16"
 
-    def with_overrides(self, **overrides) -> "Profile":
+    def with_overrides(self, **overrides) -> Profile:
         known = {k: v for k, v in overrides.items() if v is not None}
         unknown = set(known) - set(self.__dataclass_fields__)
         if unknown:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2Model,
+)
 
 from .adapters import FlexIPAdapter, cross_attention_layers
 from .config import AdapterConfig, BranchConfig
@@ -125,9 +132,9 @@ def synthetic_ip_adapter_state(unet, layout: str, *, clip_embed_dim: int, clip_h
     """
     gen = torch.Generator("cpu").manual_seed(seed)
     width = unet.config.cross_attention_dim  # C: token width
-    randn = lambda *shape, std=1.0: torch.randn(*shape, generator=gen) * std  # noqa: E731
-    linear = lambda rows, cols: randn(rows, cols, std=cols ** -0.5)  # noqa: E731
-    norm = lambda dim: (1.0 + randn(dim, std=0.1), randn(dim, std=0.1))  # noqa: E731
+    randn = lambda *shape, std=1.0: torch.randn(*shape, generator=gen) * std
+    linear = lambda rows, cols: randn(rows, cols, std=cols ** -0.5)
+    norm = lambda dim: (1.0 + randn(dim, std=0.1), randn(dim, std=0.1))
     if layout == "plain":
         weight, bias = norm(width)
         image_proj = {"proj.weight": linear(4 * width, clip_embed_dim), "proj.bias": randn(4 * width, std=0.02),

@@ -23,9 +23,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -345,7 +345,7 @@ class EncodedStore:
         order = [i for indices, _ in parts for i in indices]
         position = torch.empty(len(dataset), dtype=torch.long)
         position[torch.tensor(order)] = torch.arange(len(order))
-        cat = lambda name: torch.cat([getattr(b, name) for _, b in parts])[position]  # noqa: E731
+        cat = lambda name: torch.cat([getattr(b, name) for _, b in parts])[position]
         self.latent_mean, self.latent_std = cat("latent_mean"), cat("latent_std")  # (N, 4, h, w) each
         self.text, self.modality = cat("text"), cat("modality")  # (N, 77, C), (N,)
         self.features = ImageFeatures.cat([b.features for _, b in parts]).map(lambda t: t[position])

@@ -20,8 +20,14 @@ from flexip_core import FlexIPPipeline
 from flexip_core.devices import NotEnoughMemory, SafeVaeDecoder, offload_chain, pick_device, pick_dtype
 from flexip_core.loading import LDM_CROSS_ATTENTION_KEY, LDM_SDXL_KEY, WeightsNotFound
 from flexip_core.profiles import load_profile
-from flexip_core.tiny import (CLIP_VISION, synthetic_ip_adapter_state, write_ip_adapter_file, write_lora,
-                              write_single_file_checkpoint, write_synthetic_ip_adapter_files)
+from flexip_core.tiny import (
+    CLIP_VISION,
+    synthetic_ip_adapter_state,
+    write_ip_adapter_file,
+    write_lora,
+    write_single_file_checkpoint,
+    write_synthetic_ip_adapter_files,
+)
 from tests.conftest import REPO
 
 PROMPT = "a photo of sks dog"

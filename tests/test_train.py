@@ -18,8 +18,16 @@ from flexip_core import FlexIPPipeline
 from flexip_core.data import PairDataset, read_manifest
 from flexip_core.tiny import tiny_branch
 from flexip_core.train import (
-    SIZE_KEYS, AdapterTrainingModel, TrainConfig, draw_dropout, draw_gammas, encode_batch, load_config, load_models,
-    train, training_loss,
+    SIZE_KEYS,
+    AdapterTrainingModel,
+    TrainConfig,
+    draw_dropout,
+    draw_gammas,
+    encode_batch,
+    load_config,
+    load_models,
+    train,
+    training_loss,
 )
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from tests.ui_fixtures import FakeEngine, bad_uploads, odd_mode_uploads, png_byt
 from ui import api, comparison, handlers, subject
 from ui.binding import bind
 from ui.context import Studio, ensure_loaded
-from ui.engine import SCHEDULERS, make_request
+from ui.engine import make_request
 from ui.runner import Done, Step, stream_render
 from ui.settings import Settings, parse_gates, parse_prompts
 from ui.state import Session

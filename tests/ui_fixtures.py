@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import io
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from PIL import Image
 
+from benchmarks.app_process import AppServer  # noqa: F401  (the tests' app server)
 from ui.engine import SCHEDULERS, Defaults, Rendered, RenderRequest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,61 +79,6 @@ def png_bytes(size=(96, 64), mode="RGB", colour=(200, 30, 30)) -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, colour if mode == "RGB" else 0).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class AppServer:
-    """`python app.py --profile tiny --port N` as a subprocess; `url` once it answers."""
-
-    def __init__(self, *args: str, timeout: float = 120.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log = REPO / ".cache" / f"app-{self.port}.log"
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", GRADIO_ANALYTICS_ENABLED="False")
-        env.setdefault("FLEXIP_HOME", str(REPO / ".cache" / "flexip-test"))
-        self._log_file = self.log.open("w")
-        self.started = time.perf_counter()
-        self.process = subprocess.Popen([sys.executable, "app.py", "--port", str(self.port), *args], cwd=REPO,
-                                        stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
-        self.ready_after = self._wait(timeout)
-
-    def _wait(self, timeout: float) -> float:
-        deadline = self.started + timeout
-        while time.perf_counter() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"app.py exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=2) as response:
-                    if response.status == 200:
-                        return time.perf_counter() - self.started
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        tail = self.log.read_text()[-3000:]
-        raise RuntimeError(f"app.py did not answer on {self.url} within {timeout:.0f} s:\n{tail}")
-
-    def wait_for_log(self, text: str, timeout: float = 120.0) -> None:
-        deadline = time.perf_counter() + timeout
-        while time.perf_counter() < deadline:
-            if text in self.log.read_text():
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"{text!r} not in the app log after {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self._log_file.close()
 
 
 def _png_with_size(width: int, height: int) -> bytes:

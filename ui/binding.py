@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import gradio as gr
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
 
 import gradio as gr
 from PIL import Image

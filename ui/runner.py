@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from .engine import Engine, RenderCancelled, Rendered, RenderRequest
 

@@ -24,7 +24,7 @@ class Settings:
     scheduler: str = "dpmpp_2m"  # sampler name, one of the engine's schedulers
     identity_early: float = 1.0  # identity branch only for this first fraction of the steps (1.0 = all steps)
 
-    def with_gate(self, gate: float) -> "Settings":
+    def with_gate(self, gate: float) -> Settings:
         return replace(self, gate=float(gate))
 
     def cache_key(self, subject: str) -> tuple:
@@ -43,7 +43,7 @@ class Settings:
         }
 
     @classmethod
-    def from_parameters(cls, params: dict, fallback: "Settings | None" = None) -> "Settings":
+    def from_parameters(cls, params: dict, fallback: Settings | None = None) -> Settings:
         """Settings from a parameters dict (the core's out.parameters or a parsed PNG chunk); missing keys keep
         `fallback`'s values. Raises ValueError naming the first value that cannot be read."""
         base = asdict(fallback or cls(prompt=""))

@@ -1,0 +1,57 @@
+"""`python -m benchmarks --smoke` end to end on the tiny models: all five items report, the targets print last.
+
+Untimed: the figures of a smoke run mean nothing; this checks that the benchmark runs and reports completely."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+
+TARGETS = ("unet_flexip_vs_plain", "unet_flexip_vs_ip_adapter_plus", "slider_move_encoder_calls",
+           "sweep_batched_vs_sequential")
+TARGET_LINE = re.compile(r"^TARGET (\w+): (ratio|count) \d+(\.\d+)? \(<= \d+(\.\d+)?\) (PASS|FAIL)$")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("benchmarks")
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=840)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout, json.loads((out / "smoke.json").read_text())
+
+
+def test_all_five_items_report_without_failing(smoke):
+    stdout, results = smoke
+    for number in range(1, 6):
+        header = next(line for line in stdout.splitlines() if line.startswith(f"| {number} | **"))
+        assert "failed" not in header, header
+    assert [section["number"] for section in results["sections"]] == [1, 2, 3, 4, 5]
+    server = results["sections"][4]
+    if (REPO / "app.py").is_file():
+        assert server["skipped"] is None and server["data"]["final"], server
+    else:
+        assert server["skipped"] == "app.py not available"
+
+
+def test_target_lines_come_last_one_per_target(smoke):
+    stdout, results = smoke
+    lines = stdout.strip().splitlines()
+    last = lines[-len(TARGETS):]
+    assert [TARGET_LINE.match(line).group(1) for line in last] == list(TARGETS), last
+    assert "TARGET slider_move_encoder_calls: count 0 (<= 0) PASS" in last  # a slider move never re-encodes
+    assert [t["name"] for t in results["targets"]] == list(TARGETS)
+
+
+def test_flexip_keys_values_stay_cached_during_timed_steps(smoke):
+    _, results = smoke
+    unet = results["sections"][0]["data"]
+    assert unet["kv_cached"] is True
+    assert unet["flops"]["FlexIP"]["total"] > 0 and unet["flops"]["IP-Adapter Plus"]["attention"] > 0
