@@ -1,6 +1,7 @@
 """Profiles: data files naming a base model, encoders, adapter weights, gate curve and defaults."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -68,8 +69,17 @@ def load_profile(name_or_path: str) -> Profile:
     if not path.is_file():
         raise ValueError(f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles())}")
     data = json.loads(path.read_text())
+    assets = str(PROFILE_DIR.parent)  # "{assets}/mini/base": weights shipped in the repo, found from any folder
+    data = {key: value.replace("{assets}", assets) if isinstance(value, str) else value for key, value in data.items()}
     data["defaults"] = Defaults(**data.get("defaults", {}))
     data["gate_curve"] = GateCurve.from_dict(data.get("gate_curve"))
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    missing = [name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    unknown = sorted(set(data) - set(fields))
+    if missing or unknown:
+        raise ValueError(f"profile {path}: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else [])))
     return Profile(**data)
 
 

@@ -55,3 +55,11 @@ def test_flexip_keys_values_stay_cached_during_timed_steps(smoke):
     unet = results["sections"][0]["data"]
     assert unet["kv_cached"] is True
     assert unet["flops"]["FlexIP"]["total"] > 0 and unet["flops"]["IP-Adapter Plus"]["attention"] > 0
+
+
+def test_per_image_prints_the_median_for_a_profile(capsys):
+    from benchmarks import per_image
+
+    assert per_image.main(["--profile", "tiny", "--steps", "2", "--images", "2"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.match(r"profile tiny, 64x64, 2 steps, CFG: median \d+\.\d+ s per image \(min .*; 2 images\)$", line), line

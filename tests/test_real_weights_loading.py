@@ -379,3 +379,19 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
         assert key in data, key
     assert data["plain_sd_it_s"] > 0 and data["flexip_it_s"] > 0 and data["fast_image_s"] > 0
     assert "it/s" in result.stdout and "FlexIP" in result.stdout
+
+
+def test_profile_paths_under_assets_resolve_from_any_working_folder(tmp_path, monkeypatch):
+    """Shipped weights ("{assets}/mini/base") are found wherever the app is started from."""
+    from flexip_core.profiles import PROFILE_DIR
+
+    profile_file = tmp_path / "shipped.json"
+    profile_file.write_text(json.dumps({"name": "shipped", "base": "{assets}/mini/base", "clip_encoder": "{assets}/mini/image_encoder",
+                                        "adapter": "{assets}/mini/flexip_adapter.safetensors"}))
+    monkeypatch.chdir(tmp_path)
+    profile = load_profile(str(profile_file))
+    assert profile.base == str(PROFILE_DIR.parent / "mini" / "base")
+    assert Path(profile.adapter).parent == PROFILE_DIR.parent / "mini"
+    profile_file.write_text(json.dumps({"name": "incomplete", "base": "x", "colour": "red"}))
+    with pytest.raises(ValueError, match="shipped.json.*clip_encoder"):
+        load_profile(str(profile_file))

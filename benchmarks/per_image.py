@@ -1,0 +1,40 @@
+"""`python -m benchmarks.per_image [--profile tiny] [--steps 10] [--size 64] [--images 9]`: median seconds per image.
+
+The subject is encoded once, as in the studio; each timed image is the whole call (text encoding, the loop with
+CFG, decoding). Prints the median and the spread; a profile's native size and steps are the defaults of the
+issue targets (tiny: 64x64, 10 steps, target < 1 s; mini: 64x64 at its own steps, target < 1 s)."""
+from __future__ import annotations
+
+import argparse
+import time
+
+from .common import describe_machine, machine, median, synthetic_photo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.per_image", description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the profile's)")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--images", type=int, default=9, help="timed images (after one warm-up)")
+    args = parser.parse_args(argv)
+    from flexip_core import FlexIPPipeline
+
+    pipe = FlexIPPipeline.from_profile(args.profile, device="cpu")
+    subject = pipe.encode_subject([synthetic_photo(0)])
+    steps = args.steps or pipe.profile.defaults.num_inference_steps
+    times = []
+    for seed in range(args.images + 1):
+        started = time.perf_counter()
+        pipe("a photo of a toy on the beach", subject, gate=0.5, seed=seed, num_inference_steps=steps,
+             height=args.size, width=args.size)
+        times.append(time.perf_counter() - started)
+    times = sorted(times[1:])
+    print(f"machine: {describe_machine(machine())}")
+    print(f"profile {args.profile}, {args.size}x{args.size}, {steps} steps, CFG: median {median(times):.3f} s per "
+          f"image (min {times[0]:.3f}, max {times[-1]:.3f}; {args.images} images)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
