@@ -120,6 +120,7 @@ def test_an_example_sets_the_subject_and_prompt(studio, session):
 
 # --- generation -----------------------------------------------------------------------------------
 def test_generate_streams_previews_then_a_png_with_its_settings(studio, session):
+    studio.engine.step_delay = 0.2  # time to read each preview; an instant render goes straight to its final image
     updates = collect(handlers.generate(studio, session=session, lock_seed=True, **form(gate=0.3)))
     previews = [u for u in updates if isinstance(u.get("result"), Image.Image)]
     assert previews  # one per step, though stale ones are dropped when the consumer lags
