@@ -1,0 +1,199 @@
+"""Training FlexIP-mini's base text-to-image model on the toy world: a small AutoencoderKL, then a CLIP text
+encoder and UNet2DConditionModel trained together with the DDPM noise-prediction loss (Min-SNR weighting,
+Hang et al. 2023)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch.nn import functional as F
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from flexip_core import toyworld as tw
+
+from . import models, world
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Sizes and schedule of the base-model stages (defaults: the shipped build)."""
+
+    seed: int = 0  # seeds every draw of both stages
+    vae_images: int = 1536  # distinct renders the VAE trains on
+    vae_steps: int = 1500  # VAE optimizer steps
+    vae_batch: int = 16  # VAE batch size
+    vae_crop: int = 32  # side of the random crops the VAE trains on (64: whole renders)
+    vae_lr: float = 2e-3  # VAE AdamW learning rate
+    vae_kl: float = 1e-6  # weight of the KL term (near-deterministic latents)
+    decoder_steps: int = 400  # decoder-only steps on whole renders (encoder frozen: latents do not change)
+    decoder_batch: int = 8  # batch size of those steps
+    decoder_lr: float = 1e-3  # their AdamW learning rate
+    base_images: int = 6000  # distinct renders (subject, scene) the UNet trains on, encoded once
+    base_steps: int = 4500  # UNet + text encoder optimizer steps
+    base_steps2: int = 1500  # second phase: a warm restart (fresh AdamW and schedule) of this many steps
+    base_batch: int = 32  # UNet batch size
+    base_lr: float = 1e-3  # peak AdamW learning rate (warm-up, then cosine to a tenth)
+    warmup: int = 100  # warm-up steps
+    keep_p: float = 0.85  # probability that a caption names each scene attribute
+    identity_p: float = 0.5  # probability that a caption names the subject's identity
+    drop_caption: float = 0.1  # share of empty captions (classifier-free guidance)
+    min_snr: float = 5.0  # Min-SNR-gamma loss weighting
+
+
+def render_pool(n: int, seed: int) -> tuple[torch.Tensor, list[tuple[tw.Subject, tw.Scene]]]:
+    """(n, 3, 64, 64) renders in [-1, 1] of training subjects in training scenes, and what each shows."""
+    rng = np.random.default_rng((seed, 21))
+    subjects = tw.sample_subjects(n, seed, "train")
+    scenes = world.scenes_in("train")
+    items = [(s, scenes[rng.integers(len(scenes))]) for s in subjects]
+    pixels = np.stack([np.asarray(tw.render(s, c, world.NATIVE_SIZE)) for s, c in items])  # (n, 64, 64, 3)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0, items
+
+
+def _lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def train_vae(config: BaseConfig) -> AutoencoderKL:
+    """A 4x-down AutoencoderKL fitted to renders of the world (reconstruction MSE + a small KL)."""
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL(**models.VAE)
+    pixels, _ = render_pool(config.vae_images, config.seed + 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(50, config.vae_steps))
+    gen = torch.Generator().manual_seed(config.seed + 2)
+    started = time.time()
+    for step in range(config.vae_steps):
+        x = pixels[torch.randint(len(pixels), (config.vae_batch,), generator=gen)]  # (B, 3, 64, 64)
+        if config.vae_crop < x.shape[-1]:  # random crops: the VAE is convolutional, crops cost a fraction
+            top, left = torch.randint(0, x.shape[-1] - config.vae_crop + 1, (2,), generator=gen).tolist()
+            x = x[:, :, top:top + config.vae_crop, left:left + config.vae_crop]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + config.vae_kl * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == config.vae_steps - 1:
+            logger.info("vae step %d/%d loss %.5f (%.0f s)", step + 1, config.vae_steps, loss.item(), time.time() - started)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():  # latents scaled to unit variance, as SD's 0.18215 does for its VAE
+        std = torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mean for i in range(0, 256, 64)]).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    logger.info("vae scaling_factor %.4f", 1.0 / std)
+    return vae
+
+
+def train_decoder(config: BaseConfig, vae: AutoencoderKL) -> AutoencoderKL:
+    """Fine-tune the decoder on whole renders (the crops leave a frame at the borders and dull colours).
+
+    The encoder stays frozen, so latents, and hence the UNet trained on them, are unchanged by this stage."""
+    pixels, _ = render_pool(config.vae_images // 2, config.seed + 7)
+    with torch.no_grad():
+        posteriors = [vae.encode(pixels[i:i + 64]).latent_dist for i in range(0, len(pixels), 64)]
+        means, stds = torch.cat([p.mean for p in posteriors]), torch.cat([p.std for p in posteriors])
+    decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    vae.requires_grad_(False)
+    for param in decoder:
+        param.requires_grad_(True)
+    optimizer = torch.optim.AdamW(decoder, lr=config.decoder_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(20, config.decoder_steps))
+    gen = torch.Generator().manual_seed(config.seed + 8)
+    started = time.time()
+    for step in range(config.decoder_steps):
+        index = torch.randint(len(pixels), (config.decoder_batch,), generator=gen)
+        z = means[index] + stds[index] * torch.randn(means[index].shape, generator=gen)
+        loss = F.mse_loss(vae.decode(z).sample, pixels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == config.decoder_steps - 1:
+            logger.info("decoder step %d/%d loss %.5f (%.0f s)", step + 1, config.decoder_steps, loss.item(),
+                        time.time() - started)
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+def base_latents(config: BaseConfig, vae: AutoencoderKL) -> tuple[torch.Tensor, list]:
+    """(N, 16, 16, 16) scaled latents of the base model's renders (VAE posterior means), and what each shows."""
+    pixels, items = render_pool(config.base_images, config.seed + 3)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(pixels[i:i + 128]).latent_dist.mean
+                             for i in range(0, len(pixels), 128)]) * vae.config.scaling_factor
+    return latents, items
+
+
+def train_base(config: BaseConfig, vae: AutoencoderKL, tokenizer) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Text encoder + UNet trained from scratch on captioned renders (latents from the frozen VAE), in two
+    phases: `base_steps`, then a warm restart of `base_steps2` steps with a fresh optimizer and schedule."""
+    latents, items = base_latents(config, vae)
+    torch.manual_seed(config.seed + 4)
+    text_config = CLIPTextConfig(**models.TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(text_config)
+    torch.manual_seed(config.seed + 5)
+    unet = UNet2DConditionModel(**models.UNET)
+    base_phase(config, unet, text_encoder, tokenizer, latents, items, phase=1)
+    base_phase(config, unet, text_encoder, tokenizer, latents, items, phase=2)
+    return unet, text_encoder
+
+
+def base_phase(config: BaseConfig, unet, text_encoder, tokenizer, latents, items, phase: int) -> None:
+    """One phase of base training (phase 1: base_steps from scratch; phase 2: base_steps2, warm restart)."""
+    steps = config.base_steps if phase == 1 else config.base_steps2
+    if steps == 0:
+        return
+    seed = config.seed + (0 if phase == 1 else 1000)
+    noise_scheduler = DDPMScheduler(**{k: models.SCHEDULER[k] for k in (
+        "beta_start", "beta_end", "beta_schedule", "num_train_timesteps")})
+    alphas = noise_scheduler.alphas_cumprod
+    unet.requires_grad_(True)
+    text_encoder.requires_grad_(True)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.base_lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup, steps))
+    rng = np.random.default_rng((seed, 31))
+    gen = torch.Generator().manual_seed(seed + 6)
+    unet.train()
+    text_encoder.train()
+    started = time.time()
+    for step in range(steps):
+        index = torch.randint(len(latents), (config.base_batch,), generator=gen)
+        captions = ["" if rng.random() < config.drop_caption else
+                    world.random_caption(rng, *items[i], config.keep_p, config.identity_p) for i in index.tolist()]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        text = text_encoder(ids)[0]  # (B, 77, C)
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=gen)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        prediction = unet(noisy, t, encoder_hidden_states=text).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=config.min_snr) / snr  # (B,) Min-SNR-gamma for epsilon prediction
+        loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps - 1:
+            logger.info("base phase %d step %d/%d loss %.4f (%.0f s)", phase, step + 1, steps, loss.item(),
+                        time.time() - started)
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)

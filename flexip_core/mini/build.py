@@ -1,0 +1,181 @@
+"""`python -m flexip_core.mini.build`: train FlexIP-mini end to end on CPU with fixed seeds and ship it.
+
+Stages: (1) VAE on renders, (2) text encoder + UNet on captioned renders, (3) frozen random CLIP (8 px) and
+DINOv2 (32 px) encoders, (4) both adapters with the project's trainer (flexip_core.train) on invariant and
+variant pairs, (5) a gate curve calibrated on training subjects, written with the weights to assets/mini and
+the `mini` profile to assets/profiles/mini.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import base, models, slider, world
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = REPO / "assets" / "mini"
+PROFILE_PATH = REPO / "assets" / "profiles" / "mini.json"
+DEFAULTS = {"height": world.NATIVE_SIZE, "width": world.NATIVE_SIZE, "num_inference_steps": 30, "guidance_scale": 5.0,
+            "scheduler": "dpmpp_2m", "max_side": 256}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterStage:
+    """Adapter training (flexip_core.train) and calibration sizes."""
+
+    pairs: int = 4000  # training pairs in the manifest
+    steps: int = 2000  # optimizer steps
+    batch: int = 16  # samples per step
+    lr: float = 1e-3  # AdamW learning rate
+    invariant_keep_p: float = 0.5  # how often an invariant caption names each scene attribute
+    calibration_cases: int = 8  # training-split cases measured to calibrate the gate curve
+    calibration_seeds: tuple[int, ...] = (0,)
+
+
+PRESETS = {
+    "full": (base.BaseConfig(), AdapterStage()),
+    "quick": (base.BaseConfig(vae_images=128, vae_steps=20, decoder_steps=20, base_images=256, base_steps=20,
+                              base_steps2=20, warmup=5),
+              AdapterStage(pairs=64, steps=10, calibration_cases=2)),
+}
+
+
+def save_base(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=PNDMScheduler(**models.SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def save_encoders(folder: Path, seed: int) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**models.CLIP_VISION)).save_pretrained(folder / "image_encoder")
+    torch.manual_seed(seed)
+    Dinov2Model(Dinov2Config(**models.DINO)).save_pretrained(folder / "dino")
+
+
+def profile_dict(root: str, curve=None) -> dict:
+    data = {
+        "name": "mini",
+        "description": "FlexIP-mini: a miniature model and adapters trained on the toy world (CPU, 64 px, offline).",
+        "base": f"{root}/base", "clip_encoder": f"{root}/image_encoder", "dino_encoder": f"{root}/dino",
+        "adapter": f"{root}/flexip_adapter.safetensors", "dtype": "float32", "defaults": DEFAULTS,
+    }
+    if curve is not None:
+        data["gate_curve"] = {"gammas": list(curve.gammas), "pres": list(curve.pres), "pers": list(curve.pers)}
+    return data
+
+
+def train_adapters(stage: AdapterStage, staging: Path, work: Path, seed: int) -> Path:
+    from flexip_core.train import TrainConfig, train
+
+    manifest = world.write_adapter_manifest(work / "adapter_data", stage.pairs, seed,
+                                            invariant_keep_p=stage.invariant_keep_p)
+    profile = work / "staging_profile.json"
+    profile.write_text(json.dumps(profile_dict(str(staging))))
+    config = TrainConfig(
+        manifest=str(manifest), output_dir=str(work / "adapter_run"), profile=str(profile), init="scratch",
+        adapter_sizes=models.ADAPTER_SIZES, resolution=world.NATIVE_SIZE, train_batch_size=stage.batch,
+        max_steps=stage.steps, learning_rate=stage.lr, lr_scheduler="cosine", lr_warmup_steps=min(50, stage.steps // 10),
+        mixed_precision="no", seed=seed, checkpoint_every=0, report_to="none", verify_images=False,
+    )
+    return train(config).adapter_path
+
+
+def calibrate(stage: AdapterStage, profile_path: Path, seed: int):
+    from flexip_core.pipeline import FlexIPPipeline
+
+    pipe = FlexIPPipeline.from_profile(str(profile_path), device="cpu")
+    cases = world.sample_cases(stage.calibration_cases, seed + 100, split="train")
+    measured = slider.measure(pipe, cases, seeds=stage.calibration_seeds)
+    logger.info("linear gate, training cases: %s", measured.rows())
+    return slider.calibrated_curve(measured), measured
+
+
+def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, seed: int = 0,
+          write_profile: bool = True, from_stage: str = "base") -> dict:
+    base_config, stage = PRESETS[preset]
+    base_config = dataclasses.replace(base_config, seed=seed)
+    work = Path(work or REPO / ".cache" / f"mini-{preset}")
+    staging = work / "staging"
+    times, started = {}, time.time()
+    if from_stage == "base":
+        shutil.rmtree(work, ignore_errors=True)
+        staging.mkdir(parents=True)
+        tokenizer = models.save_mini_tokenizer(work / "tokenizer")
+        t = time.time()
+        vae = base.train_decoder(base_config, base.train_vae(base_config))
+        times["vae"] = time.time() - t
+        t = time.time()
+        unet, text_encoder = base.train_base(base_config, vae, tokenizer)
+        times["base"] = time.time() - t
+        save_base(staging / "base", vae, unet, text_encoder, tokenizer)
+        save_encoders(staging, seed)
+    elif not (staging / "base" / "model_index.json").is_file():
+        raise SystemExit(f"--from-stage adapters needs a base built earlier in {staging}; run the whole build first")
+    else:
+        shutil.rmtree(work / "adapter_data", ignore_errors=True)
+        shutil.rmtree(work / "adapter_run", ignore_errors=True)
+    t = time.time()
+    adapter = train_adapters(stage, staging, work, seed)
+    times["adapters"] = time.time() - t
+    shutil.copy(adapter, staging / "flexip_adapter.safetensors")
+    t = time.time()
+    staging_profile = work / "staging_profile.json"
+    staging_profile.write_text(json.dumps(profile_dict(str(staging))))
+    curve, measured = calibrate(stage, staging_profile, seed)
+    times["calibration"] = time.time() - t
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(staging, out)
+    (out / "build.json").write_text(json.dumps({
+        "command": "python -m flexip_core.mini.build" + (f" --preset {preset}" if preset != "full" else ""),
+        "seed": seed, "base": dataclasses.asdict(base_config), "adapters": dataclasses.asdict(stage),
+        "seconds": {k: round(v, 1) for k, v in times.items()}, "calibration_linear_gate": measured.rows(),
+    }, indent=2))
+    if write_profile:
+        inside = out.resolve().is_relative_to(ASSETS.parent)  # shipped weights: found from any working folder
+        root = "{assets}/" + out.resolve().relative_to(ASSETS.parent).as_posix() if inside else str(out.resolve())
+        PROFILE_PATH.write_text(json.dumps(profile_dict(root, curve), indent=2) + "\n")
+    times["total"] = time.time() - started
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    logger.info("built FlexIP-mini in %.0f s (%s); %s holds %.1f MB", times["total"],
+                ", ".join(f"{k} {v:.0f} s" for k, v in times.items()), out, size / 1e6)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m flexip_core.mini.build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full", help="'quick' is a smoke run (noise)")
+    parser.add_argument("--out", type=Path, default=ASSETS, help="where the weights go (default assets/mini)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default .cache/mini-PRESET)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--from-stage", choices=("base", "adapters"), default="base",
+                        help="'adapters' reuses the base model staged by an earlier run in the work folder")
+    parser.add_argument("--no-profile", action="store_true", help="do not write assets/profiles/mini.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    build(args.preset, args.out, args.work, args.seed, write_profile=not args.no_profile, from_stage=args.from_stage)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Measuring the slider on the toy world: identity and prompt scores (flexip_core.oracle) across gate values,
+and the calibrated gate curve that spaces them evenly."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from flexip_core import toyworld as tw
+from flexip_core.gate import GateCurve
+from flexip_core.oracle import identity_score, prompt_score
+
+from .world import Case
+
+logger = logging.getLogger(__name__)
+
+GAMMAS = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # the 11 gate values of the acceptance curve
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Oracle scores per gate value, averaged over cases and seeds (and kept per sample)."""
+
+    gammas: tuple[float, ...]  # gate values, increasing
+    identity: np.ndarray  # (G,) mean identity score
+    prompt: np.ndarray  # (G,) mean prompt score
+    identity_all: np.ndarray  # (samples, G)
+    prompt_all: np.ndarray  # (samples, G)
+
+    def rows(self) -> list[dict]:
+        return [dict(gamma=float(g), identity=float(i), prompt=float(p))
+                for g, i, p in zip(self.gammas, self.identity, self.prompt)]
+
+
+def measure(pipe, cases: list[Case], seeds=(0, 1), gammas=GAMMAS, num_inference_steps: int | None = None,
+            guidance_scale: float | None = None, curve: GateCurve | None = None) -> Curve:
+    """Generate every case at every gate value (one batched call per case and seed) and score with the oracle.
+
+    `curve` replaces the profile's gate curve for this measurement (used while calibrating)."""
+    gammas = tuple(float(g) for g in gammas)
+    branch_weights = [curve.weights(g) for g in gammas] if curve is not None else None
+    identity, prompt = [], []
+    for case in cases:
+        subject = pipe.encode_subject([case.reference_image()])
+        requested = tw.parse_prompt(case.prompt)
+        for seed in seeds:
+            out = pipe(case.prompt, subject, gate=list(gammas), branch_weights=branch_weights, seed=int(seed),
+                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+            identity.append([identity_score(im, case.subject) for im in out.images])
+            prompt.append([prompt_score(im, requested) for im in out.images])
+    identity_all, prompt_all = np.array(identity), np.array(prompt)  # (samples, G)
+    return Curve(gammas, identity_all.mean(0), prompt_all.mean(0), identity_all, prompt_all)
+
+
+def calibrated_curve(measured: Curve, points: int = 11, min_change: float = 0.05) -> GateCurve:
+    """A gate curve under which identity and prompt scores move by equal steps of gamma.
+
+    `measured` was taken with the linear curve (w_pres = g, w_pers = 1 - g). Progress along the trade-off is the
+    mean of the normalised identity rise and prompt fall, made monotone; the new curve maps evenly spaced gamma
+    to the linear-curve g where that progress is reached (inverse-CDF reparametrisation). Without a measurable
+    trade-off (either score moving by less than `min_change`) the linear curve is kept."""
+    g = np.array(measured.gammas)
+    if min(measured.identity[-1] - measured.identity[0], measured.prompt[0] - measured.prompt[-1]) < min_change:
+        logger.warning("no trade-off measured (identity %.3f -> %.3f, prompt %.3f -> %.3f): keeping the linear gate",
+                       measured.identity[0], measured.identity[-1], measured.prompt[0], measured.prompt[-1])
+        return GateCurve()
+    rise = (measured.identity - measured.identity[0]) / max(measured.identity[-1] - measured.identity[0], 1e-6)
+    fall = (measured.prompt[0] - measured.prompt) / max(measured.prompt[0] - measured.prompt[-1], 1e-6)
+    progress = np.maximum.accumulate(np.clip(0.5 * (rise + fall), 0.0, 1.0))
+    progress = (progress - progress[0]) / max(progress[-1] - progress[0], 1e-6)
+    progress = 0.98 * progress + 0.02 * g  # strictly increasing, so that it can be inverted
+    u = np.linspace(0.0, 1.0, points)
+    source = np.interp(u, progress, g)  # (points,) linear-curve g at which each share of the trade-off is reached
+    source[0], source[-1] = 0.0, 1.0
+    return GateCurve(tuple(float(x) for x in u), tuple(round(float(x), 4) for x in source),
+                     tuple(round(float(1 - x), 4) for x in source))
+
+
+def check_slider(curve: Curve, min_end: float = 0.8, min_change: float = 0.2, max_jump_ratio: float = 2.0,
+                 noise: float = 0.05) -> list[str]:
+    """The acceptance criteria of the slider; returns what fails (empty: all pass)."""
+    problems = []
+    if curve.identity[-1] < min_end:
+        problems.append(f"identity at gamma=1 is {curve.identity[-1]:.3f} < {min_end}")
+    if curve.prompt[0] < min_end:
+        problems.append(f"prompt score at gamma=0 is {curve.prompt[0]:.3f} < {min_end}")
+    for name, values, sign in (("identity", curve.identity, 1), ("prompt", curve.prompt, -1)):
+        change = sign * (values[-1] - values[0])
+        if change < min_change:
+            problems.append(f"{name} changes by {change:.3f} from gamma 0 to 1 (< {min_change})")
+        steps = sign * np.diff(values)
+        if steps.min() < -noise:
+            problems.append(f"{name} is not monotone: a step of {-steps.min():.3f} the wrong way (noise {noise})")
+        mean_step = abs(values[-1] - values[0]) / (len(values) - 1)
+        if mean_step > 0 and np.abs(np.diff(values)).max() > max_jump_ratio * mean_step:
+            problems.append(f"{name} jumps by {np.abs(np.diff(values)).max():.3f} between neighbours "
+                            f"(> {max_jump_ratio} x mean step {mean_step:.3f})")
+    return problems

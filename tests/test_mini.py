@@ -1,0 +1,82 @@
+"""FlexIP-mini acceptance: on held-out subjects and prompts, the gate trades identity for prompt smoothly.
+
+Needs the shipped weights (assets/mini, built by `python -m flexip_core.mini.build`); skipped without them.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flexip_core import toyworld as tw
+from flexip_core.mini import slider, world
+from flexip_core.mini.build import ASSETS, PROFILE_PATH
+
+HAVE_WEIGHTS = (ASSETS / "flexip_adapter.safetensors").is_file() and PROFILE_PATH.is_file()
+needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="assets/mini is absent; build it with "
+                                   "`python -m flexip_core.mini.build`")
+CASES, SEEDS = 6, (0, 1)  # held-out cases x seeds: 12 images per gate value
+
+
+def test_training_data_never_shows_heldout_subjects_or_prompts(tmp_path):
+    manifest = world.write_adapter_manifest(tmp_path, 40, seed=3)
+    heldout_subjects = {s.id for s in tw.subjects_in("heldout")}
+    for line in manifest.read_text().splitlines():
+        record = json.loads(line)
+        assert tw.Subject(**record["subject"]).id not in heldout_subjects
+        assert not world.scene_is_heldout(tw.Scene(**record["scene"]))
+        assert tw.parse_prompt(record["caption"]).items() <= record["scene"].items()
+    for case in world.sample_cases(8, seed=1):
+        assert case.subject.id in heldout_subjects and world.scene_is_heldout(case.target)
+        assert all(getattr(case.reference, a) != getattr(case.target, a) for a in world.SCENE_NAMES)
+
+
+def test_full_caption_is_the_toyworld_prompt():
+    scene = tw.Scene("sand", "small", "left", "squashed", "flat")
+    assert world.describe(scene) == tw.prompt_for(scene)
+    assert tw.parse_prompt(world.describe(scene, {"pose"})) == {"pose": "squashed"}
+
+
+@pytest.fixture(scope="module")
+def curve():
+    from flexip_core.mini.curve import load_mini
+
+    pipe = load_mini()
+    return slider.measure(pipe, world.sample_cases(CASES, seed=1, split="heldout"), seeds=SEEDS)
+
+
+@needs_weights
+def test_gate_one_keeps_identity_and_gate_zero_follows_prompt(curve):
+    assert curve.identity[-1] >= 0.8, curve.rows()
+    assert curve.prompt[0] >= 0.8, curve.rows()
+
+
+@needs_weights
+def test_slider_trades_identity_for_prompt_smoothly(curve):
+    assert curve.identity[-1] - curve.identity[0] >= 0.2, curve.rows()
+    assert curve.prompt[0] - curve.prompt[-1] >= 0.2, curve.rows()
+    assert slider.check_slider(curve) == [], curve.rows()
+
+
+@needs_weights
+def test_profile_generates_at_native_size():
+    from flexip_core.mini.curve import load_mini
+
+    pipe = load_mini()
+    case = world.sample_cases(1, seed=2)[0]
+    out = pipe(case.prompt, pipe.encode_subject([case.reference_image()]), gate=0.5, seed=0)
+    assert out.images[0].size == (world.NATIVE_SIZE, world.NATIVE_SIZE)
+    assert np.asarray(out.images[0]).std() > 5  # a picture, not a flat field
+
+
+def test_calibrated_curve_inverts_a_measured_trade_off():
+    gammas = slider.GAMMAS
+    g = np.array(gammas)
+    identity = 0.4 + 0.5 * (g > 0.45) + 0.05 * g  # an abrupt switch near 0.5 under the linear gate
+    prompt = 0.9 - 0.5 * (g > 0.45)
+    measured = slider.Curve(gammas, identity, prompt, identity[None], prompt[None])
+    curve = slider.calibrated_curve(measured)
+    w_pres = [curve.weights(x)[0] for x in gammas]
+    assert w_pres[0] == 0.0 and w_pres[-1] == 1.0 and np.all(np.diff(w_pres) >= 0)
+    assert 0.4 <= curve.weights(0.5)[0] <= 0.5  # half the trade-off is reached around the switch
