@@ -81,6 +81,8 @@ class TrainConfig:
     #   (features kept in memory on each process; SD1.5 sizes ~3 MB a record); 0: encode each batch instead
     encode_batch_size: int = 16  # batch size of that up-front encoding pass
     verify_images: bool = True  # decode every image while reading the manifest; bad records are skipped
+    sample_latents: bool = True  # VAE posterior samples (SD's practice); False: posterior means, for a base
+    #   trained on means whose VAE has a wide posterior (FlexIP-mini)
     num_workers: int = 0  # DataLoader workers decoding images when records are encoded per batch
     checkpoint_every: int = 500  # optimizer steps between accelerate checkpoints (0: none)
     checkpoints_total_limit: int | None = 3  # checkpoints kept; older ones are deleted (None: keep all)
@@ -380,7 +382,8 @@ def training_loss(model, frozen: Frozen, batch: EncodedBatch, config: TrainConfi
     device = frozen.device
     vae_config = frozen.vae.config
     shift = getattr(vae_config, "shift_factor", None) or 0.0
-    latents = (batch.latent_mean + batch.latent_std * latent_noise - shift) * vae_config.scaling_factor  # (B, 4, h, w)
+    spread = batch.latent_std * latent_noise if config.sample_latents else 0.0
+    latents = (batch.latent_mean + spread - shift) * vae_config.scaling_factor  # (B, 4, h, w)
     latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
     noisy = frozen.noise_scheduler.add_noise(latents, noise, timesteps)
     prediction_type = frozen.noise_scheduler.config.prediction_type

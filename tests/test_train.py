@@ -71,8 +71,8 @@ def run(config: TrainConfig, on_step=None):
     return train(config, on_step)
 
 
-def fixed_loss(config: TrainConfig, draws: int = 8) -> float:
-    """Loss of config.init's adapter on every record, over fixed noise/timestep/gamma draws, without dropout."""
+def loss_setup(config: TrainConfig):
+    """Frozen parts, the training model and one batch of every record; the config without dropout."""
     from flexip_core.attention import install_processors
 
     frozen, adapter = load_models(config, torch.device("cpu"), torch.float32)
@@ -82,11 +82,31 @@ def fixed_loss(config: TrainConfig, draws: int = 8) -> float:
     dataset = PairDataset(records, config.resolution, frozen.encoder.clip_preprocess, frozen.encoder.dino_preprocess,
                           frozen.tokenizer)
     batch = encode_batch(frozen, next(iter(torch.utils.data.DataLoader(dataset, batch_size=len(dataset)))))
-    no_drop = dataclasses.replace(config, drop_text=0.0, drop_image=0.0, drop_both=0.0)
+    return frozen, model, batch, dataclasses.replace(config, drop_text=0.0, drop_image=0.0, drop_both=0.0)
+
+
+def fixed_loss(config: TrainConfig, draws: int = 8) -> float:
+    """Loss of config.init's adapter on every record, over fixed noise/timestep/gamma draws, without dropout."""
+    frozen, model, batch, no_drop = loss_setup(config)
     with torch.no_grad():
         losses = [training_loss(model, frozen, batch, no_drop, torch.Generator().manual_seed(1000 + s), batch.text[:1],
                                 frozen.encoder.uncond())[0].item() for s in range(draws)]
     return float(np.mean(losses))
+
+
+def test_latents_are_posterior_samples_or_means_as_configured(manifest, tmp_path):
+    """sample_latents=False trains on the VAE's posterior means: the posterior's spread no longer matters."""
+    frozen, model, batch, no_drop = loss_setup(tiny_config(manifest, tmp_path))
+    wide = dataclasses.replace(batch, latent_std=batch.latent_std * 50 + 1)
+
+    def loss(config, b):
+        with torch.no_grad():
+            return training_loss(model, frozen, b, config, torch.Generator().manual_seed(3), b.text[:1],
+                                 frozen.encoder.uncond())[0].item()
+
+    means = dataclasses.replace(no_drop, sample_latents=False)
+    assert loss(means, batch) == loss(means, wide)
+    assert loss(no_drop, batch) != loss(no_drop, wide)
 
 
 def test_gamma_draws_follow_the_modality():

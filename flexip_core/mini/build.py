@@ -91,6 +91,7 @@ def train_adapters(stage: AdapterStage, staging: Path, work: Path, seed: int) ->
         adapter_sizes=models.ADAPTER_SIZES, resolution=world.NATIVE_SIZE, train_batch_size=stage.batch,
         max_steps=stage.steps, learning_rate=stage.lr, lr_scheduler="cosine", lr_warmup_steps=min(50, stage.steps // 10),
         mixed_precision="no", seed=seed, checkpoint_every=0, report_to="none", verify_images=False,
+        sample_latents=False,  # the base trained on posterior means; the mini VAE's posterior is wide
     )
     return train(config).adapter_path
 
