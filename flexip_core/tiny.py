@@ -90,15 +90,20 @@ def build_tiny_adapter(unet, preservation: str = "flexip_preservation", personal
     return adapter.eval()
 
 
+def save_base(folder: str | Path, *, unet, vae, text_encoder, tokenizer, scheduler) -> None:
+    """A base model in the diffusers StableDiffusionPipeline layout (what profiles' `base` loads)."""
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
 def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
     """Write base (diffusers layout), CLIP, DINOv2 and a native adapter file under `folder`."""
     folder = Path(folder)
     base = build_tiny_base(seed)
     tokenizer = save_tiny_tokenizer(folder / "tokenizer_tmp")
-    pipe = StableDiffusionPipeline(
-        **base, tokenizer=tokenizer, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.save_pretrained(folder / "base", safe_serialization=True)
+    save_base(folder / "base", tokenizer=tokenizer, **base)
     clip, dino = build_tiny_encoders(seed)
     clip.save_pretrained(folder / "image_encoder", safe_serialization=True)
     dino.save_pretrained(folder / "dino", safe_serialization=True)

@@ -80,3 +80,22 @@ def test_calibrated_curve_inverts_a_measured_trade_off():
     w_pres = [curve.weights(x)[0] for x in gammas]
     assert w_pres[0] == 0.0 and w_pres[-1] == 1.0 and np.all(np.diff(w_pres) >= 0)
     assert 0.4 <= curve.weights(0.5)[0] <= 0.5  # half the trade-off is reached around the switch
+
+
+@pytest.mark.slow
+def test_quick_build_runs_every_stage_and_loads_as_a_profile(tmp_path):
+    """The build end to end (VAE, base, adapters through flexip_core.train, calibration) at smoke size: what it
+    writes loads through the same profile code the app uses and renders at the native size."""
+    from flexip_core.mini import build
+    from flexip_core.pipeline import FlexIPPipeline
+
+    times = build.build("quick", out=tmp_path / "mini", work=tmp_path / "work", write_profile=False)
+    assert {"vae", "base", "adapters", "calibration"} <= set(times)
+    profile = tmp_path / "mini.json"
+    profile.write_text(json.dumps(build.profile_dict(str(tmp_path / "mini"))))
+    pipe = FlexIPPipeline.from_profile(str(profile), device="cpu")
+    case = world.sample_cases(1, seed=3)[0]
+    out = pipe(case.prompt, pipe.encode_subject([case.reference_image()]), gate=[0.0, 1.0], seed=0,
+               num_inference_steps=2)
+    assert [im.size for im in out.images] == [(world.NATIVE_SIZE, world.NATIVE_SIZE)] * 2
+    assert json.loads((tmp_path / "mini" / "build.json").read_text())["adapters"]["steps"] == 10

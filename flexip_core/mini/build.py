@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import PNDMScheduler
+
+from flexip_core.tiny import save_base
 
 from . import base, models, slider, world
 
@@ -47,15 +50,6 @@ PRESETS = {
                               base_steps2=20, warmup=5),
               AdapterStage(pairs=64, steps=10, calibration_cases=2)),
 }
-
-
-def save_base(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=PNDMScheduler(**models.SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
 
 
 def save_encoders(folder: Path, seed: int) -> None:
@@ -123,7 +117,8 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
         t = time.time()
         unet, text_encoder = base.train_base(base_config, vae, tokenizer)
         times["base"] = time.time() - t
-        save_base(staging / "base", vae, unet, text_encoder, tokenizer)
+        save_base(staging / "base", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                  scheduler=PNDMScheduler(**models.SCHEDULER))
         save_encoders(staging, seed)
     elif not (staging / "base" / "model_index.json").is_file():
         raise SystemExit(f"--from-stage adapters needs a base built earlier in {staging}; run the whole build first")

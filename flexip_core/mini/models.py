@@ -7,6 +7,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from flexip_core import toyworld as tw
+from flexip_core.tiny import SCHEDULER  # noqa: F401  (SD1.5's noise schedule, as the tiny models use)
 from flexip_core.tokenizer import _bytes_to_unicode, _merge
 
 # 64 px images -> 16 x 16 x 16 latents (3 VAE levels: 4x down; 16 channels keep stripes, dots and checkers). The UNet works at 16 (convolutions only) and 8
@@ -29,8 +30,6 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hi
 CLIP_VISION = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, image_size=8,
                    patch_size=4, projection_dim=32)
 DINO = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, mlp_ratio=2, image_size=32, patch_size=4)
-SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                 skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
 MAX_TOKENS = 32  # the longest world caption is 20 tokens with its start and end tokens
 ADAPTER_SIZES = dict(num_tokens=4, num_queries=8, resampler_dim=64, depth=1, heads=4, dim_head=16)
 
