@@ -84,10 +84,11 @@ def load_profile(name_or_path: str) -> Profile:
 
 
 def default_profile() -> str:
-    """'sd15' when CUDA is present and its weights are cached or reachable; else the best offline profile."""
+    """'sd15' when CUDA is present and its weights are cached or reachable; else the best offline profile: 'mini'
+    when its trained weights are in assets/mini, 'tiny' (random weights) when they are not."""
     import torch
 
     names = available_profiles()
     if torch.cuda.is_available() and "sd15" in names and not os.environ.get("HF_HUB_OFFLINE"):
         return "sd15"
-    return "mini" if "mini" in names else "tiny"
+    return "mini" if "mini" in names and Path(load_profile("mini").adapter).is_file() else "tiny"

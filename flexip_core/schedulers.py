@@ -24,4 +24,16 @@ def make_scheduler(name: str | None, base_config):
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)} or None")
     class_name, extra = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(base_config, **extra)
+    cls = getattr(diffusers, class_name)
+    if base_config.get("rescale_betas_zero_snr") and not supports_zero_snr(cls):
+        usable = [n for n, (c, _) in SCHEDULERS.items() if supports_zero_snr(getattr(diffusers, c))]
+        raise ValueError(f"scheduler {name!r} cannot sample this model: it was trained with a zero-terminal-SNR noise "
+                         f"schedule, which {class_name} does not implement; choose one of {', '.join(usable)}")
+    return cls.from_config(base_config, **extra)
+
+
+def supports_zero_snr(cls) -> bool:
+    """Whether a diffusers scheduler class can rescale its betas to zero terminal SNR (PNDM, for one, cannot)."""
+    import inspect
+
+    return "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters

@@ -99,3 +99,42 @@ def test_quick_build_runs_every_stage_and_loads_as_a_profile(tmp_path):
                num_inference_steps=2)
     assert [im.size for im in out.images] == [(world.NATIVE_SIZE, world.NATIVE_SIZE)] * 2
     assert json.loads((tmp_path / "mini" / "build.json").read_text())["adapters"]["steps"] == 10
+
+
+def test_mini_noise_schedule_is_zero_terminal_snr_v_prediction_in_every_usable_sampler():
+    """The base trains on pure noise at t = T (no mean-colour leak); every sampler the app offers for it keeps that
+    schedule and the v-prediction, and one that cannot (PNDM) is refused with the alternatives named."""
+    from diffusers import DDPMScheduler
+
+    from flexip_core.mini import models
+    from flexip_core.schedulers import SCHEDULERS, make_scheduler
+
+    assert float(DDPMScheduler.from_config(models.SCHEDULER).alphas_cumprod[-1]) == 0.0
+    config = dict(models.SCHEDULER, _class_name="DDIMScheduler")
+    for name in SCHEDULERS:
+        if name == "pndm":
+            with pytest.raises(ValueError, match="zero-terminal-SNR.*choose one of dpmpp_2m"):
+                make_scheduler(name, config)
+            continue
+        sched = make_scheduler(name, config)
+        assert sched.config.prediction_type == "v_prediction" and sched.config.rescale_betas_zero_snr, name
+        sched.set_timesteps(10)
+        assert int(sched.timesteps[0]) == 999, name  # trailing spacing: sampling starts at the pure-noise step
+
+
+def test_default_profile_is_mini_only_with_its_weights(monkeypatch, tmp_path):
+    """No CUDA: the app starts on `mini` when assets/mini holds its weights, else on `tiny` (never a profile whose
+    files are missing)."""
+    import torch
+
+    from flexip_core import profiles
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert profiles.default_profile() == ("mini" if HAVE_WEIGHTS else "tiny")
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    (folder / "tiny.json").write_text((profiles.PROFILE_DIR / "tiny.json").read_text())
+    (folder / "mini.json").write_text(json.dumps({"name": "mini", "description": "weights gone", "base": "x",
+                                                  "clip_encoder": "x", "adapter": str(tmp_path / "missing.safetensors")}))
+    monkeypatch.setattr(profiles, "PROFILE_DIR", folder)
+    assert profiles.default_profile() == "tiny"

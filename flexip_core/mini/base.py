@@ -1,20 +1,22 @@
-"""Training FlexIP-mini's base text-to-image model on the toy world: a small AutoencoderKL, then a CLIP text
-encoder and UNet2DConditionModel trained together with the DDPM noise-prediction loss (Min-SNR weighting,
-Hang et al. 2023)."""
+"""Training FlexIP-mini's base text-to-image model on the toy world: a small AutoencoderKL (8x down), then a CLIP
+text encoder and UNet2DConditionModel trained together with the v-prediction loss on a zero-terminal-SNR schedule
+(Lin et al. 2023) with Min-SNR weighting (Hang et al. 2023), shipped as the exponential moving average."""
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from PIL import Image
 from torch.nn import functional as F
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from flexip_core import toyworld as tw
+from flexip_core.oracle import identity_score, prompt_score
 
 from . import models, world
 
@@ -27,24 +29,24 @@ class BaseConfig:
 
     seed: int = 0  # seeds every draw of both stages
     vae_images: int = 1536  # distinct renders the VAE trains on
-    vae_steps: int = 1500  # VAE optimizer steps
+    vae_steps: int = 2400  # VAE optimizer steps
     vae_batch: int = 16  # VAE batch size
     vae_crop: int = 32  # side of the random crops the VAE trains on (64: whole renders)
     vae_lr: float = 2e-3  # VAE AdamW learning rate
     vae_kl: float = 1e-6  # weight of the KL term (near-deterministic latents)
-    decoder_steps: int = 400  # decoder-only steps on whole renders (encoder frozen: latents do not change)
+    decoder_steps: int = 600  # decoder-only steps on whole renders (encoder frozen: latents do not change)
     decoder_batch: int = 8  # batch size of those steps
     decoder_lr: float = 1e-3  # their AdamW learning rate
-    base_images: int = 6000  # distinct renders (subject, scene) the UNet trains on, encoded once
-    base_steps: int = 4500  # UNet + text encoder optimizer steps
-    base_steps2: int = 1500  # second phase: a warm restart (fresh AdamW and schedule) of this many steps
+    base_images: int = 8000  # distinct renders (subject, scene) the UNet trains on, encoded once
+    base_steps: int = 9000  # UNet + text encoder optimizer steps
     base_batch: int = 32  # UNet batch size
     base_lr: float = 1e-3  # peak AdamW learning rate (warm-up, then cosine to a tenth)
     warmup: int = 100  # warm-up steps
     keep_p: float = 0.85  # probability that a caption names each scene attribute
     identity_p: float = 0.5  # probability that a caption names the subject's identity
     drop_caption: float = 0.1  # share of empty captions (classifier-free guidance)
-    min_snr: float = 5.0  # Min-SNR-gamma loss weighting
+    min_snr: float = 5.0  # Min-SNR-gamma loss weighting (of the x0 error: min(SNR + 1, gamma) / (SNR + 1) on v)
+    ema_decay: float = 0.999  # the shipped UNet and text encoder are this exponential moving average of the weights
 
 
 def render_pool(n: int, seed: int) -> tuple[torch.Tensor, list[tuple[tw.Subject, tw.Scene]]]:
@@ -129,8 +131,23 @@ def train_decoder(config: BaseConfig, vae: AutoencoderKL) -> AutoencoderKL:
     return vae
 
 
+def reconstruction_scores(vae: AutoencoderKL, n: int = 64, seed: int = 0) -> dict[str, float]:
+    """Oracle identity and scene scores of VAE round trips of held-out subjects in random scenes (the ceiling of
+    what the base model can be scored at)."""
+    rng = np.random.default_rng((seed, 41))
+    items = [(subject, tw.sample_scene(rng)) for subject in tw.sample_subjects(n, seed, "heldout")]
+    pixels = np.stack([np.asarray(tw.render(s, c, world.NATIVE_SIZE)) for s, c in items])
+    with torch.no_grad():
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+    images = ((recon.permute(0, 2, 3, 1) + 1.0) * 127.5).clamp(0, 255).round().byte().numpy()
+    identity = [identity_score(Image.fromarray(im), s) for im, (s, _) in zip(images, items)]
+    scene = [prompt_score(Image.fromarray(im), asdict(c)) for im, (_, c) in zip(images, items)]
+    return {"identity": round(float(np.mean(identity)), 3), "scene": round(float(np.mean(scene)), 3)}
+
+
 def base_latents(config: BaseConfig, vae: AutoencoderKL) -> tuple[torch.Tensor, list]:
-    """(N, 16, 16, 16) scaled latents of the base model's renders (VAE posterior means), and what each shows."""
+    """(N, 32, 8, 8) scaled latents of the base model's renders (VAE posterior means), and what each shows."""
     pixels, items = render_pool(config.base_images, config.seed + 3)
     with torch.no_grad():
         latents = torch.cat([vae.encode(pixels[i:i + 128]).latent_dist.mean
@@ -139,8 +156,8 @@ def base_latents(config: BaseConfig, vae: AutoencoderKL) -> tuple[torch.Tensor, 
 
 
 def train_base(config: BaseConfig, vae: AutoencoderKL, tokenizer) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Text encoder + UNet trained from scratch on captioned renders (latents from the frozen VAE), in two
-    phases: `base_steps`, then a warm restart of `base_steps2` steps with a fresh optimizer and schedule."""
+    """Text encoder + UNet trained from scratch on captioned renders (latents from the frozen VAE); the returned
+    weights are the exponential moving average."""
     latents, items = base_latents(config, vae)
     torch.manual_seed(config.seed + 4)
     text_config = CLIPTextConfig(**models.TEXT, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -148,19 +165,35 @@ def train_base(config: BaseConfig, vae: AutoencoderKL, tokenizer) -> tuple[UNet2
     text_encoder = CLIPTextModel(text_config)
     torch.manual_seed(config.seed + 5)
     unet = UNet2DConditionModel(**models.UNET)
-    base_phase(config, unet, text_encoder, tokenizer, latents, items, phase=1)
-    base_phase(config, unet, text_encoder, tokenizer, latents, items, phase=2)
+    ema = Ema(list(unet.parameters()) + list(text_encoder.parameters()), config.ema_decay)
+    base_loop(config, unet, text_encoder, tokenizer, latents, items, ema)
+    ema.copy_to_params()
     return unet, text_encoder
 
 
-def base_phase(config: BaseConfig, unet, text_encoder, tokenizer, latents, items, phase: int) -> None:
-    """One phase of base training (phase 1: base_steps from scratch; phase 2: base_steps2, warm restart)."""
-    steps = config.base_steps if phase == 1 else config.base_steps2
-    if steps == 0:
-        return
-    seed = config.seed + (0 if phase == 1 else 1000)
-    noise_scheduler = DDPMScheduler(**{k: models.SCHEDULER[k] for k in (
-        "beta_start", "beta_end", "beta_schedule", "num_train_timesteps")})
+class Ema:
+    """Exponential moving average of parameters, with the usual warm-up of the decay (1 + n) / (10 + n)."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float):
+        self.params, self.decay, self.updates = params, decay, 0
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for shadow, param in zip(self.shadow, self.params):
+            param.copy_(shadow)
+
+
+def base_loop(config: BaseConfig, unet, text_encoder, tokenizer, latents, items, ema: Ema) -> None:
+    """The v-prediction training loop of the base model (zero terminal SNR, Min-SNR weighting)."""
+    steps, seed = config.base_steps, config.seed
+    noise_scheduler = DDPMScheduler.from_config(models.SCHEDULER)
     alphas = noise_scheduler.alphas_cumprod
     unet.requires_grad_(True)
     text_encoder.requires_grad_(True)
@@ -184,16 +217,18 @@ def base_phase(config: BaseConfig, unet, text_encoder, tokenizer, latents, items
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=gen)
         noisy = noise_scheduler.add_noise(x0, noise, t)
         prediction = unet(noisy, t, encoder_hidden_states=text).sample
-        snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=config.min_snr) / snr  # (B,) Min-SNR-gamma for epsilon prediction
-        loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        target = noise_scheduler.get_velocity(x0, noise, t)
+        snr = alphas[t] / (1 - alphas[t])  # (B,) 0 at t = T
+        weight = torch.clamp(snr + 1, max=config.min_snr) / (snr + 1)  # (B,) Min-SNR-gamma for v-prediction
+        loss = (weight * F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        ema.update()
         if step % 50 == 0 or step == steps - 1:
-            logger.info("base phase %d step %d/%d loss %.4f (%.0f s)", phase, step + 1, steps, loss.item(),
+            logger.info("base step %d/%d loss %.4f (%.0f s)", step + 1, steps, loss.item(),
                         time.time() - started)
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)

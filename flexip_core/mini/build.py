@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import PNDMScheduler
+from diffusers import DDIMScheduler
 
 from flexip_core.tiny import save_base
 
@@ -36,7 +36,7 @@ class AdapterStage:
     """Adapter training (flexip_core.train) and calibration sizes."""
 
     pairs: int = 4000  # training pairs in the manifest
-    steps: int = 2000  # optimizer steps
+    steps: int = 5000  # optimizer steps
     batch: int = 16  # samples per step
     lr: float = 1e-3  # AdamW learning rate
     invariant_keep_p: float = 0.5  # how often an invariant caption names each scene attribute
@@ -46,8 +46,7 @@ class AdapterStage:
 
 PRESETS = {
     "full": (base.BaseConfig(), AdapterStage()),
-    "quick": (base.BaseConfig(vae_images=128, vae_steps=20, decoder_steps=20, base_images=256, base_steps=20,
-                              base_steps2=20, warmup=5),
+    "quick": (base.BaseConfig(vae_images=128, vae_steps=20, decoder_steps=20, base_images=256, base_steps=20, warmup=5),
               AdapterStage(pairs=64, steps=10, calibration_cases=2)),
 }
 
@@ -106,7 +105,7 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
     base_config = dataclasses.replace(base_config, seed=seed)
     work = Path(work or REPO / ".cache" / f"mini-{preset}")
     staging = work / "staging"
-    times, started = {}, time.time()
+    times, scores, started = {}, {}, time.time()
     if from_stage == "base":
         shutil.rmtree(work, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -114,11 +113,14 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
         t = time.time()
         vae = base.train_decoder(base_config, base.train_vae(base_config))
         times["vae"] = time.time() - t
+        scores["vae_reconstruction"] = base.reconstruction_scores(vae, seed=seed)
+        logger.info("VAE round trips of held-out subjects, oracle scores: %s", scores["vae_reconstruction"])
         t = time.time()
         unet, text_encoder = base.train_base(base_config, vae, tokenizer)
         times["base"] = time.time() - t
-        save_base(staging / "base", unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                  scheduler=PNDMScheduler(**models.SCHEDULER))
+        # float16 files (the profile loads them as float32): the shipped folder stays under 20 MB
+        save_base(staging / "base", unet=unet.half(), vae=vae.half(), text_encoder=text_encoder.half(), tokenizer=tokenizer,
+                  scheduler=DDIMScheduler.from_config(models.SCHEDULER))
         save_encoders(staging, seed)
     elif not (staging / "base" / "model_index.json").is_file():
         raise SystemExit(f"--from-stage adapters needs a base built earlier in {staging}; run the whole build first")
@@ -141,7 +143,7 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
     (out / "build.json").write_text(json.dumps({
         "command": "python -m flexip_core.mini.build" + (f" --preset {preset}" if preset != "full" else ""),
         "seed": seed, "base": dataclasses.asdict(base_config), "adapters": dataclasses.asdict(stage),
-        "seconds": {k: round(v, 1) for k, v in times.items()}, "calibration_linear_gate": measured.rows(),
+        "seconds": {k: round(v, 1) for k, v in times.items()}, **scores, "calibration_linear_gate": measured.rows(),
     }, indent=2))
     if write_profile:
         inside = out.resolve().is_relative_to(ASSETS.parent)  # shipped weights: found from any working folder

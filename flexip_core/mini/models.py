@@ -7,20 +7,21 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from flexip_core import toyworld as tw
-from flexip_core.tiny import SCHEDULER  # noqa: F401  (SD1.5's noise schedule, as the tiny models use)
+from flexip_core.tiny import SCHEDULER as SD15_SCHEDULER
 from flexip_core.tokenizer import _bytes_to_unicode, _merge
 
-# 64 px images -> 16 x 16 x 16 latents (3 VAE levels: 4x down; 16 channels keep stripes, dots and checkers). The UNet works at 16 (convolutions only) and 8
-# (convolutions and attention): text and both adapter branches enter through the 4 cross-attention layers at 8.
+# 64 px images -> 8 x 8 x 32 latents (4 VAE levels: 8x down). The VAE decoder draws edges and patterns; the UNet
+# only places codes on an 8 x 8 grid: convolutions at 8, convolutions and attention at 4 and in the middle block,
+# where text and both adapter branches enter through the cross-attention layers.
 VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 64), layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+    in_channels=3, out_channels=3, latent_channels=32, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
     sample_size=64, mid_block_add_attention=False,
 )
 UNET = dict(
-    sample_size=16, in_channels=16, out_channels=16, layers_per_block=1, block_out_channels=(32, 64),
+    sample_size=8, in_channels=32, out_channels=32, layers_per_block=1, block_out_channels=(64, 128),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+    cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32,
 )
 TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
             max_position_embeddings=77, projection_dim=64)  # vocab and special ids come from the tokenizer
@@ -30,6 +31,14 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hi
 CLIP_VISION = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, image_size=8,
                    patch_size=4, projection_dim=32)
 DINO = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, mlp_ratio=2, image_size=32, patch_size=4)
+# SD1.5's betas rescaled to zero terminal SNR, v-prediction, trailing timesteps (Lin et al. 2023): at t = T the
+# model sees pure noise in training as in sampling, so background, size and place come from the prompt; with
+# SD1.5's own schedule a tiny latent leaks its mean colour at t = T, and the model learns to read it from the noise.
+SCHEDULER = dict(
+    **{k: SD15_SCHEDULER[k] for k in ("beta_start", "beta_end", "beta_schedule", "num_train_timesteps")},
+    prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False,
+    set_alpha_to_one=False,
+)
 MAX_TOKENS = 32  # the longest world caption is 20 tokens with its start and end tokens
 ADAPTER_SIZES = dict(num_tokens=4, num_queries=8, resampler_dim=64, depth=1, heads=4, dim_head=16)
 
