@@ -98,7 +98,16 @@ def test_quick_build_runs_every_stage_and_loads_as_a_profile(tmp_path):
     out = pipe(case.prompt, pipe.encode_subject([case.reference_image()]), gate=[0.0, 1.0], seed=0,
                num_inference_steps=2)
     assert [im.size for im in out.images] == [(world.NATIVE_SIZE, world.NATIVE_SIZE)] * 2
-    assert json.loads((tmp_path / "mini" / "build.json").read_text())["adapters"]["steps"] == 10
+    record = json.loads((tmp_path / "mini" / "build.json").read_text())
+    assert record["adapters"]["steps"] == 10 and 0 <= record["vae_reconstruction"]["identity"] <= 1
+    # resuming at the calibration reuses the staged weights and still reports every stage's seconds
+    again = build.build("quick", out=tmp_path / "mini2", work=tmp_path / "work", write_profile=False,
+                        from_stage="calibration")
+    assert {k: again[k] for k in ("vae", "base", "adapters")} == {k: times[k] for k in ("vae", "base", "adapters")}
+    resumed = json.loads((tmp_path / "mini2" / "build.json").read_text())
+    assert resumed["vae_reconstruction"] == record["vae_reconstruction"]
+    with pytest.raises(SystemExit, match="run the whole build first"):
+        build.build("quick", out=tmp_path / "mini3", work=tmp_path / "empty", from_stage="adapters")
 
 
 def test_mini_noise_schedule_is_zero_terminal_snr_v_prediction_in_every_usable_sampler():

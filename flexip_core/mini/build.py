@@ -105,7 +105,8 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
     base_config = dataclasses.replace(base_config, seed=seed)
     work = Path(work or REPO / ".cache" / f"mini-{preset}")
     staging = work / "staging"
-    times, scores, started = {}, {}, time.time()
+    times, scores = {}, {}
+    record = work / "stages.json"  # seconds and scores of the stages run so far (a resumed build reports them all)
     if from_stage == "base":
         shutil.rmtree(work, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -119,24 +120,32 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
         unet, text_encoder = base.train_base(base_config, vae, tokenizer)
         times["base"] = time.time() - t
         # float16 files (the profile loads them as float32): the shipped folder stays under 20 MB
-        save_base(staging / "base", unet=unet.half(), vae=vae.half(), text_encoder=text_encoder.half(), tokenizer=tokenizer,
-                  scheduler=DDIMScheduler.from_config(models.SCHEDULER))
+        save_base(staging / "base", unet=unet.half(), vae=vae.half(), text_encoder=text_encoder.half(),
+                  tokenizer=tokenizer, scheduler=DDIMScheduler.from_config(models.SCHEDULER))
         save_encoders(staging, seed)
-    elif not (staging / "base" / "model_index.json").is_file():
-        raise SystemExit(f"--from-stage adapters needs a base built earlier in {staging}; run the whole build first")
     else:
+        needed = staging / ("base/model_index.json" if from_stage == "adapters" else "flexip_adapter.safetensors")
+        if not needed.is_file() or not record.is_file():
+            raise SystemExit(f"--from-stage {from_stage} needs {needed} from an earlier run in {work}; "
+                             "run the whole build first")
+        earlier = json.loads(record.read_text())
+        times, scores = earlier["seconds"], earlier["scores"]
+    record.write_text(json.dumps({"seconds": times, "scores": scores}))
+    if from_stage in ("base", "adapters"):
         shutil.rmtree(work / "adapter_data", ignore_errors=True)
         shutil.rmtree(work / "adapter_run", ignore_errors=True)
-    t = time.time()
-    adapter = train_adapters(stage, staging, work, seed)
-    times["adapters"] = time.time() - t
-    shutil.copy(adapter, staging / "flexip_adapter.safetensors")
+        t = time.time()
+        adapter = train_adapters(stage, staging, work, seed)
+        times["adapters"] = time.time() - t
+        shutil.copy(adapter, staging / "flexip_adapter.safetensors")
+        record.write_text(json.dumps({"seconds": times, "scores": scores}))
     t = time.time()
     staging_profile = work / "staging_profile.json"
     staging_profile.write_text(json.dumps(profile_dict(str(staging))))
     curve, measured = calibrate(stage, staging_profile, seed)
     times["calibration"] = time.time() - t
 
+    times["total"] = sum(v for k, v in times.items() if k != "total")  # the stages, also across a resumed build
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(staging, out)
@@ -149,10 +158,9 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
         inside = out.resolve().is_relative_to(ASSETS.parent)  # shipped weights: found from any working folder
         root = "{assets}/" + out.resolve().relative_to(ASSETS.parent).as_posix() if inside else str(out.resolve())
         PROFILE_PATH.write_text(json.dumps(profile_dict(root, curve), indent=2) + "\n")
-    times["total"] = time.time() - started
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    logger.info("built FlexIP-mini in %.0f s (%s); %s holds %.1f MB", times["total"],
-                ", ".join(f"{k} {v:.0f} s" for k, v in times.items()), out, size / 1e6)
+    logger.info("built FlexIP-mini: %s; %s holds %.1f MB", ", ".join(f"{k} {v:.0f} s" for k, v in times.items()),
+                out, size / 1e6)
     return times
 
 
@@ -165,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default .cache/mini-PRESET)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
-    parser.add_argument("--from-stage", choices=("base", "adapters"), default="base",
-                        help="'adapters' reuses the base model staged by an earlier run in the work folder")
+    parser.add_argument("--from-stage", choices=("base", "adapters", "calibration"), default="base",
+                        help="resume: 'adapters' reuses the base model, 'calibration' the adapters too, staged by an "
+                             "earlier run in the work folder")
     parser.add_argument("--no-profile", action="store_true", help="do not write assets/profiles/mini.json")
     args = parser.parse_args(argv)
     if args.threads:
