@@ -40,6 +40,7 @@ class AdapterStage:
     batch: int = 16  # samples per step
     lr: float = 1e-3  # AdamW learning rate
     invariant_keep_p: float = 0.5  # how often an invariant caption names each scene attribute
+    invariant_conflict_p: float = 0.0  # how often an invariant caption describes another scene instead
     calibration_cases: int = 8  # training-split cases measured to calibrate the gate curve
     calibration_seeds: tuple[int, ...] = (0,)
 
@@ -76,7 +77,8 @@ def train_adapters(stage: AdapterStage, staging: Path, work: Path, seed: int) ->
     from flexip_core.train import TrainConfig, train
 
     manifest = world.write_adapter_manifest(work / "adapter_data", stage.pairs, seed,
-                                            invariant_keep_p=stage.invariant_keep_p)
+                                            invariant_keep_p=stage.invariant_keep_p,
+                                            invariant_conflict_p=stage.invariant_conflict_p)
     profile = work / "staging_profile.json"
     profile.write_text(json.dumps(profile_dict(str(staging))))
     config = TrainConfig(

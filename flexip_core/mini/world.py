@@ -97,11 +97,13 @@ def sample_cases(n: int, seed: int, split: str = "heldout") -> list[Case]:
 
 
 def write_adapter_manifest(out_dir: str | Path, n_pairs: int, seed: int, invariant_keep_p: float = 0.5,
-                           cutout_fraction: float = 0.3, size: int = NATIVE_SIZE) -> Path:
+                           cutout_fraction: float = 0.3, size: int = NATIVE_SIZE, invariant_conflict_p: float = 0.0) -> Path:
     """Adapter training pairs of training subjects in training scenes, as a flexip_core.data manifest.
 
     Invariant: reference = target (or its cut-out on white, in place); its caption names each scene attribute
-    only with probability invariant_keep_p, so the preservation branch learns to carry what the text leaves out.
+    only with probability invariant_keep_p, so the preservation branch learns to carry what the text leaves out;
+    with probability invariant_conflict_p it describes another whole scene instead, so that at a high gate the
+    reference holds against a prompt that asks for something else (the identity end of the slider).
     Variant: reference = the subject in another scene; the caption names the whole target scene and never the
     identity, so the personalization branch learns to follow the text and take only what it can from the image.
     """
@@ -119,6 +121,8 @@ def write_adapter_manifest(out_dir: str | Path, n_pairs: int, seed: int, invaria
                 reference = tw.cutout_scene(target) if rng.random() < cutout_fraction else target
                 keep = {name for name in SCENE_NAMES if rng.random() < invariant_keep_p}
                 text = describe(target, keep)
+                if rng.random() < invariant_conflict_p:
+                    text = describe(scenes[rng.integers(len(scenes))])
             else:
                 modality = "variant"
                 reference = scenes[rng.integers(len(scenes))]
