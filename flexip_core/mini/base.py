@@ -55,8 +55,13 @@ def render_pool(n: int, seed: int) -> tuple[torch.Tensor, list[tuple[tw.Subject,
     subjects = tw.sample_subjects(n, seed, "train")
     scenes = world.scenes_in("train")
     items = [(s, scenes[rng.integers(len(scenes))]) for s in subjects]
+    return renders(items), items
+
+
+def renders(items: list[tuple[tw.Subject, tw.Scene]]) -> torch.Tensor:
+    """(n, 3, 64, 64) renders in [-1, 1] of (subject, scene) items."""
     pixels = np.stack([np.asarray(tw.render(s, c, world.NATIVE_SIZE)) for s, c in items])  # (n, 64, 64, 3)
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0, items
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -69,7 +74,7 @@ def _lr_lambda(warmup: int, total: int):
 
 
 def train_vae(config: BaseConfig) -> AutoencoderKL:
-    """A 4x-down AutoencoderKL fitted to renders of the world (reconstruction MSE + a small KL)."""
+    """An 8x-down AutoencoderKL fitted to renders of the world (reconstruction MSE + a small KL)."""
     torch.manual_seed(config.seed)
     vae = AutoencoderKL(**models.VAE)
     pixels, _ = render_pool(config.vae_images, config.seed + 1)
@@ -136,9 +141,8 @@ def reconstruction_scores(vae: AutoencoderKL, n: int = 64, seed: int = 0) -> dic
     what the base model can be scored at)."""
     rng = np.random.default_rng((seed, 41))
     items = [(subject, tw.sample_scene(rng)) for subject in tw.sample_subjects(n, seed, "heldout")]
-    pixels = np.stack([np.asarray(tw.render(s, c, world.NATIVE_SIZE)) for s, c in items])
     with torch.no_grad():
-        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = renders(items)
         recon = vae.decode(vae.encode(x).latent_dist.mean).sample
     images = ((recon.permute(0, 2, 3, 1) + 1.0) * 127.5).clamp(0, 255).round().byte().numpy()
     identity = [identity_score(Image.fromarray(im), s) for im, (s, _) in zip(images, items)]
@@ -211,7 +215,7 @@ def base_loop(config: BaseConfig, unet, text_encoder, tokenizer, latents, items,
                     world.random_caption(rng, *items[i], config.keep_p, config.identity_p) for i in index.tolist()]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        text = text_encoder(ids)[0]  # (B, 77, C)
+        text = text_encoder(ids)[0]  # (B, MAX_TOKENS, C)
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=gen)

@@ -73,14 +73,12 @@ def profile_dict(root: str, curve=None) -> dict:
     return data
 
 
-def train_adapters(stage: AdapterStage, staging: Path, work: Path, seed: int) -> Path:
+def train_adapters(stage: AdapterStage, profile: Path, work: Path, seed: int) -> Path:
     from flexip_core.train import TrainConfig, train
 
     manifest = world.write_adapter_manifest(work / "adapter_data", stage.pairs, seed,
                                             invariant_keep_p=stage.invariant_keep_p,
                                             invariant_conflict_p=stage.invariant_conflict_p)
-    profile = work / "staging_profile.json"
-    profile.write_text(json.dumps(profile_dict(str(staging))))
     config = TrainConfig(
         manifest=str(manifest), output_dir=str(work / "adapter_run"), profile=str(profile), init="scratch",
         adapter_sizes=models.ADAPTER_SIZES, resolution=world.NATIVE_SIZE, train_batch_size=stage.batch,
@@ -133,17 +131,17 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
         earlier = json.loads(record.read_text())
         times, scores = earlier["seconds"], earlier["scores"]
     record.write_text(json.dumps({"seconds": times, "scores": scores}))
+    staging_profile = work / "staging_profile.json"  # the staged weights as a profile (trainer and calibration)
+    staging_profile.write_text(json.dumps(profile_dict(str(staging))))
     if from_stage in ("base", "adapters"):
         shutil.rmtree(work / "adapter_data", ignore_errors=True)
         shutil.rmtree(work / "adapter_run", ignore_errors=True)
         t = time.time()
-        adapter = train_adapters(stage, staging, work, seed)
+        adapter = train_adapters(stage, staging_profile, work, seed)
         times["adapters"] = time.time() - t
         shutil.copy(adapter, staging / "flexip_adapter.safetensors")
         record.write_text(json.dumps({"seconds": times, "scores": scores}))
     t = time.time()
-    staging_profile = work / "staging_profile.json"
-    staging_profile.write_text(json.dumps(profile_dict(str(staging))))
     curve, measured = calibrate(stage, staging_profile, seed)
     times["calibration"] = time.time() - t
 
