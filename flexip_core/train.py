@@ -74,6 +74,8 @@ class TrainConfig:
     seed: int = 0  # seeds data order, noise, timesteps, gammas and dropout
     invariant_gamma: tuple[float, float] = (0.7, 1.0)  # gamma range of invariant samples (identity locking)
     variant_gamma: tuple[float, float] = (0.0, 0.4)  # gamma range of variant samples (deformation)
+    timestep_power: float = 1.0  # timesteps drawn with density ~ t^(power-1): 1 uniform, 2 a linear ramp towards
+    #   pure noise, where layout and identity are decided and the image condition matters most
     drop_text: float = 0.05  # share of samples trained with the empty caption only
     drop_image: float = 0.05  # share trained with the encoder's unconditional image features only
     drop_both: float = 0.05  # share trained with both dropped
@@ -99,6 +101,8 @@ class TrainConfig:
             low, high = getattr(self, name)
             if not 0.0 <= low <= high <= 1.0:
                 raise ValueError(f"{name} must be [low, high] with 0 <= low <= high <= 1, got {[low, high]}")
+        if not 0.25 <= self.timestep_power <= 8.0:
+            raise ValueError(f"timestep_power must be in [0.25, 8] (1 = uniform), got {self.timestep_power!r}")
         drops = (self.drop_text, self.drop_image, self.drop_both)
         if any(not 0.0 <= p <= 1.0 for p in drops) or sum(drops) > 1.0:
             raise ValueError(f"drop_text, drop_image and drop_both must be in [0, 1] and sum to at most 1, got {drops}")
@@ -181,6 +185,14 @@ def draw_dropout(batch: int, config: TrainConfig, generator: torch.Generator) ->
     text_only = (u >= config.drop_image) & (u < config.drop_image + config.drop_text)
     both = (u >= config.drop_image + config.drop_text) & (u < config.drop_image + config.drop_text + config.drop_both)
     return text_only | both, image_only | both
+
+
+def draw_timesteps(batch: int, num_train_timesteps: int, power: float, generator: torch.Generator) -> torch.Tensor:
+    """(B,) training timesteps with density proportional to t^(power - 1) (power 1: uniform)."""
+    if power == 1.0:
+        return torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    u = torch.rand(batch, generator=generator) ** (1.0 / power)
+    return (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
 
 
 def micro_step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
@@ -377,7 +389,8 @@ def training_loss(model, frozen: Frozen, batch: EncodedBatch, config: TrainConfi
     gammas = draw_gammas(batch.modality, config, generator)
     latent_noise = torch.randn(batch.latent_mean.shape, generator=generator)
     noise = torch.randn(batch.latent_mean.shape, generator=generator)
-    timesteps = torch.randint(0, frozen.noise_scheduler.config.num_train_timesteps, (size,), generator=generator)
+    timesteps = draw_timesteps(size, frozen.noise_scheduler.config.num_train_timesteps, config.timestep_power,
+                               generator)
 
     device = frozen.device
     vae_config = frozen.vae.config

@@ -58,14 +58,17 @@ def test_gate_zero_follows_held_out_prompts(curve):
 
 @needs_weights
 def test_raising_the_gate_brings_identity_in_and_lets_the_prompt_go(curve):
-    """What the shipped build reaches (16 cases x 3 seeds: identity 0.26 -> 0.46, prompt 1.00 -> 0.86)."""
-    assert curve.identity[-1] - curve.identity[0] >= 0.1, curve.rows()
-    assert curve.identity[5] > curve.identity[0] and curve.prompt[-1] < curve.prompt[0], curve.rows()
+    """What the shipped build reaches (16 cases x 3 seeds: identity 0.28 -> 0.72, prompt 1.00 -> 0.29; on this
+    smaller set 0.44 -> 0.72 and 1.00 -> 0.23)."""
+    assert curve.identity[-1] >= 0.6 and curve.identity[-1] - curve.identity[0] >= 0.2, curve.rows()
+    assert curve.prompt[0] - curve.prompt[-1] >= 0.5, curve.rows()
+    assert curve.identity[5] - curve.identity[0] >= 0.15 and curve.prompt[5] >= 0.9, curve.rows()  # the middle keeps both
 
 
 @needs_weights
-@pytest.mark.xfail(strict=True, reason="issue 4 targets not reached yet: identity at gamma=1 is about 0.46 (target "
-                   "0.8) and each score moves by under 0.2; passes (and then fails as XPASS) once a build meets them")
+@pytest.mark.xfail(strict=True, reason="issue 4 targets not all reached: identity at gamma=1 is about 0.72 (target "
+                   "0.8: the base draws patterns at chance) and the largest steps are 2.5-3 x the mean step (target "
+                   "2); passes (and then fails as XPASS) once a build meets them")
 def test_issue_targets_identity_at_one_and_a_smooth_trade_off(curve):
     assert curve.identity[-1] >= 0.8 and curve.prompt[0] >= 0.8, curve.rows()
     assert slider.check_slider(curve) == [], curve.rows()
@@ -102,7 +105,7 @@ def test_quick_build_runs_every_stage_and_loads_as_a_profile(tmp_path):
     from flexip_core.pipeline import FlexIPPipeline
 
     times = build.build("quick", out=tmp_path / "mini", work=tmp_path / "work", write_profile=False)
-    assert {"vae", "base", "adapters", "calibration"} <= set(times)
+    assert {"vae", "base", "encoders", "adapters", "calibration"} <= set(times)
     profile = tmp_path / "mini.json"
     profile.write_text(json.dumps(build.profile_dict(str(tmp_path / "mini"))))
     pipe = FlexIPPipeline.from_profile(str(profile), device="cpu")
@@ -112,14 +115,57 @@ def test_quick_build_runs_every_stage_and_loads_as_a_profile(tmp_path):
     assert [im.size for im in out.images] == [(world.NATIVE_SIZE, world.NATIVE_SIZE)] * 2
     record = json.loads((tmp_path / "mini" / "build.json").read_text())
     assert record["adapters"]["steps"] == 10 and 0 <= record["vae_reconstruction"]["identity"] <= 1
+    assert set(record["dino_readout"]) == set(tw.IDENTITY_ATTRIBUTES) | set(tw.EDITABLE_ATTRIBUTES)
     # resuming at the calibration reuses the staged weights and still reports every stage's seconds
     again = build.build("quick", out=tmp_path / "mini2", work=tmp_path / "work", write_profile=False,
                         from_stage="calibration")
-    assert {k: again[k] for k in ("vae", "base", "adapters")} == {k: times[k] for k in ("vae", "base", "adapters")}
+    kept = ("vae", "base", "encoders", "adapters")
+    assert {k: again[k] for k in kept} == {k: times[k] for k in kept}
     resumed = json.loads((tmp_path / "mini2" / "build.json").read_text())
     assert resumed["vae_reconstruction"] == record["vae_reconstruction"]
+    assert resumed["dino_readout"] == record["dino_readout"]
     with pytest.raises(SystemExit, match="run the whole build first"):
         build.build("quick", out=tmp_path / "mini3", work=tmp_path / "empty", from_stage="adapters")
+
+
+def _pooled_probe_accuracy(dino) -> dict[str, float]:
+    """Accuracy of a ridge read-out of mean-pooled DINOv2 patch tokens, fitted on training subjects and scored on
+    held-out subjects in held-out scenes (what the preservation branch's attention pooling can start from)."""
+    import torch
+
+    from flexip_core.mini import encoders
+
+    def pooled(items):
+        with torch.no_grad():
+            return dino(encoders._pixels(items)).last_hidden_state[:, 1:].mean(1).double().numpy()  # (N, D)
+
+    train, held = encoders._items(1200, 5, "train"), encoders._items(300, 6, "heldout")
+    x, x_held = pooled(train), pooled(held)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x, x_held = (x - mean) / std, (x_held - mean) / std
+    labels, labels_held = encoders._labels(train).numpy(), encoders._labels(held).numpy()
+    scores = {}
+    for k, name in enumerate(tw.IDENTITY_ATTRIBUTES):
+        onehot = np.eye(labels[:, k].max() + 1)[labels[:, k]]
+        weights = np.linalg.solve(x.T @ x + 10 * np.eye(x.shape[1]), x.T @ onehot)
+        scores[name] = float(np.mean(np.argmax(x_held @ weights, 1) == labels_held[:, k]))
+    return scores
+
+
+@needs_weights
+def test_shipped_dino_is_pretrained_to_tell_held_out_subjects_apart():
+    """A random ViT's pooled tokens give colour and little else (the adapters then learned colour only); the
+    shipped mini DINOv2 gives every identity attribute of subjects it never saw."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    from flexip_core.mini import models
+
+    shipped = _pooled_probe_accuracy(Dinov2Model.from_pretrained(ASSETS / "dino").eval())
+    assert min(shipped.values()) >= 0.9, shipped
+    torch.manual_seed(0)
+    random = _pooled_probe_accuracy(Dinov2Model(Dinov2Config(**models.DINO)).eval())
+    assert random["shape"] < 0.7 and random["pattern"] < 0.7, random  # measured 0.45 and 0.32
 
 
 def test_mini_noise_schedule_is_zero_terminal_snr_v_prediction_in_every_usable_sampler():

@@ -23,6 +23,7 @@ from flexip_core.train import (
     TrainConfig,
     draw_dropout,
     draw_gammas,
+    draw_timesteps,
     encode_batch,
     load_config,
     load_models,
@@ -129,6 +130,17 @@ def test_dropout_shares():
     assert abs((text & ~image).float().mean() - 0.05) < 0.003
     assert abs((image & ~text).float().mean() - 0.10) < 0.003
     assert abs(both - 0.05) < 0.003
+
+
+def test_timestep_power_biases_draws_towards_noise():
+    generator = torch.Generator().manual_seed(0)
+    uniform = draw_timesteps(100_000, 1000, 1.0, generator).float()
+    ramp = draw_timesteps(100_000, 1000, 2.0, generator).float()
+    assert 0 <= ramp.min() and ramp.max() <= 999 and uniform.max() <= 999
+    assert abs(uniform.mean() - 499.5) < 5 and abs(ramp.mean() - 666.2) < 5  # density ~ t: mean 2T/3
+    assert abs((ramp < 500).float().mean() - 0.25) < 0.01  # a quarter below the middle instead of a half
+    with pytest.raises(ValueError, match="timestep_power"):
+        TrainConfig(manifest="m", output_dir="o", timestep_power=0.0)
 
 
 def test_config_files(tmp_path):

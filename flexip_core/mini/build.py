@@ -1,9 +1,9 @@
 """`python -m flexip_core.mini.build`: train FlexIP-mini end to end on CPU with fixed seeds and ship it.
 
-Stages: (1) VAE on renders, (2) text encoder + UNet on captioned renders, (3) frozen random CLIP (8 px) and
-DINOv2 (32 px) encoders, (4) both adapters with the project's trainer (flexip_core.train) on invariant and
-variant pairs, (5) a gate curve calibrated on training subjects, written with the weights to assets/mini and
-the `mini` profile to assets/profiles/mini.json.
+Stages: `base` (VAE on renders, then text encoder + UNet on captioned renders), `encoders` (a mini DINOv2, 32 px,
+pretrained on renders, and a random CLIP, 8 px, both frozen afterwards), `adapters` (both adapters with the
+project's trainer, flexip_core.train, on invariant and variant pairs), `calibration` (a gate curve calibrated on
+training subjects). The weights go to assets/mini and the `mini` profile to assets/profiles/mini.json.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler
 
 from flexip_core.tiny import save_base
 
-from . import base, models, slider, world
+from . import base, encoders, models, slider, world
 
 logger = logging.getLogger(__name__)
 
@@ -40,25 +40,19 @@ class AdapterStage:
     batch: int = 16  # samples per step
     lr: float = 1e-3  # AdamW learning rate
     invariant_keep_p: float = 0.5  # how often an invariant caption names each scene attribute
-    invariant_conflict_p: float = 0.0  # how often an invariant caption describes another scene instead
-    calibration_cases: int = 8  # training-split cases measured to calibrate the gate curve
-    calibration_seeds: tuple[int, ...] = (0,)
+    invariant_conflict_p: float = 0.25  # how often an invariant caption describes another scene instead
+    calibration_cases: int = 16  # training-split cases measured to calibrate the gate curve
+    calibration_seeds: tuple[int, ...] = (0, 1)
 
 
 PRESETS = {
-    "full": (base.BaseConfig(), AdapterStage()),
+    "full": (base.BaseConfig(), encoders.EncoderConfig(), AdapterStage()),
     "quick": (base.BaseConfig(vae_images=128, vae_steps=20, decoder_steps=20, base_images=256, base_steps=20, warmup=5),
-              AdapterStage(pairs=64, steps=10, calibration_cases=2)),
+              encoders.EncoderConfig(images=64, steps=10), AdapterStage(pairs=64, steps=10, calibration_cases=2)),
 }
-
-
-def save_encoders(folder: Path, seed: int) -> None:
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
-
-    torch.manual_seed(seed)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**models.CLIP_VISION)).save_pretrained(folder / "image_encoder")
-    torch.manual_seed(seed)
-    Dinov2Model(Dinov2Config(**models.DINO)).save_pretrained(folder / "dino")
+STAGES = ("base", "encoders", "adapters", "calibration")
+# what resuming at a stage needs from the earlier run, in the staging folder
+NEEDS = {"encoders": "base/model_index.json", "adapters": "dino/config.json", "calibration": "flexip_adapter.safetensors"}
 
 
 def profile_dict(root: str, curve=None) -> dict:
@@ -94,19 +88,21 @@ def calibrate(stage: AdapterStage, profile_path: Path, seed: int):
 
     pipe = FlexIPPipeline.from_profile(str(profile_path), device="cpu")
     cases = world.sample_cases(stage.calibration_cases, seed + 100, split="train")
-    measured = slider.measure(pipe, cases, seeds=stage.calibration_seeds)
+    measured = slider.measure(pipe, cases, seeds=stage.calibration_seeds, gammas=slider.CALIBRATION_GAMMAS)
     logger.info("linear gate, training cases: %s", measured.rows())
     return slider.calibrated_curve(measured), measured
 
 
 def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, seed: int = 0,
           write_profile: bool = True, from_stage: str = "base") -> dict:
-    base_config, stage = PRESETS[preset]
+    base_config, encoder_config, stage = PRESETS[preset]
     base_config = dataclasses.replace(base_config, seed=seed)
+    encoder_config = dataclasses.replace(encoder_config, seed=seed)
     work = Path(work or REPO / ".cache" / f"mini-{preset}")
     staging = work / "staging"
     times, scores = {}, {}
     record = work / "stages.json"  # seconds and scores of the stages run so far (a resumed build reports them all)
+    start = STAGES.index(from_stage)
     if from_stage == "base":
         shutil.rmtree(work, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -122,18 +118,23 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
         # float16 files (the profile loads them as float32): the shipped folder stays under 20 MB
         save_base(staging / "base", unet=unet.half(), vae=vae.half(), text_encoder=text_encoder.half(),
                   tokenizer=tokenizer, scheduler=DDIMScheduler.from_config(models.SCHEDULER))
-        save_encoders(staging, seed)
     else:
-        needed = staging / ("base/model_index.json" if from_stage == "adapters" else "flexip_adapter.safetensors")
+        needed = staging / NEEDS[from_stage]
         if not needed.is_file() or not record.is_file():
             raise SystemExit(f"--from-stage {from_stage} needs {needed} from an earlier run in {work}; "
                              "run the whole build first")
         earlier = json.loads(record.read_text())
         times, scores = earlier["seconds"], earlier["scores"]
+    if start <= STAGES.index("encoders"):
+        t = time.time()
+        dino, scores["dino_readout"] = encoders.pretrain_dino(encoder_config)
+        dino.save_pretrained(staging / "dino")
+        encoders.random_clip(seed).save_pretrained(staging / "image_encoder")
+        times["encoders"] = time.time() - t
     record.write_text(json.dumps({"seconds": times, "scores": scores}))
     staging_profile = work / "staging_profile.json"  # the staged weights as a profile (trainer and calibration)
     staging_profile.write_text(json.dumps(profile_dict(str(staging))))
-    if from_stage in ("base", "adapters"):
+    if start <= STAGES.index("adapters"):
         shutil.rmtree(work / "adapter_data", ignore_errors=True)
         shutil.rmtree(work / "adapter_run", ignore_errors=True)
         t = time.time()
@@ -151,7 +152,7 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
     shutil.copytree(staging, out)
     (out / "build.json").write_text(json.dumps({
         "command": "python -m flexip_core.mini.build" + (f" --preset {preset}" if preset != "full" else ""),
-        "seed": seed, "base": dataclasses.asdict(base_config), "adapters": dataclasses.asdict(stage),
+        "seed": seed, "base": dataclasses.asdict(base_config), "encoders": dataclasses.asdict(encoder_config), "adapters": dataclasses.asdict(stage),
         "seconds": {k: round(v, 1) for k, v in times.items()}, **scores, "calibration_linear_gate": measured.rows(),
     }, indent=2))
     if write_profile:
@@ -173,9 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default .cache/mini-PRESET)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
-    parser.add_argument("--from-stage", choices=("base", "adapters", "calibration"), default="base",
-                        help="resume: 'adapters' reuses the base model, 'calibration' the adapters too, staged by an "
-                             "earlier run in the work folder")
+    parser.add_argument("--from-stage", choices=STAGES, default="base",
+                        help="resume at this stage, reusing what the stages before it staged in the work folder")
     parser.add_argument("--no-profile", action="store_true", help="do not write assets/profiles/mini.json")
     args = parser.parse_args(argv)
     if args.threads:
