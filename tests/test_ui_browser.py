@@ -1,6 +1,8 @@
-"""Headless Chromium (Debian's, through Playwright) against a real `app.py --profile tiny`: upload a photo, type a
-prompt, generate, drag the γ slider (the nearest render shows while dragging), release it and see a new result;
-the page fits 1440x900 without scrolling; saves docs/screenshot.png for the README."""
+"""Headless Chromium (Debian's, through Playwright) against a real `app.py`. With `--profile tiny`: upload a photo,
+type a prompt, generate, drag the γ slider (the nearest render shows while dragging), release it and see a new
+result; the page fits 1440x900 without scrolling. With `--profile mini` (the offline default): one click on an
+example subject renders a γ sweep in which the oracle finds the subject's identity at γ = 1; saves
+docs/screenshot.png for the README."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,8 +34,8 @@ def server():
         app.stop()
 
 
-@pytest.fixture
-def page(server):
+def open_page(url: str):
+    """A 1440x900 headless Chromium page on `url`, once the studio has drawn its Generate button."""
     from playwright.sync_api import expect, sync_playwright
 
     expect.set_options(timeout=90_000)  # renders on a busy CPU take a while
@@ -41,10 +43,15 @@ def page(server):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.set_default_timeout(90_000)
-        page.goto(server.url)
+        page.goto(url)
         page.wait_for_selector("#generate")
         yield page
         browser.close()
+
+
+@pytest.fixture
+def page(server):
+    yield from open_page(server.url)
 
 
 def drag_gate(page, start: float, end: float, release: bool = True) -> None:
@@ -99,8 +106,6 @@ def test_upload_prompt_generate_and_slide(page, tmp_path):
     assert float(gate) > 0.6 and result_src(page) != first
     expect(page.locator("#history img")).to_have_count(2)
     assert page.evaluate("document.scrollingElement.scrollHeight") <= 900  # one screen at 1440x900
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
 
     page.locator("#history img").last.click()  # the first result: its settings come back
     expect(page.locator("#gate-slider input[type=number]")).to_have_value("0.5")
@@ -111,3 +116,35 @@ def test_upload_prompt_generate_and_slide(page, tmp_path):
     page.set_input_files("#restore-png input[type=file]", str(png))  # ... and dropping it restores them
     expect(info).to_contain_text("settings restored from result.png")
     assert page.locator("#seed input").input_value() != "12345"
+
+
+@pytest.mark.skipif(not (REPO / "assets" / "mini" / "flexip_adapter.safetensors").is_file(),
+                    reason="assets/mini is absent; build it with `python -m flexip_core.mini.build`")
+def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_path):
+    """The offline default as a first-time user meets it: one click on an example, and the γ sweep shows the toy."""
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from flexip_core import toyworld
+    from flexip_core.oracle import identity_score
+    from ui.examples import EXAMPLES
+
+    app = AppServer("--profile", "mini")
+    try:
+        app.wait_for_log("profile 'mini' loaded", timeout=240)
+        for page in open_page(app.url):
+            example = EXAMPLES[0]
+            page.get_by_role("button", name=example.label).click()
+            expect(page.locator(".slot img")).to_have_count(1)
+            expect(page.get_by_label("Prompt", exact=True)).to_have_value(example.prompt)
+            expect(page.locator("#info")).to_contain_text("identity score")
+            page.get_by_role("tab", name="γ sweep").click()
+            gallery = page.locator("#sweep-gallery img")
+            expect(gallery).to_have_count(6)  # the reference, then γ 0, 0.25, 0.5, 0.75, 1
+            last = tmp_path / "gamma1.png"
+            last.write_bytes(page.request.get(gallery.last.get_attribute("src")).body())
+            assert identity_score(Image.open(last).convert("RGB"), toyworld.Subject(*example.subject)) >= 2 / 3
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT))
+    finally:
+        app.stop()
