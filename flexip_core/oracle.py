@@ -164,6 +164,18 @@ def identity_score(image: Image.Image, subject: tw.Subject) -> float:
     return float(np.mean([found[name] == getattr(subject, name) for name in tw.IDENTITY_ATTRIBUTES]))
 
 
+def identity_kept(images: list[Image.Image], reference: Image.Image) -> list[float | None]:
+    """For each image, the share of the identity attributes read from `reference` (its centre square, as the
+    encoders see it) that are found again; None for all when no subject is found in the reference."""
+    from flexip_core.images import square_view
+
+    wanted = read_attributes(square_view(reference, 4 * tw.NATIVE_SIZE, "crop"))
+    if wanted["shape"] is None:
+        return [None] * len(images)
+    return [float(np.mean([read_attributes(image)[name] == wanted[name] for name in tw.IDENTITY_ATTRIBUTES]))
+            for image in images]
+
+
 def prompt_score(image: Image.Image, requested: dict[str, str]) -> float:
     """Fraction of requested editable attributes (e.g. parse_prompt(prompt)) found in the image."""
     if not requested:

@@ -85,8 +85,15 @@ class FlexIPPipeline:
         """Encode the subject's photos once (cached by content) and combine them."""
         return self.encoder.encode_subject(images, weights)
 
-    def identity_score(self, images: list[Image.Image], subject: SubjectEmbedding) -> list[float]:
-        """Cosine similarity of each image's CLIP embedding to the subject's."""
+    def identity_score(self, images: list[Image.Image], subject: SubjectEmbedding,
+                       references: list[Image.Image] | None = None) -> list[float | None]:
+        """Each image's identity score by the profile's identity_metric: the cosine similarity of its CLIP embedding
+        to the subject's, or ("toyworld", given the reference photos) the oracle's share of the first reference's
+        identity attributes found in it (None where the oracle finds no toy in the reference)."""
+        if self.profile.identity_metric == "toyworld" and references:
+            from .oracle import identity_kept
+
+            return identity_kept(images, references[0])
         embeds = self.encoder.image_embeds(images)  # (B, E)
         reference = subject.features.clip_embeds  # (1, E)
         return torch.nn.functional.cosine_similarity(embeds, reference).tolist()

@@ -43,6 +43,13 @@ class Profile:
     defaults: Defaults = field(default_factory=Defaults)  # suggested generation settings
     gate_curve: GateCurve = field(default_factory=GateCurve)  # gamma -> branch weights
     dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 elsewhere), "float32", "float16", "bfloat16"
+    identity_metric: str = "clip"  # the score shown with each image: "clip" (cosine of CLIP image embeddings with
+    #   the subject's) or "toyworld" (the oracle: share of the reference's shape, colour and pattern found; mini)
+
+    def __post_init__(self):
+        if self.identity_metric not in IDENTITY_METRICS:
+            raise ValueError(f"profile {self.name!r}: identity_metric {self.identity_metric!r} unknown; use one of "
+                             f"{', '.join(IDENTITY_METRICS)}")
 
     def with_overrides(self, **overrides) -> Profile:
         known = {k: v for k, v in overrides.items() if v is not None}
@@ -50,6 +57,10 @@ class Profile:
         if unknown:
             raise ValueError(f"unknown profile override(s): {', '.join(sorted(unknown))}")
         return replace(self, **known)
+
+
+IDENTITY_METRICS = {"clip": "CLIP cosine with the subject",
+                    "toyworld": "share of the toy's shape, colour and pattern kept, read by the toy-world oracle"}
 
 
 def cache_home() -> Path:

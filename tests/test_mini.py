@@ -85,6 +85,30 @@ def test_profile_generates_at_native_size():
     assert np.asarray(out.images[0]).std() > 5  # a picture, not a flat field
 
 
+@needs_weights
+def test_mini_scores_identity_with_the_oracle_and_other_profiles_with_clip(tmp_path):
+    """The studio shows mini's identity score as the oracle's share of the reference's attributes (a CLIP cosine
+    from its random 8 px encoder would say nothing); without the reference photos it stays the CLIP cosine."""
+    from flexip_core.mini.curve import load_mini
+    from flexip_core.profiles import load_profile
+
+    pipe = load_mini()
+    assert pipe.profile.identity_metric == "toyworld"
+    case = world.sample_cases(1, seed=4)[0]
+    reference = case.reference_image()
+    other = tw.Subject(*(next(v for v in values if v != getattr(case.subject, name))
+                         for name, values in tw.IDENTITY_ATTRIBUTES.items()))
+    images = [tw.render(case.subject, case.target, 64), tw.render(other, case.target, 64)]
+    assert pipe.identity_score(images, pipe.encode_subject([reference]), [reference]) == [1.0, 0.0]
+    cosines = pipe.identity_score(images, pipe.encode_subject([reference]))
+    assert all(-1.0 <= c <= 1.0 for c in cosines) and cosines[0] not in (0.0, 1.0)
+    assert load_profile("tiny").identity_metric == "clip"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "bad", "base": "x", "clip_encoder": "x", "identity_metric": "dino"}))
+    with pytest.raises(ValueError, match="identity_metric 'dino' unknown; use one of clip, toyworld"):
+        load_profile(str(bad))
+
+
 def test_calibrated_curve_inverts_a_measured_trade_off():
     gammas = slider.GAMMAS
     g = np.array(gammas)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from flexip_core import toyworld as tw
-from flexip_core.oracle import identity_score, prompt_score, read_attributes
+from flexip_core.oracle import identity_kept, identity_score, prompt_score, read_attributes
 from flexip_core.oracle_check import REQUIRED_ACCURACY, heldout_accuracy
 
 SUBJECT = tw.Subject("star", "red", "stripes")
@@ -118,6 +118,18 @@ def test_oracle_heldout_accuracy_per_attribute():
     accuracy = heldout_accuracy(n=200, seed=11)
     assert set(accuracy) == set(tw.IDENTITY_ATTRIBUTES) | set(tw.EDITABLE_ATTRIBUTES)
     assert min(accuracy.values()) >= REQUIRED_ACCURACY, accuracy
+
+
+def test_identity_kept_reads_the_reference_photo_itself():
+    """The studio's toy-world identity score: what the oracle reads in the reference (a wide photo, centre square
+    as the encoders see it) found again in each output; None when the reference shows no toy."""
+    reference = tw.render(SUBJECT, tw.cutout_scene(SCENE), 256)
+    wide = Image.new("RGB", (384, 256), (245, 245, 245))
+    wide.paste(reference, (64, 0))
+    other_scene = tw.Scene("sand", "small", "left", "squashed", "outlined")
+    outputs = [tw.render(SUBJECT, other_scene, 64), tw.render(tw.Subject(SUBJECT.shape, "blue", "dots"), SCENE, 64)]
+    assert identity_kept(outputs, wide) == [1.0, pytest.approx(1 / 3)]
+    assert identity_kept(outputs, Image.new("RGB", (64, 64), (245, 245, 245))) == [None, None]
 
 
 def test_identity_and_prompt_scores():

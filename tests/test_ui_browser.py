@@ -137,7 +137,7 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
             page.get_by_role("button", name=example.label).click()
             expect(page.locator(".slot img")).to_have_count(1)
             expect(page.get_by_label("Prompt", exact=True)).to_have_value(example.prompt)
-            expect(page.locator("#info")).to_contain_text("identity score")
+            expect(page.locator("#info")).to_contain_text("read by the toy-world oracle")
             page.get_by_role("tab", name="γ sweep").click()
             gallery = page.locator("#sweep-gallery img")
             expect(gallery).to_have_count(6)  # the reference, then γ 0, 0.25, 0.5, 0.75, 1

@@ -130,7 +130,7 @@ def test_generate_streams_previews_then_a_png_with_its_settings(studio, session)
     assert (params.seed, params.gate, params.steps, params.prompt) == (7, 0.3, 3, "a toy on the beach")
     assert final["compare"] == (session.photos[0].view, final["result"])
     assert final["history"][0][1].startswith("γ 0.30 · seed 7 · id 0.62")
-    assert "identity score **0.620**" in final["info"]
+    assert "identity score **0.620** (CLIP cosine with the subject)" in final["info"]
     assert len(studio.engine.requests) == 1 and studio.engine.requests[0].gates == (0.3,)
 
 

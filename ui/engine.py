@@ -53,7 +53,7 @@ class RenderRequest:
 class Rendered:
     image: Image.Image  # the final image
     parameters: dict  # the settings used, as the core reports them (written into the PNG chunk)
-    identity: float | None  # cosine of its CLIP image embedding with the subject's, None if unavailable
+    identity: float | None  # its identity score (parameters["identity_metric"] says which), None if unavailable
 
 
 class Engine(Protocol):
@@ -132,8 +132,9 @@ class CoreEngine:
                 )
             except GenerationCancelled as stop:
                 raise RenderCancelled(str(stop)) from None
-            scores = pipe.identity_score(out.images, subject)
-        return [Rendered(image, dict(params), float(score))
+            scores = pipe.identity_score(out.images, subject, list(request.references))
+        metric = pipe.profile.identity_metric
+        return [Rendered(image, {**params, "identity_metric": metric}, None if score is None else float(score))
                 for image, params, score in zip(out.images, out.parameters, scores, strict=True)]
 
 

@@ -6,6 +6,8 @@ from dataclasses import asdict, replace
 
 import gradio as gr
 
+from flexip_core.profiles import IDENTITY_METRICS
+
 from .context import Studio, engine_status
 from .rendering import Preview, random_seed, read_settings, render
 from .settings import Settings
@@ -21,8 +23,9 @@ SETTING_NAMES = tuple(field for field in asdict(Settings(prompt="")))  # form in
 def describe(result: Result) -> str:
     s = result.settings
     score = "n/a" if result.identity is None else f"{result.identity:.3f}"
+    metric = IDENTITY_METRICS.get(result.parameters.get("identity_metric", "clip"), IDENTITY_METRICS["clip"])
     return (f"**seed {s.seed}** · γ {s.gate:.2f} · strength {s.strength:g} · {s.steps} steps · "
-            f"identity score **{score}** (CLIP cosine with the subject)")
+            f"identity score **{score}** ({metric})")
 
 
 def gallery(results: list[Result]) -> list[tuple[str, str]]:

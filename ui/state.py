@@ -26,7 +26,7 @@ class Photo:
 class Result:
     path: str  # PNG with the parameters chunk
     settings: Settings  # what produced it
-    identity: float | None  # identity score (cosine), None if the engine gave none
+    identity: float | None  # identity score (parameters['identity_metric'] says which), None if none was given
     subject: str  # subject fingerprint at render time
     parameters: dict = field(default_factory=dict)  # everything written into the PNG chunk (profile, base, ...)
 

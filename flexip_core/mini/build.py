@@ -61,6 +61,7 @@ def profile_dict(root: str, curve=None) -> dict:
         "description": "FlexIP-mini: a miniature model and adapters trained on the toy world (CPU, 64 px, offline).",
         "base": f"{root}/base", "clip_encoder": f"{root}/image_encoder", "dino_encoder": f"{root}/dino",
         "adapter": f"{root}/flexip_adapter.safetensors", "dtype": "float32", "defaults": DEFAULTS,
+        "identity_metric": "toyworld",
     }
     if curve is not None:
         data["gate_curve"] = {"gammas": list(curve.gammas), "pres": list(curve.pres), "pers": list(curve.pers)}
