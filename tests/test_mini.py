@@ -161,13 +161,13 @@ def _pooled_probe_accuracy(dino) -> dict[str, float]:
 
     def pooled(items):
         with torch.no_grad():
-            return dino(encoders._pixels(items)).last_hidden_state[:, 1:].mean(1).double().numpy()  # (N, D)
+            return dino(encoders.dino_pixels(items)).last_hidden_state[:, 1:].mean(1).double().numpy()  # (N, D)
 
-    train, held = encoders._items(1200, 5, "train"), encoders._items(300, 6, "heldout")
+    train, held = encoders.sample_items(1200, 5, "train"), encoders.sample_items(300, 6, "heldout")
     x, x_held = pooled(train), pooled(held)
     mean, std = x.mean(0), x.std(0) + 1e-6
     x, x_held = (x - mean) / std, (x_held - mean) / std
-    labels, labels_held = encoders._labels(train).numpy(), encoders._labels(held).numpy()
+    labels, labels_held = encoders.attribute_labels(train).numpy(), encoders.attribute_labels(held).numpy()
     scores = {}
     for k, name in enumerate(tw.IDENTITY_ATTRIBUTES):
         onehot = np.eye(labels[:, k].max() + 1)[labels[:, k]]

@@ -40,7 +40,9 @@ class EncoderConfig:
     lr: float = 1e-3
 
 
-def _items(n: int, seed: int, split: str) -> list[tuple[tw.Subject, tw.Scene]]:
+def sample_items(n: int, seed: int, split: str) -> list[tuple[tw.Subject, tw.Scene]]:
+    """n (subject, scene) pairs of a split ('train' or 'heldout'): subjects and scenes from it, a third of them
+    cut out on the neutral background as invariant references are."""
     rng = np.random.default_rng((seed, 31))
     scenes = world.scenes_in("train" if split == "train" else "heldout")
     items = []
@@ -50,13 +52,13 @@ def _items(n: int, seed: int, split: str) -> list[tuple[tw.Subject, tw.Scene]]:
     return items
 
 
-def _pixels(items: list[tuple[tw.Subject, tw.Scene]]) -> torch.Tensor:
+def dino_pixels(items: list[tuple[tw.Subject, tw.Scene]]) -> torch.Tensor:
     """(N, 3, S, S) DINOv2 input, preprocessed exactly as the pipeline and the trainer do it."""
     preprocess = Preprocess(models.DINO["image_size"], IMAGENET_MEAN, IMAGENET_STD)
     return preprocess([tw.render(subject, scene, world.NATIVE_SIZE) for subject, scene in items])
 
 
-def _labels(items: list[tuple[tw.Subject, tw.Scene]]) -> torch.Tensor:
+def attribute_labels(items: list[tuple[tw.Subject, tw.Scene]]) -> torch.Tensor:
     """(N, A) index of each attribute's value, attributes in ATTRIBUTES order."""
     return torch.tensor([[values.index(getattr(subject if name in tw.IDENTITY_ATTRIBUTES else scene, name))
                           for name, values in ATTRIBUTES.items()] for subject, scene in items])
@@ -79,8 +81,8 @@ def pretrain_dino(config: EncoderConfig) -> tuple[Dinov2Model, dict[str, float]]
     torch.manual_seed(config.seed)
     dino = Dinov2Model(Dinov2Config(**models.DINO))
     readout = _Readout(dino.config.hidden_size)
-    items = _items(config.images, config.seed, "train")
-    pixels, labels = _pixels(items), _labels(items)
+    items = sample_items(config.images, config.seed, "train")
+    pixels, labels = dino_pixels(items), attribute_labels(items)
     params = [*dino.parameters(), *readout.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.steps, pct_start=0.05)
@@ -98,10 +100,10 @@ def pretrain_dino(config: EncoderConfig) -> tuple[Dinov2Model, dict[str, float]]
         if step % 250 == 0 or step == config.steps - 1:
             logger.info("dino pretraining step %d/%d loss %.4f", step + 1, config.steps, loss.item())
     dino.eval().requires_grad_(False)
-    held = _items(400, config.seed + 1, "heldout")
+    held = sample_items(400, config.seed + 1, "heldout")
     with torch.no_grad():
-        logits = readout(dino, _pixels(held))
-    truth = _labels(held)
+        logits = readout(dino, dino_pixels(held))
+    truth = attribute_labels(held)
     scores = {name: round(float((out.argmax(1) == truth[:, k]).float().mean()), 3)
               for k, (name, out) in enumerate(zip(ATTRIBUTES, logits))}
     logger.info("mini DINOv2 readout on held-out subjects and scenes: %s", scores)
