@@ -169,11 +169,11 @@ def identity_kept(images: list[Image.Image], reference: Image.Image) -> list[flo
     encoders see it) that are found again; None for all when no subject is found in the reference."""
     from flexip_core.images import square_view
 
-    wanted = read_attributes(square_view(reference, 4 * tw.NATIVE_SIZE, "crop"))
-    if wanted["shape"] is None:
+    found = read_attributes(square_view(reference, 4 * tw.NATIVE_SIZE, "crop"))
+    if found["shape"] is None:
         return [None] * len(images)
-    return [float(np.mean([read_attributes(image)[name] == wanted[name] for name in tw.IDENTITY_ATTRIBUTES]))
-            for image in images]
+    subject = tw.Subject(**{name: found[name] for name in tw.IDENTITY_ATTRIBUTES})
+    return [identity_score(image, subject) for image in images]
 
 
 def prompt_score(image: Image.Image, requested: dict[str, str]) -> float:

@@ -5,6 +5,7 @@ example subject renders a γ sweep in which the oracle finds the subject's ident
 docs/screenshot.png for the README."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ def server():
         app.stop()
 
 
+@contextlib.contextmanager
 def open_page(url: str):
     """A 1440x900 headless Chromium page on `url`, once the studio has drawn its Generate button."""
     from playwright.sync_api import expect, sync_playwright
@@ -51,7 +53,8 @@ def open_page(url: str):
 
 @pytest.fixture
 def page(server):
-    yield from open_page(server.url)
+    with open_page(server.url) as page:
+        yield page
 
 
 def drag_gate(page, start: float, end: float, release: bool = True) -> None:
@@ -132,7 +135,7 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
     app = AppServer("--profile", "mini")
     try:
         app.wait_for_log("profile 'mini' loaded", timeout=240)
-        for page in open_page(app.url):
+        with open_page(app.url) as page:
             example = EXAMPLES[0]
             page.get_by_role("button", name=example.label).click()
             expect(page.locator(".slot img")).to_have_count(1)

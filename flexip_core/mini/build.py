@@ -153,7 +153,8 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
     shutil.copytree(staging, out)
     (out / "build.json").write_text(json.dumps({
         "command": "python -m flexip_core.mini.build" + (f" --preset {preset}" if preset != "full" else ""),
-        "seed": seed, "base": dataclasses.asdict(base_config), "encoders": dataclasses.asdict(encoder_config), "adapters": dataclasses.asdict(stage),
+        "seed": seed, "base": dataclasses.asdict(base_config), "encoders": dataclasses.asdict(encoder_config),
+        "adapters": dataclasses.asdict(stage),
         "seconds": {k: round(v, 1) for k, v in times.items()}, **scores, "calibration_linear_gate": measured.rows(),
     }, indent=2))
     if write_profile:
