@@ -119,6 +119,7 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
         # float16 files (the profile loads them as float32): the shipped folder stays under 20 MB
         save_base(staging / "base", unet=unet.half(), vae=vae.half(), text_encoder=text_encoder.half(),
                   tokenizer=tokenizer, scheduler=DDIMScheduler.from_config(models.SCHEDULER))
+        record.write_text(json.dumps({"seconds": times, "scores": scores}))  # a later stage can resume from here
     else:
         needed = staging / NEEDS[from_stage]
         if not needed.is_file() or not record.is_file():
