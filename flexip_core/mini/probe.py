@@ -9,15 +9,16 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from flexip_core import toyworld as tw
+from flexip_core.loading import load_base
 
 from . import base, models, world
+from .build import ASSETS
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets" / "mini" / "base"
 SCENE = tw.Scene("white", "large", "center", "upright", "flat")
 SUBJECT = tw.Subject("square", "red", "stripes")
 
@@ -34,23 +35,24 @@ def word_spread(pipe, attribute: str, subject: tw.Subject = SUBJECT, scene: tw.S
     ids = pipe.tokenizer([world.describe(scene, None, s) for s in subjects], padding="max_length",
                          max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
     text = pipe.text_encoder(ids)[0]
-    shape = (1, pipe.unet.config.in_channels, *(2 * [world.NATIVE_SIZE // 8]))
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).expand(len(subjects), -1, -1, -1)
-    t = torch.full((len(subjects),), DDPMScheduler.from_config(models.SCHEDULER).config.num_train_timesteps - 1)
+    side = world.NATIVE_SIZE // 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # latent side
+    noise = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=torch.Generator().manual_seed(0))
+    noise = noise.expand(len(subjects), -1, -1, -1)
+    t = torch.full((len(subjects),), models.SCHEDULER["num_train_timesteps"] - 1)
     predicted = -pipe.unet(noise, t, encoder_hidden_states=text).sample  # v = -x0 at zero terminal SNR
     renders = pipe.vae.encode(base.renders([(s, scene) for s in subjects])).latent_dist.mean
     return {"model": spread(predicted), "renders": spread(renders * pipe.vae.config.scaling_factor)}
 
 
-def load(folder: Path = ASSETS):
-    return StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False,
-                                                   dtype=torch.float32)  # the shipped files are float16
+def load(folder: Path = ASSETS / "base") -> SimpleNamespace:
+    """The base's components (unet, vae, text_encoder, tokenizer) as attributes, in float32 (shipped: float16)."""
+    return SimpleNamespace(**load_base(str(folder), torch.float32))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flexip_core.mini.probe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=ASSETS, help="a mini base folder (default: the shipped one)")
+    parser.add_argument("--base", type=Path, default=ASSETS / "base", help="a mini base folder (default: the shipped one)")
     args = parser.parse_args(argv)
     pipe = load(args.base)
     for attribute in tw.IDENTITY_ATTRIBUTES:
