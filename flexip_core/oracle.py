@@ -158,10 +158,14 @@ def read_attributes(image: Image.Image) -> dict[str, str | None]:
     return found
 
 
+def identity_matches(found: dict[str, str | None], subject: tw.Subject) -> dict[str, bool]:
+    """Which of the subject's identity attributes the attributes `found` in an image (read_attributes) match."""
+    return {name: found[name] == getattr(subject, name) for name in tw.IDENTITY_ATTRIBUTES}
+
+
 def identity_score(image: Image.Image, subject: tw.Subject) -> float:
     """Fraction of the subject's identity attributes (shape, colour, pattern) found in the image."""
-    found = read_attributes(image)
-    return float(np.mean([found[name] == getattr(subject, name) for name in tw.IDENTITY_ATTRIBUTES]))
+    return float(np.mean(list(identity_matches(read_attributes(image), subject).values())))
 
 
 def identity_kept(images: list[Image.Image], reference: Image.Image) -> list[float | None]:
@@ -185,5 +189,9 @@ def prompt_score(image: Image.Image, requested: dict[str, str]) -> float:
             raise ValueError(f"{name!r} is not an editable attribute; use {', '.join(tw.EDITABLE_ATTRIBUTES)}")
         if value not in tw.EDITABLE_ATTRIBUTES[name]:
             raise ValueError(f"{name}={value!r} is unknown; choose one of {', '.join(tw.EDITABLE_ATTRIBUTES[name])}")
-    found = read_attributes(image)
+    return prompt_fraction(read_attributes(image), requested)
+
+
+def prompt_fraction(found: dict[str, str | None], requested: dict[str, str]) -> float:
+    """Fraction of the requested editable attributes among the attributes `found` in an image (read_attributes)."""
     return float(np.mean([found[name] == value for name, value in requested.items()]))

@@ -76,11 +76,12 @@ def main(argv: list[str] | None = None) -> int:
              f"({len(curve.identity_all)} images per gamma)")
     plot(curve, args.out, title)
     with args.out.with_suffix(".csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["gamma", "identity", "prompt"])
+        writer = csv.DictWriter(handle, fieldnames=["gamma", "identity", "prompt", *curve.attributes])
         writer.writeheader()
         writer.writerows(curve.rows())
     for row in curve.rows():
-        print(f"gamma {row['gamma']:.1f}  identity {row['identity']:.3f}  prompt {row['prompt']:.3f}")
+        shares = "  ".join(f"{name} {row[name]:.2f}" for name in curve.attributes)
+        print(f"gamma {row['gamma']:.1f}  identity {row['identity']:.3f} ({shares})  prompt {row['prompt']:.3f}")
     print("acceptance:", "all pass" if not problems else "; ".join(problems))
     logger.info("wrote %s and %s", args.out, args.out.with_suffix(".csv"))
     return 0

@@ -3,13 +3,13 @@ and the calibrated gate curve that spaces them evenly."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from flexip_core import toyworld as tw
 from flexip_core.gate import GateCurve
-from flexip_core.oracle import identity_score, prompt_score
+from flexip_core.oracle import identity_matches, prompt_fraction, read_attributes
 from flexip_core.pipeline import MAX_BATCH
 
 from .world import Case
@@ -28,10 +28,13 @@ class Curve:
     prompt: np.ndarray  # (G,) mean prompt score
     identity_all: np.ndarray  # (samples, G)
     prompt_all: np.ndarray  # (samples, G)
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)  # identity attribute -> (G,) share found
 
     def rows(self) -> list[dict]:
-        return [dict(gamma=float(g), identity=float(i), prompt=float(p))
-                for g, i, p in zip(self.gammas, self.identity, self.prompt)]
+        """One dict per gate value: gamma, identity, prompt and the share of each identity attribute found."""
+        return [dict(gamma=float(g), identity=float(self.identity[k]), prompt=float(self.prompt[k]),
+                     **{name: float(share[k]) for name, share in self.attributes.items()})
+                for k, g in enumerate(self.gammas)]
 
 
 def measure(pipe, cases: list[Case], seeds=(0, 1), gammas=GAMMAS, num_inference_steps: int | None = None,
@@ -41,7 +44,7 @@ def measure(pipe, cases: list[Case], seeds=(0, 1), gammas=GAMMAS, num_inference_
     `curve` replaces the profile's gate curve for this measurement (used while calibrating)."""
     gammas = tuple(float(g) for g in gammas)
     branch_weights = [curve.weights(g) for g in gammas] if curve is not None else None
-    identity, prompt = [], []
+    identity, prompt, matches = [], [], []
     for case in cases:
         subject = pipe.encode_subject([case.reference_image()])
         requested = tw.parse_prompt(case.prompt)
@@ -52,10 +55,14 @@ def measure(pipe, cases: list[Case], seeds=(0, 1), gammas=GAMMAS, num_inference_
                 images += pipe(case.prompt, subject, gate=list(gammas[chunk]), seed=int(seed),
                                branch_weights=branch_weights[chunk] if branch_weights else None,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale).images
-            identity.append([identity_score(im, case.subject) for im in images])
-            prompt.append([prompt_score(im, requested) for im in images])
+            found = [read_attributes(im) for im in images]
+            matches.append([identity_matches(f, case.subject) for f in found])
+            identity.append([np.mean(list(m.values())) for m in matches[-1]])
+            prompt.append([prompt_fraction(f, requested) for f in found])
     identity_all, prompt_all = np.array(identity), np.array(prompt)  # (samples, G)
-    return Curve(gammas, identity_all.mean(0), prompt_all.mean(0), identity_all, prompt_all)
+    attributes = {name: np.array([[m[name] for m in row] for row in matches], float).mean(0)
+                  for name in tw.IDENTITY_ATTRIBUTES}
+    return Curve(gammas, identity_all.mean(0), prompt_all.mean(0), identity_all, prompt_all, attributes)
 
 
 # Linear-gate values at which the build measures before calibrating: dense near 0, where a little preservation
