@@ -44,7 +44,7 @@ def measure(pipe, cases: list[Case], seeds=(0, 1), gammas=GAMMAS, num_inference_
     `curve` replaces the profile's gate curve for this measurement (used while calibrating)."""
     gammas = tuple(float(g) for g in gammas)
     branch_weights = [curve.weights(g) for g in gammas] if curve is not None else None
-    identity, prompt, matches = [], [], []
+    hits, prompt = [], []  # per sample: (G, identity attributes) matches; (G,) prompt scores
     for case in cases:
         subject = pipe.encode_subject([case.reference_image()])
         requested = tw.parse_prompt(case.prompt)
@@ -55,13 +55,12 @@ def measure(pipe, cases: list[Case], seeds=(0, 1), gammas=GAMMAS, num_inference_
                 images += pipe(case.prompt, subject, gate=list(gammas[chunk]), seed=int(seed),
                                branch_weights=branch_weights[chunk] if branch_weights else None,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale).images
-            found = [read_attributes(im) for im in images]
-            matches.append([identity_matches(f, case.subject) for f in found])
-            identity.append([np.mean(list(m.values())) for m in matches[-1]])
+            found = [read_attributes(im) for im in images]  # the oracle reads each image once
+            hits.append([list(identity_matches(f, case.subject).values()) for f in found])
             prompt.append([prompt_fraction(f, requested) for f in found])
-    identity_all, prompt_all = np.array(identity), np.array(prompt)  # (samples, G)
-    attributes = {name: np.array([[m[name] for m in row] for row in matches], float).mean(0)
-                  for name in tw.IDENTITY_ATTRIBUTES}
+    hits_all = np.array(hits, float)  # (samples, G, A), A in tw.IDENTITY_ATTRIBUTES order
+    identity_all, prompt_all = hits_all.mean(-1), np.array(prompt)  # (samples, G): identity_score per image
+    attributes = dict(zip(tw.IDENTITY_ATTRIBUTES, hits_all.mean(0).T))
     return Curve(gammas, identity_all.mean(0), prompt_all.mean(0), identity_all, prompt_all, attributes)
 
 
