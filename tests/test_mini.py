@@ -5,12 +5,13 @@ Needs the shipped weights (assets/mini, built by `python -m flexip_core.mini.bui
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from flexip_core import toyworld as tw
-from flexip_core.mini import slider, world
+from flexip_core.mini import gate_map, slider, world
 from flexip_core.mini.build import ASSETS, PROFILE_PATH
 
 HAVE_WEIGHTS = (ASSETS / "flexip_adapter.safetensors").is_file() and PROFILE_PATH.is_file()
@@ -267,3 +268,49 @@ def test_probe_measures_how_much_the_base_listens_to_each_identity_word():
         embedding[words] = embedding[words].mean(0)
     assert probe.word_spread(pipe, "pattern")["model"] < 0.01
     assert probe.word_spread(pipe, "pattern")["renders"] == found["pattern"]["renders"]
+
+
+def test_a_point_is_dominated_when_another_is_as_good_in_both_scores_and_better_in_one():
+    scores = [(0.8, 0.9), (0.7, 0.9), (0.9, 0.5), (0.8, 0.9), (0.6, 0.95)]
+    assert gate_map.dominated_points(scores) == [False, True, False, False, False]
+
+
+@needs_weights
+def test_gate_map_sends_each_weight_pair_to_the_pipeline():
+    """Each grid row is generated with its own branch weights: preservation brings identity in and the prompt out
+    (as along the slider), and the (1, 0) row is the slider's gamma = 1 (calibrated curves end at w_pres = 1)."""
+    from flexip_core.mini.curve import load_mini
+
+    pipe = load_mini()
+    cases = world.sample_cases(6, seed=100, split="train")
+    rows = gate_map.measure_grid(pipe, cases, seeds=(0,), pres=(0.0, 1.0), pers=(0.0, 1.0))
+    assert [(r["pres"], r["pers"]) for r in rows] == [(0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0)]
+    identity, prompt, colour = (np.array([r[k] for r in rows]).reshape(2, 2).mean(1)  # (w_pres 0, w_pres 1)
+                                for k in ("identity", "prompt", "colour"))
+    # measured: identity 0.42 -> 0.69, prompt 1.00 -> 0.40, colour 0.33 -> 1.00
+    assert identity[1] - identity[0] >= 0.2 and prompt[0] - prompt[1] >= 0.3 and colour[1] >= 0.9, rows
+    end = slider.measure(pipe, cases, seeds=(0,), gammas=(1.0,)).rows()[0]
+    assert (end["identity"], end["prompt"]) == (rows[2]["identity"], rows[2]["prompt"]), (end, rows)
+    assert all(isinstance(r["dominated"], bool) for r in rows)
+
+
+def test_gate_map_passes_each_weight_pair_and_the_schedule_to_the_pipeline():
+    """Without weights: a stand-in pipeline that draws the reference records what each call asked for."""
+    case = world.sample_cases(1, seed=100, split="train")[0]
+    calls = []
+
+    class RecordingPipe:
+        def encode_subject(self, images):
+            return "subject"
+
+        def __call__(self, prompt, subject, gate, seed, branch_weights, gate_schedule, **defaults):
+            calls.append(dict(prompt=prompt, branch_weights=branch_weights, gate_schedule=gate_schedule))
+            return SimpleNamespace(images=[case.reference_image()] * len(gate))
+
+    rows = gate_map.measure_grid(RecordingPipe(), [case], seeds=(0,), pres=(0.0, 0.3, 1.0), pers=(0.0, 1.0),
+                                 gate_schedule=0.5)
+    sent = [w for call in calls for w in call["branch_weights"]]
+    assert sent == [(0.0, 0.0), (0.0, 1.0), (0.3, 0.0), (0.3, 1.0), (1.0, 0.0), (1.0, 1.0)]
+    assert all(c["gate_schedule"] == 0.5 and c["prompt"] == case.prompt for c in calls)
+    assert [(r["pres"], r["pers"]) for r in rows] == sent
+    assert all(r["identity"] == 1.0 for r in rows)  # the reference itself carries every identity attribute

@@ -38,10 +38,11 @@ class Curve:
 
 
 def measure(pipe, cases: list[Case], seeds=(0, 1), gammas=GAMMAS, num_inference_steps: int | None = None,
-            guidance_scale: float | None = None, curve: GateCurve | None = None) -> Curve:
+            guidance_scale: float | None = None, curve: GateCurve | None = None, gate_schedule=None) -> Curve:
     """Generate every case at every gate value (batched calls per case and seed) and score with the oracle.
 
-    `curve` replaces the profile's gate curve for this measurement (used while calibrating)."""
+    `curve` replaces the profile's gate curve for this measurement (used while calibrating); `gate_schedule` is
+    passed to every call (see flexip_core.gate.as_schedule)."""
     gammas = tuple(float(g) for g in gammas)
     branch_weights = [curve.weights(g) for g in gammas] if curve is not None else None
     hits, prompt = [], []  # per sample: (G, identity attributes) matches; (G,) prompt scores
@@ -54,7 +55,8 @@ def measure(pipe, cases: list[Case], seeds=(0, 1), gammas=GAMMAS, num_inference_
                 chunk = slice(start, start + MAX_BATCH)
                 images += pipe(case.prompt, subject, gate=list(gammas[chunk]), seed=int(seed),
                                branch_weights=branch_weights[chunk] if branch_weights else None,
-                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale).images
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               gate_schedule=gate_schedule).images
             found = [read_attributes(im) for im in images]  # the oracle reads each image once
             hits.append([list(identity_matches(f, case.subject).values()) for f in found])
             prompt.append([prompt_fraction(f, requested) for f in found])
