@@ -12,6 +12,7 @@ import itertools
 import numpy as np
 import torch
 
+from flexip_core import toyworld as tw
 from flexip_core.gate import GateCurve
 
 from . import slider, world
@@ -71,11 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     cases = world.sample_cases(args.cases, 100 if args.split == "train" else 1, split=args.split)
     rows = measure_grid(load_mini(), cases, tuple(int(s) for s in args.seeds.split(",")), args.pres, args.pers,
                         gate_schedule=args.pres_until)
-    print("w_pres  w_pers  identity  prompt  " + "  ".join(k for k in rows[0] if k not in
-                                                          ("pres", "pers", "identity", "prompt", "dominated")))
+    names = list(tw.IDENTITY_ATTRIBUTES)
+    print("w_pres  w_pers  identity  prompt  " + "  ".join(names))
     for row in rows:
-        shares = "  ".join(f"{v:.2f}" for k, v in row.items() if k not in ("pres", "pers", "identity", "prompt",
-                                                                          "dominated"))
+        shares = "  ".join(f"{row[name]:.2f}".rjust(len(name)) for name in names)
         print(f"{row['pres']:6.2f}  {row['pers']:6.2f}  {row['identity']:8.3f}  {row['prompt']:6.3f}  {shares}"
               + ("  dominated" if row["dominated"] else ""))
     return 0
