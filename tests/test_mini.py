@@ -276,7 +276,7 @@ def test_a_point_is_dominated_when_another_is_as_good_in_both_scores_and_better_
 
 
 @needs_weights
-def test_gate_map_sends_each_weight_pair_to_the_pipeline():
+def test_gate_map_with_the_shipped_weights_follows_the_preservation_weight():
     """Each grid row is generated with its own branch weights: preservation brings identity in and the prompt out
     (as along the slider), and the (1, 0) row is the slider's gamma = 1 (calibrated curves end at w_pres = 1)."""
     from flexip_core.mini.curve import load_mini

@@ -48,6 +48,13 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from .curve import load_mini
 
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pres-until", type=float, default=None,
                         help="preservation only in this first fraction of the denoising steps (default: all)")
     parser.add_argument("--cases", type=int, default=16, help="(subject, reference, prompt) cases")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated generation seeds")
+    parser.add_argument("--seeds", type=_seeds, default=(0, 1), help="comma-separated generation seeds")
     parser.add_argument("--split", choices=("train", "heldout"), default="train",
                         help="training cases (as the calibration) or held-out ones (as the acceptance curve)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -69,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--cases must be at least 1; got {args.cases}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # the cases the build calibrates on (build.calibrate, seed 0 + 100) or those of the curve (its --case-seed 1)
     cases = world.sample_cases(args.cases, 100 if args.split == "train" else 1, split=args.split)
-    rows = measure_grid(load_mini(), cases, tuple(int(s) for s in args.seeds.split(",")), args.pres, args.pers,
-                        gate_schedule=args.pres_until)
+    rows = measure_grid(load_mini(), cases, args.seeds, args.pres, args.pers, gate_schedule=args.pres_until)
     names = list(tw.IDENTITY_ATTRIBUTES)
     print("w_pres  w_pers  identity  prompt  " + "  ".join(names))
     for row in rows:
