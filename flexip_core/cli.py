@@ -12,6 +12,25 @@ MODEL_FLAGS = ("base", "base_config", "clip_encoder", "dino_encoder", "preservat
                "lora")
 
 
+def comma_numbers(text: str) -> tuple[float, ...]:
+    """argparse type: '0,0.5,1' -> (0.0, 0.5, 1.0); one clear error for anything else."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one value")
+    return values
+
+
+def comma_ints(text: str) -> tuple[int, ...]:
+    """argparse type: '0,1,2' -> (0, 1, 2), as comma_numbers for whole numbers."""
+    values = comma_numbers(text)
+    if any(v != int(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}")
+    return tuple(int(v) for v in values)
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """--profile plus one flag per profile part; shared by every command that loads a pipeline."""
     parser.add_argument("--profile", default=None, help="profile name or .json path (default: best available)")

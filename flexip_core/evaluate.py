@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import add_model_flags, comma_numbers
 from .manifest import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -277,19 +278,7 @@ def plot_tradeoff(summary: list[dict], path: Path) -> Path:
 
 
 # --- command line ------------------------------------------------------------------------------
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("give at least one value")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_model_flags
-
     parser = argparse.ArgumentParser(prog="python -m flexip_core.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(parser)
@@ -297,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DreamBench-layout folder: one sub-folder of photos per subject")
     parser.add_argument("--prompts", default=None, help="prompts_and_classes.txt (default: the one in --subjects)")
     parser.add_argument("--out", required=True, help="folder for scores.csv, summary.*, tradeoff.png and images/")
-    parser.add_argument("--gates", type=_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0), help="gamma values, e.g. 0,0.5,1")
+    parser.add_argument("--gates", type=comma_numbers, default=(0.0, 0.25, 0.5, 0.75, 1.0),
+                        help="gamma values, e.g. 0,0.5,1")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds shared by every sweep")
     parser.add_argument("--subject", action="append", default=None, help="evaluate only this subject (repeatable)")
     parser.add_argument("--max-subjects", type=int, default=None, help="first N subjects only (quick runs)")
@@ -312,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", default="auto",
                         help="'auto' (the profile itself when its preservation branch is an IP-Adapter), 'none', "
                              "or a profile whose preservation branch is an IP-Adapter")
-    parser.add_argument("--baseline-scales", type=_floats, default=None, help="IP-Adapter scales (default: --gates)")
+    parser.add_argument("--baseline-scales", type=comma_numbers, default=None,
+                        help="IP-Adapter scales (default: --gates)")
     parser.add_argument("--clip-metric", default=None, help=f"CLIPModel for CLIP-I/CLIP-T (default {_default('clip')})")
     parser.add_argument("--dino-metric", default=None, help=f"DINO ViTModel for DINO-I (default {_default('dino')})")
     parser.add_argument("--no-images", action="store_true", help="do not write the generated images")

@@ -5,6 +5,7 @@ Needs the shipped weights (assets/mini, built by `python -m flexip_core.mini.bui
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -314,3 +315,15 @@ def test_gate_map_passes_each_weight_pair_and_the_schedule_to_the_pipeline():
     assert all(c["gate_schedule"] == 0.5 and c["prompt"] == case.prompt for c in calls)
     assert [(r["pres"], r["pers"]) for r in rows] == sent
     assert all(r["identity"] == 1.0 for r in rows)  # the reference itself carries every identity attribute
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pres", "3"], "branch weights must lie in \\[0, 2\\]"),
+    (["--pers", "a,b"], "expected comma-separated numbers"),
+    (["--seeds", "0,1.5"], "expected comma-separated whole numbers"),
+    (["--seeds", ","], "give at least one value"),
+])
+def test_gate_map_refuses_bad_arguments_before_loading_anything(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gate_map.main(argv)
+    assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from flexip_core import toyworld as tw
+from flexip_core.cli import comma_ints, comma_numbers
 from flexip_core.gate import GateCurve
 
 from . import slider, world
@@ -38,21 +39,11 @@ def dominated_points(scores: list[tuple[float, float]]) -> list[bool]:
     return [any(a >= i and b >= p and (a > i or b > p) for a, b in scores) for i, p in scores]
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+def _weights(text: str) -> tuple[float, ...]:
+    values = comma_numbers(text)
     if any(not 0.0 <= v <= 2.0 for v in values):
         raise argparse.ArgumentTypeError(f"branch weights must lie in [0, 2]; got {text}")
     return values
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m flexip_core.mini.gate_map", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pres", type=_floats, default=(0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), help="w_pres values")
-    parser.add_argument("--pers", type=_floats, default=(0.0, 0.25, 0.5, 0.75, 1.0), help="w_pers values")
+    parser.add_argument("--pres", type=_weights, default=(0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0), help="w_pres values")
+    parser.add_argument("--pers", type=_weights, default=(0.0, 0.25, 0.5, 0.75, 1.0), help="w_pers values")
     parser.add_argument("--pres-until", type=float, default=None,
                         help="preservation only in this first fraction of the denoising steps (default: all)")
     parser.add_argument("--cases", type=int, default=16, help="(subject, reference, prompt) cases")
-    parser.add_argument("--seeds", type=_seeds, default=(0, 1), help="comma-separated generation seeds")
+    parser.add_argument("--seeds", type=comma_ints, default=(0, 1), help="comma-separated generation seeds")
     parser.add_argument("--split", choices=("train", "heldout"), default="train",
                         help="training cases (as the calibration) or held-out ones (as the acceptance curve)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
