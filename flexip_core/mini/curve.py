@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flexip_core.cli import comma_ints
+
 from . import slider, world
 from .build import ASSETS, PROFILE_PATH
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/mini_curve.png"), help="plot path (.png)")
     parser.add_argument("--cases", type=int, default=16, help="held-out (subject, reference, prompt) cases")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated generation seeds")
+    parser.add_argument("--seeds", type=comma_ints, default=(0, 1, 2), help="comma-separated generation seeds")
     parser.add_argument("--case-seed", type=int, default=1, help="seed drawing the cases")
     parser.add_argument("--assets", type=Path, default=ASSETS)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -67,12 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if not (args.assets / "flexip_adapter.safetensors").is_file():
         parser.error(f"no FlexIP-mini weights in {args.assets}; build them with `python -m flexip_core.mini.build`")
-    seeds = [int(s) for s in args.seeds.split(",")]
     pipe = load_mini(args.assets)
     cases = world.sample_cases(args.cases, args.case_seed, split="heldout")
-    curve = slider.measure(pipe, cases, seeds=seeds)
+    curve = slider.measure(pipe, cases, seeds=args.seeds)
     problems = slider.check_slider(curve)
-    title = (f"FlexIP-mini: {args.cases} held-out subjects x prompts, seeds {args.seeds} "
+    title = (f"FlexIP-mini: {args.cases} held-out subjects x prompts, seeds {','.join(map(str, args.seeds))} "
              f"({len(curve.identity_all)} images per gamma)")
     plot(curve, args.out, title)
     with args.out.with_suffix(".csv").open("w", newline="") as handle:
