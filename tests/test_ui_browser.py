@@ -144,6 +144,12 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
             page.get_by_role("tab", name="γ sweep").click()
             gallery = page.locator("#sweep-gallery img")
             expect(gallery).to_have_count(6)  # the reference, then γ 0, 0.25, 0.5, 0.75, 1
+            panel = page.locator("#sweep-gallery").bounding_box()
+            label = page.locator("#sweep-gallery [data-testid=block-label]").bounding_box()
+            for tile in (img.bounding_box() for img in gallery.all()):  # every tile whole, none under the label
+                right, panel_right = tile["x"] + tile["width"], panel["x"] + panel["width"]
+                assert panel["x"] <= tile["x"] and right <= panel_right, (panel, tile)
+                assert tile["y"] >= label["y"] + label["height"], (label, tile)
             last = tmp_path / "gamma1.png"
             last.write_bytes(page.request.get(gallery.last.get_attribute("src")).body())
             assert identity_score(Image.open(last).convert("RGB"), toyworld.Subject(*example.subject)) >= 2 / 3

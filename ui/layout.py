@@ -116,7 +116,8 @@ def _result_panel(out: dict) -> dict:
                 out["prompts_text"] = gr.Textbox(label="Prompts, one per line (up to 4)", lines=3, scale=3)
                 buttons["grid"] = gr.Button("Run grid", variant="primary", scale=1)
             out["grid_gallery"] = gr.Gallery(label="rows: prompts · columns: γ", columns=5, height=300,
-                                             object_fit="contain", interactive=False, fit_columns=False)
+                                             object_fit="contain", elem_id="grid-gallery", interactive=False,
+                                             fit_columns=False)
             out["grid_zip"] = gr.DownloadButton("Download all (zip)", interactive=False, size="sm")
     out["info"] = gr.Markdown("Release the γ slider to render; drag it to see renders already made.",
                               elem_id="info")
