@@ -80,8 +80,8 @@ def test_identity_breaks_down_into_the_attributes_the_oracle_finds(curve):
 
 @needs_weights
 @pytest.mark.xfail(strict=True, reason="issue 4 targets not all reached: identity at gamma=1 is about 0.72 (target "
-                   "0.8: the base draws patterns at chance) and the largest steps are 2.5-3 x the mean step (target "
-                   "2); passes (and then fails as XPASS) once a build meets them")
+                   "0.8: the base draws held-out subjects' patterns at chance) and the largest steps are 2.5-3 x the "
+                   "mean step (target 2); passes (and then fails as XPASS) once a build meets them")
 def test_issue_targets_identity_at_one_and_a_smooth_trade_off(curve):
     assert curve.identity[-1] >= 0.8 and curve.prompt[0] >= 0.8, curve.rows()
     assert slider.check_slider(curve) == [], curve.rows()
