@@ -121,6 +121,15 @@ def test_upload_prompt_generate_and_slide(page, tmp_path):
     assert page.locator("#seed input").input_value() != "12345"
 
 
+def assert_tiles_whole(page, gallery: str) -> None:
+    """Every image of the gallery lies within its panel and below its label (none cut off or covered)."""
+    panel = page.locator(gallery).bounding_box()
+    label = page.locator(f"{gallery} [data-testid=block-label]").bounding_box()
+    for tile in (img.bounding_box() for img in page.locator(f"{gallery} img").all()):
+        assert panel["x"] <= tile["x"] and tile["x"] + tile["width"] <= panel["x"] + panel["width"], (panel, tile)
+        assert tile["y"] >= label["y"] + label["height"], (label, tile)
+
+
 @pytest.mark.skipif(not (REPO / "assets" / "mini" / "flexip_adapter.safetensors").is_file(),
                     reason="assets/mini is absent; build it with `python -m flexip_core.mini.build`")
 def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_path):
@@ -144,15 +153,15 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
             page.get_by_role("tab", name="γ sweep").click()
             gallery = page.locator("#sweep-gallery img")
             expect(gallery).to_have_count(6)  # the reference, then γ 0, 0.25, 0.5, 0.75, 1
-            panel = page.locator("#sweep-gallery").bounding_box()
-            label = page.locator("#sweep-gallery [data-testid=block-label]").bounding_box()
-            for tile in (img.bounding_box() for img in gallery.all()):  # every tile whole, none under the label
-                right, panel_right = tile["x"] + tile["width"], panel["x"] + panel["width"]
-                assert panel["x"] <= tile["x"] and right <= panel_right, (panel, tile)
-                assert tile["y"] >= label["y"] + label["height"], (label, tile)
+            assert_tiles_whole(page, "#sweep-gallery")
             last = tmp_path / "gamma1.png"
             last.write_bytes(page.request.get(gallery.last.get_attribute("src")).body())
             assert identity_score(Image.open(last).convert("RGB"), toyworld.Subject(*example.subject)) >= 2 / 3
+            history = page.locator("#history img")
+            for count in range(history.count() + 1, 7):  # six renders: more than Gradio's 100 px columns hold
+                page.locator("#generate").click()
+                expect(history).to_have_count(count)
+            assert_tiles_whole(page, "#history")
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT))
     finally:
