@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import add_model_flags, comma_numbers
+from .cli import add_model_flags, comma_ints, comma_numbers
 from .manifest import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="folder for scores.csv, summary.*, tradeoff.png and images/")
     parser.add_argument("--gates", type=comma_numbers, default=(0.0, 0.25, 0.5, 0.75, 1.0),
                         help="gamma values, e.g. 0,0.5,1")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds shared by every sweep")
+    parser.add_argument("--seeds", type=comma_ints, default=(0,), help="comma-separated seeds shared by every sweep")
     parser.add_argument("--subject", action="append", default=None, help="evaluate only this subject (repeatable)")
     parser.add_argument("--max-subjects", type=int, default=None, help="first N subjects only (quick runs)")
     parser.add_argument("--max-prompts", type=int, default=None, help="first N prompts per subject only")
@@ -344,10 +344,6 @@ def main(argv: list[str] | None = None) -> int:
         from .cli import pipeline_from_args
         from .metrics import MetricConfig, MetricModels
 
-        try:
-            seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
-        except ValueError:
-            raise ValueError(f"--seeds must be comma-separated whole numbers, got {args.seeds!r}") from None
         for gate in args.gates:
             if not 0.0 <= gate <= 1.0:
                 raise ValueError(f"--gates values must be in [0, 1], got {gate}")
@@ -363,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_config = MetricConfig(clip=args.clip_metric or defaults.clip, dino=args.dino_metric or defaults.dino)
         pipe = pipeline_from_args(args)
         metrics = MetricModels.load(metrics_config, device=pipe.device)
-        settings = EvalSettings(gates=args.gates, baseline_scales=args.baseline_scales or args.gates, seeds=seeds,
+        settings = EvalSettings(gates=args.gates, baseline_scales=args.baseline_scales or args.gates, seeds=args.seeds,
                                 token=args.token, condition_images=args.condition_images, strength=args.strength,
                                 num_inference_steps=args.steps, guidance_scale=args.guidance, size=args.size,
                                 scheduler=args.scheduler, save_images=not args.no_images)

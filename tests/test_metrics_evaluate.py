@@ -126,3 +126,6 @@ def test_evaluation_refuses_bad_arguments(dreambench, metric_folders, tmp_path, 
     assert "unicorn" in capsys.readouterr().err
     assert main(common + ["--gates", "0,1.5"]) == 2
     assert "[0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # argparse refuses it before anything loads
+        main(common + ["--seeds", "0,x"])
+    assert stop.value.code == 2 and "expected comma-separated numbers" in capsys.readouterr().err
