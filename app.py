@@ -18,7 +18,8 @@ from pathlib import Path
 logger = logging.getLogger("flexip_studio")
 
 # Command-line flags passed through to FlexIPPipeline.from_profile as profile overrides.
-OVERRIDES = ("base", "base_config", "clip_encoder", "dino_encoder", "preservation", "personalization", "adapter", "lora")
+OVERRIDES = ("base", "base_config", "clip_encoder", "dino_encoder", "preservation", "personalization", "adapter",
+             "lora")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

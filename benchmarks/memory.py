@@ -60,7 +60,8 @@ def run(mode: Mode, app: dict | None) -> Section:
     label = "sd15-architecture" if mode.arch == "sd15" else "tiny"
     section.add(f"{label} pipeline, fp32: weights (all components)", gib(figures["weights_bytes"]))
     section.add(f"{label} pipeline, fp32: peak RSS after building", gib(figures["peak_rss_after_build"]))
-    section.add(f"{label} pipeline, fp32: peak RSS after encode + one {mode.size} px generation", gib(figures["peak_rss"]))
+    section.add(f"{label} pipeline, fp32: peak RSS after encode + one {mode.size} px generation",
+                gib(figures["peak_rss"]))
     section.data = dict(pipeline=figures)
     if app is None or app.get("peak_rss") is None:
         reason = (app or {}).get("skipped", "item 5 (the server run) did not run")

@@ -32,12 +32,14 @@ def run(bench: Bench, mode: Mode) -> Section:
         pipe.identity_score(state["images"], state["subject"])
 
     cases = {"first generation": first, "slider move": move, "identity score": score}
-    pipe(PROMPT, subject=pipe.encode_subject([synthetic_photo(99)]), **{**settings, "num_inference_steps": 1})  # warm-up
+    # warm-up
+    pipe(PROMPT, subject=pipe.encode_subject([synthetic_photo(99)]), **{**settings, "num_inference_steps": 1})
     times = interleaved(cases, mode.slider_rounds, warmup=0, rotate=False)  # a move follows its first generation
     first_t, move_t, score_t = (times.wall[name] for name in cases)
     move_calls = max(state["move_calls"])
     ratio = paired_ratio(move_t, first_t)
-    section.add(f"first generation ({mode.steps} steps, {mode.size} px; encode + loop + decode): median", seconds(median(first_t)))
+    section.add(f"first generation ({mode.steps} steps, {mode.size} px; encode + loop + decode): median",
+                seconds(median(first_t)))
     section.add("slider move (same subject, new γ): median", seconds(median(move_t)))
     section.add("slider move / first generation: wall | CPU",
                 f"{ratio:.3f} | {paired_ratio(times.cpu['slider move'], times.cpu['first generation']):.3f}")
@@ -48,6 +50,7 @@ def run(bench: Bench, mode: Mode) -> Section:
     section.targets.append(Target("slider_move_encoder_calls", move_calls, 0, kind="count"))
     section.notes.append(f"the ratio depends on the step count: the move pays only the {mode.steps}-step loop and "
                          "decode, the first generation also CLIP ViT-H/14 + DINOv2-L on the photo")
-    section.data = dict(wall_seconds=times.wall, cpu_seconds=times.cpu, move_vs_first=ratio, encoder_calls_first=state["first_calls"],
-                        encoder_calls_move=state["move_calls"], steps=mode.steps, size=mode.size)
+    section.data = dict(wall_seconds=times.wall, cpu_seconds=times.cpu, move_vs_first=ratio,
+                        encoder_calls_first=state["first_calls"], encoder_calls_move=state["move_calls"],
+                        steps=mode.steps, size=mode.size)
     return section

@@ -46,5 +46,6 @@ def run(bench: Bench, mode: Mode) -> Section:
                 f"{ratio:.3f} ({ratio_spread(times.wall['batched'], times.wall['sequential'])}) | "
                 f"{paired_ratio(times.cpu['batched'], times.cpu['sequential']):.3f}")
     section.targets.append(Target("sweep_batched_vs_sequential", ratio, BATCHED_VS_SEQUENTIAL))
-    section.data = dict(wall_seconds=times.wall, cpu_seconds=times.cpu, batched_vs_sequential=ratio, gates=gates, steps=mode.sweep_steps)
+    section.data = dict(wall_seconds=times.wall, cpu_seconds=times.cpu, batched_vs_sequential=ratio, gates=gates,
+                        steps=mode.sweep_steps)
     return section

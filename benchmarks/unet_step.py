@@ -193,7 +193,8 @@ def run(bench: Bench, mode: Mode, breakdown: bool = False) -> Section:
                     f"{groups['total'] / 1e9:.1f} ({groups.get('linear', 0) / 1e9:.1f} + "
                     f"{groups.get('attention', 0) / 1e9:.2f} + {groups.get('convolution', 0) / 1e9:.1f})")
     if full_size:
-        section.add(f"at {mode.flops_size} px ({mode.flops_size // 8}x{mode.flops_size // 8} latents, counted, not timed):"
+        side = mode.flops_size // 8
+        section.add(f"at {mode.flops_size} px ({side}x{side} latents, counted, not timed):"
                     " GFLOPs per step plain | FlexIP | IP-Adapter Plus",
                     " | ".join(f"{full_size[name]['total'] / 1e9:.0f}" for name in (PLAIN, FLEXIP, IP)))
         section.add(f"at {mode.flops_size} px: FLOPs ratio FlexIP / plain | FlexIP / IP-Adapter Plus",
@@ -203,8 +204,8 @@ def run(bench: Bench, mode: Mode, breakdown: bool = False) -> Section:
     section.targets += [Target("unet_flexip_vs_plain", vs_plain, FLEXIP_VS_PLAIN),
                         Target("unet_flexip_vs_ip_adapter_plus", vs_ip, FLEXIP_VS_IP_ADAPTER)]
     section.data = dict(latents=[2, 4, latent, latent], wall_seconds=wall, cpu_seconds=cpu, flops=counts,
-                        flops_full_size=full_size, flexip_vs_plain=vs_plain, flexip_vs_ip_adapter=vs_ip, kv_cached=cached,
-                        time_breakdown_ms=profiles)
+                        flops_full_size=full_size, flexip_vs_plain=vs_plain, flexip_vs_ip_adapter=vs_ip,
+                        kv_cached=cached, time_breakdown_ms=profiles)
     if not cached:
         section.notes.append("FlexIP recomputed keys/values during timed steps: the per-generation cache missed")
     for target, other in zip(section.targets, (PLAIN, IP)):

@@ -96,7 +96,8 @@ class _GroundingLayer(nn.Module):
 
     def forward(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
         batch, length, _ = text.shape
-        q = self.to_q(self.norm_text(text)).view(batch, length, self.heads, self.dim_head).transpose(1, 2)  # (B, h, L, d)
+        q = self.to_q(self.norm_text(text)).view(batch, length, self.heads, self.dim_head)  # (B, L, h, d)
+        q = q.transpose(1, 2)  # (B, h, L, d)
         k, v = self.to_kv(self.norm_visual(visual)).chunk(2, dim=-1)  # (B, V, h*d) each
         k = k.view(batch, -1, self.heads, self.dim_head).transpose(1, 2)  # (B, h, V, d)
         v = v.view(batch, -1, self.heads, self.dim_head).transpose(1, 2)  # (B, h, V, d)

@@ -84,7 +84,8 @@ def load_reference_image(source, name: str | None = None, limits: ImageLimits = 
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ValueError(f"{label}: not an image PIL can read; accepted formats: {', '.join(ACCEPTED_FORMATS)}") from None
+        accepted = ", ".join(ACCEPTED_FORMATS)
+        raise ValueError(f"{label}: not an image PIL can read; accepted formats: {accepted}") from None
     except Image.DecompressionBombError:
         raise ValueError(f"{label}: pixel count is far over the limit (decompression bomb); refused") from None
     if image.format not in ACCEPTED_FORMATS:

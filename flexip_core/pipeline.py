@@ -106,8 +106,10 @@ class FlexIPPipeline:
             raise ValueError("no subject: call pipe.encode_subject([photos]) and pass its result as subject=")
         check_unit(strength, "strength", high=2.0)
         if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be a whole number from 1 to {MAX_STEPS}, got {num_inference_steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= 50:
+            raise ValueError(f"num_inference_steps must be a whole number from 1 to {MAX_STEPS}, "
+                             f"got {num_inference_steps!r}")
+        if (not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale)
+                or not 0 <= guidance_scale <= 50):
             raise ValueError(f"guidance_scale must be a number from 0 to 50, got {guidance_scale!r}")
         max_side = self.defaults.max_side
         for label, side in (("height", height), ("width", width)):
@@ -142,7 +144,8 @@ class FlexIPPipeline:
             message = f"prompt is {len(full)} tokens; the text encoder takes {limit}, so the end was cut off"
             logger.warning(message)
             warnings.append(message)
-        ids = self.tokenizer(prompt, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(prompt, padding="max_length", max_length=limit, truncation=True,
+                             return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0]
 
     def _branch_tokens(self, provider, features: ImageFeatures, uncond: ImageFeatures, text, neg_text, n, cfg):
@@ -193,9 +196,11 @@ class FlexIPPipeline:
         w = np.array(weights)[:, None, :] * per_step  # (N, total, 2)
         pres = pers = None
         if w[..., 0].any():
-            pres = self._branch_tokens(self.adapter.preservation, subject.features, subject.uncond, text, neg_text, n, cfg)
+            pres = self._branch_tokens(self.adapter.preservation, subject.features, subject.uncond, text, neg_text,
+                                       n, cfg)
         if w[..., 1].any():
-            pers = self._branch_tokens(self.adapter.personalization, subject.features, subject.uncond, text, neg_text, n, cfg)
+            pers = self._branch_tokens(self.adapter.personalization, subject.features, subject.uncond, text, neg_text,
+                                       n, cfg)
         cache, kv_calls = {}, [0]
 
         # 5. Prepare latents: one draw from the seed, shared by every image (a same-seed sweep)

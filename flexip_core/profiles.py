@@ -89,8 +89,9 @@ def load_profile(name_or_path: str) -> Profile:
                and f.default_factory is dataclasses.MISSING]
     unknown = sorted(set(data) - set(fields))
     if missing or unknown:
-        raise ValueError(f"profile {path}: " + "; ".join(
-            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {', '.join(unknown)}"] if unknown else [])))
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(unknown)}"] if unknown else [])
+        raise ValueError(f"profile {path}: " + "; ".join(problems))
     return Profile(**data)
 
 

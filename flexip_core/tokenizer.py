@@ -17,7 +17,7 @@ SEED_TEXT = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2 / CLIP byte-to-printable-character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = printable[:]
     extra = 0
     for byte in range(256):
@@ -63,6 +63,7 @@ def save_tiny_tokenizer(folder: Path, max_length: int = 77) -> CLIPTokenizer:
     vocab, merges = build_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=max_length)
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
+                              model_max_length=max_length)
     tokenizer.save_pretrained(folder)
     return tokenizer

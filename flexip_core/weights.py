@@ -34,7 +34,8 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
     except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path.name}: not a readable .safetensors file ({error}); re-download or re-export it") from None
+        raise ValueError(f"{path.name}: not a readable .safetensors file ({error}); "
+                         "re-download or re-export it") from None
     if meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(
             f"{path.name}: not a native FlexIP adapter (no '{FORMAT}' metadata); "

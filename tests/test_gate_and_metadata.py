@@ -46,7 +46,8 @@ def test_parameters_round_trip():
 def test_generate_command_writes_pngs_with_parameters(tmp_path, dreambench):
     out = tmp_path / "out.png"
     result = subprocess.run(
-        [sys.executable, "-m", "flexip_core", "generate", "--profile", "tiny", "--image", str(dreambench / "dog" / "00.jpg"),
+        [sys.executable, "-m", "flexip_core", "generate", "--profile", "tiny",
+         "--image", str(dreambench / "dog" / "00.jpg"),
          "--image", str(dreambench / "dog" / "01.jpg"), "--prompt", "a dog in snow", "--gate", "0.3", "--gate", "0.7",
          "--seed", "3", "--steps", "2", "--size", "64", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300)

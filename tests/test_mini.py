@@ -65,7 +65,8 @@ def test_raising_the_gate_brings_identity_in_and_lets_the_prompt_go(curve):
     smaller set 0.44 -> 0.72 and 1.00 -> 0.23)."""
     assert curve.identity[-1] >= 0.6 and curve.identity[-1] - curve.identity[0] >= 0.2, curve.rows()
     assert curve.prompt[0] - curve.prompt[-1] >= 0.5, curve.rows()
-    assert curve.identity[5] - curve.identity[0] >= 0.15 and curve.prompt[5] >= 0.9, curve.rows()  # the middle keeps both
+    # the middle keeps both
+    assert curve.identity[5] - curve.identity[0] >= 0.15 and curve.prompt[5] >= 0.9, curve.rows()
 
 
 @needs_weights
@@ -248,7 +249,8 @@ def test_default_profile_is_mini_only_with_its_weights(monkeypatch, tmp_path):
     folder.mkdir()
     (folder / "tiny.json").write_text((profiles.PROFILE_DIR / "tiny.json").read_text())
     (folder / "mini.json").write_text(json.dumps({"name": "mini", "description": "weights gone", "base": "x",
-                                                  "clip_encoder": "x", "adapter": str(tmp_path / "missing.safetensors")}))
+                                                  "clip_encoder": "x",
+                                                  "adapter": str(tmp_path / "missing.safetensors")}))
     monkeypatch.setattr(profiles, "PROFILE_DIR", folder)
     assert profiles.default_profile() == "tiny"
 

@@ -103,7 +103,8 @@ def test_callback_gets_previews_and_can_cancel(tiny_pipe, subject):
 def test_two_threads_generate_at_once(tiny_pipe, subject):
     expected = {g: run(tiny_pipe, subject, gate=g) for g in (0.1, 0.9)}
     results = {}
-    threads = [threading.Thread(target=lambda g=g: results.__setitem__(g, run(tiny_pipe, subject, gate=g))) for g in expected]
+    threads = [threading.Thread(target=lambda g=g: results.__setitem__(g, run(tiny_pipe, subject, gate=g)))
+               for g in expected]
     for t in threads:
         t.start()
     for t in threads:

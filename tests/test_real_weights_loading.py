@@ -386,7 +386,8 @@ def test_profile_paths_under_assets_resolve_from_any_working_folder(tmp_path, mo
     from flexip_core.profiles import PROFILE_DIR
 
     profile_file = tmp_path / "shipped.json"
-    profile_file.write_text(json.dumps({"name": "shipped", "base": "{assets}/mini/base", "clip_encoder": "{assets}/mini/image_encoder",
+    profile_file.write_text(json.dumps({"name": "shipped", "base": "{assets}/mini/base",
+                                        "clip_encoder": "{assets}/mini/image_encoder",
                                         "adapter": "{assets}/mini/flexip_adapter.safetensors"}))
     monkeypatch.chdir(tmp_path)
     profile = load_profile(str(profile_file))

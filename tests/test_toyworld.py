@@ -93,7 +93,8 @@ def test_write_dataset_manifest(tmp_path):
     for r in records:
         target, reference = manifest.parent / r["target"], manifest.parent / r["reference"]
         assert not r["target"].startswith("/") and target.is_file() and reference.is_file()
-        subject, scene = tw.Subject(r["subject"]["shape"], r["subject"]["colour"], r["subject"]["pattern"]), tw.Scene(**r["scene"])
+        subject = tw.Subject(r["subject"]["shape"], r["subject"]["colour"], r["subject"]["pattern"])
+        scene = tw.Scene(**r["scene"])
         assert r["subject"]["id"] == subject.id and r["caption"] == tw.caption(subject, scene)
         assert np.array_equal(np.asarray(Image.open(target)), np.asarray(tw.render(subject, scene)))
         ref = np.asarray(Image.open(reference))

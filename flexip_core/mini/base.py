@@ -96,7 +96,8 @@ def train_vae(config: BaseConfig) -> AutoencoderKL:
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == config.vae_steps - 1:
-            logger.info("vae step %d/%d loss %.5f (%.0f s)", step + 1, config.vae_steps, loss.item(), time.time() - started)
+            logger.info("vae step %d/%d loss %.5f (%.0f s)", step + 1, config.vae_steps, loss.item(),
+                        time.time() - started)
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # latents scaled to unit variance, as SD's 0.18215 does for its VAE
         std = torch.cat([vae.encode(pixels[i:i + 64]).latent_dist.mean for i in range(0, 256, 64)]).std().item()

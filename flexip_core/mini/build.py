@@ -52,7 +52,8 @@ PRESETS = {
 }
 STAGES = ("base", "encoders", "adapters", "calibration")
 # what resuming at a stage needs from the earlier run, in the staging folder
-NEEDS = {"encoders": "base/model_index.json", "adapters": "dino/config.json", "calibration": "flexip_adapter.safetensors"}
+NEEDS = {"encoders": "base/model_index.json", "adapters": "dino/config.json",
+         "calibration": "flexip_adapter.safetensors"}
 
 
 def profile_dict(root: str, curve=None) -> dict:
@@ -77,7 +78,8 @@ def train_adapters(stage: AdapterStage, profile: Path, work: Path, seed: int) ->
     config = TrainConfig(
         manifest=str(manifest), output_dir=str(work / "adapter_run"), profile=str(profile), init="scratch",
         adapter_sizes=models.ADAPTER_SIZES, resolution=world.NATIVE_SIZE, train_batch_size=stage.batch,
-        max_steps=stage.steps, learning_rate=stage.lr, lr_scheduler="cosine", lr_warmup_steps=min(50, stage.steps // 10),
+        max_steps=stage.steps, learning_rate=stage.lr, lr_scheduler="cosine",
+        lr_warmup_steps=min(50, stage.steps // 10),
         mixed_precision="no", seed=seed, checkpoint_every=0, report_to="none", verify_images=False,
         sample_latents=False,  # the base trained on posterior means; the mini VAE's posterior is wide
     )

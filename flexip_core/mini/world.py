@@ -97,7 +97,8 @@ def sample_cases(n: int, seed: int, split: str = "heldout") -> list[Case]:
 
 
 def write_adapter_manifest(out_dir: str | Path, n_pairs: int, seed: int, invariant_keep_p: float = 0.5,
-                           cutout_fraction: float = 0.3, size: int = NATIVE_SIZE, invariant_conflict_p: float = 0.0) -> Path:
+                           cutout_fraction: float = 0.3, size: int = NATIVE_SIZE,
+                           invariant_conflict_p: float = 0.0) -> Path:
     """Adapter training pairs of training subjects in training scenes, as a flexip_core.data manifest.
 
     Invariant: reference = target (or its cut-out on white, in place); its caption names each scene attribute
