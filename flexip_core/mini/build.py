@@ -128,6 +128,8 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
             raise SystemExit(f"--from-stage {from_stage} needs {needed} from an earlier run in {work}; "
                              "run the whole build first")
         earlier = json.loads(record.read_text())
+        logger.info("resuming at %s with the weights an earlier run staged in %s (not those in %s)", from_stage,
+                    staging, out)
         times, scores = earlier["seconds"], earlier["scores"]
     if start <= STAGES.index("encoders"):
         t = time.time()

@@ -80,29 +80,37 @@ def jump_ratio(values) -> float:
 
 
 def calibrated_curve(measured: Curve, points: int = 11, min_change: float = 0.05) -> GateCurve:
-    """A gate curve under which identity and prompt scores move by equal steps of gamma.
+    """A gate curve whose equal steps of gamma move identity and prompt scores as evenly as the measurement allows.
 
-    `measured` was taken with the linear curve (w_pres = g, w_pers = 1 - g). Progress along the trade-off is the
-    mean of the normalised identity rise and prompt fall, made monotone; the new curve maps evenly spaced gamma
-    to the linear-curve g where that progress is reached (inverse-CDF reparametrisation). Without a measurable
-    trade-off (either score moving by less than `min_change`) the linear curve is kept."""
+    `measured` was taken with the linear curve (w_pres = g, w_pers = 1 - g). Each score's progress is its normalised
+    identity rise or prompt fall, made monotone; the slider advances, between two measured g, by the larger of the
+    two progresses there, so that no slider step moves either score by more than the others (minimising the
+    largest jump of both at once: the issue's "no jump larger than twice the mean step"). The new curve maps evenly
+    spaced gamma to the linear-curve g where that progress is reached (inverse-CDF reparametrisation). Without a
+    measurable trade-off (either score moving by less than `min_change`) the linear curve is kept."""
     g = np.array(measured.gammas)
     if min(measured.identity[-1] - measured.identity[0], measured.prompt[0] - measured.prompt[-1]) < min_change:
         logger.warning("no trade-off measured (identity %.3f -> %.3f, prompt %.3f -> %.3f): keeping the linear gate",
                        measured.identity[0], measured.identity[-1], measured.prompt[0], measured.prompt[-1])
         return GateCurve()
-    rise = (measured.identity - measured.identity[0]) / max(measured.identity[-1] - measured.identity[0], 1e-6)
-    fall = (measured.prompt[0] - measured.prompt) / max(measured.prompt[0] - measured.prompt[-1], 1e-6)
-    progress = np.maximum.accumulate(np.clip(0.5 * (rise + fall), 0.0, 1.0))
-    progress = (progress - progress[0]) / max(progress[-1] - progress[0], 1e-6)
+    rise = _progress(measured.identity - measured.identity[0])
+    fall = _progress(measured.prompt[0] - measured.prompt)
+    progress = np.concatenate([[0.0], np.cumsum(np.maximum(np.diff(rise), np.diff(fall)))])
+    progress = progress / progress[-1]
     progress = 0.98 * progress + 0.02 * g  # strictly increasing, so that it can be inverted
     u = np.linspace(0.0, 1.0, points)
-    source = np.interp(u, progress, g)  # (points,) linear-curve g at which each share of the trade-off is reached
+    source = np.interp(u, progress, g)  # (points,) linear-curve g at which each share of the slider is reached
     source[0], source[-1] = 0.0, 1.0
     logger.info("calibrated gate: jump ratios the measurement predicts, identity %.2f, prompt %.2f",
                 jump_ratio(np.interp(source, g, measured.identity)), jump_ratio(np.interp(source, g, measured.prompt)))
     return GateCurve(tuple(float(x) for x in u), tuple(round(float(x), 4) for x in source),
                      tuple(round(float(1 - x), 4) for x in source))
+
+
+def _progress(change: np.ndarray) -> np.ndarray:
+    """A score's change from the first gate value as a monotone share in [0, 1] of its largest change."""
+    running = np.maximum.accumulate(np.clip(change, 0.0, None))
+    return running / max(running[-1], 1e-6)
 
 
 def check_slider(curve: Curve, min_end: float = 0.8, min_change: float = 0.2, max_jump_ratio: float = 2.0,
