@@ -303,7 +303,6 @@ def build_bench(mode: Mode) -> Bench:
     params = sum(p.numel() for m in encoders for p in m.parameters())
     unet_params = sum(p.numel() for p in pipe.unet.parameters())
     kind = "SD1.5 UNet/VAE/text encoder, OpenCLIP ViT-H/14, DINOv2-L" if mode.arch == "sd15" else "tiny test"
-    description = (f"{kind}"
-                   f" architectures, random weights, fp32, CPU (UNet {unet_params / 1e6:.0f} M parameters, "
+    description = (f"{kind} architectures, random weights, fp32, CPU (UNet {unet_params / 1e6:.0f} M parameters, "
                    f"image encoders {params / 1e6:.0f} M)")
     return Bench(pipe=pipe, arch=mode.arch, description=description, encoder_params=params)

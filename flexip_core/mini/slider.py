@@ -84,8 +84,9 @@ def calibrated_curve(measured: Curve, points: int = 11, min_change: float = 0.05
 
     `measured` was taken with the linear curve (w_pres = g, w_pers = 1 - g). Each score's progress is its normalised
     identity rise or prompt fall, made monotone; the slider advances, between two measured g, by the larger of the
-    two progresses there, so that no slider step moves either score by more than the others (minimising the
-    largest jump of both at once: the issue's "no jump larger than twice the mean step"). The new curve maps evenly
+    two progresses there, so that each slider step moves whichever score changes faster by the same share of its
+    whole change (the largest jump of both at once as small as it can be: the issue's "no jump larger than twice
+    the mean step"). The new curve maps evenly
     spaced gamma to the linear-curve g where that progress is reached (inverse-CDF reparametrisation). Without a
     measurable trade-off (either score moving by less than `min_change`) the linear curve is kept."""
     g = np.array(measured.gammas)
