@@ -5,6 +5,7 @@ Needs the shipped weights (assets/mini, built by `python -m flexip_core.mini.bui
 from __future__ import annotations
 
 import json
+import logging
 import re
 from types import SimpleNamespace
 
@@ -149,10 +150,10 @@ def test_calibrated_curve_keeps_both_scores_steps_within_twice_their_mean_when_t
 
 
 @pytest.mark.slow
-def test_quick_build_runs_every_stage_and_loads_as_a_profile(tmp_path, monkeypatch):
+def test_quick_build_runs_every_stage_and_loads_as_a_profile(tmp_path, monkeypatch, caplog):
     """The build end to end (VAE, base, adapters through flexip_core.train, calibration) at smoke size: what it
     writes loads through the same profile code the app uses and renders at the native size. A run killed after
-    the base resumes there."""
+    the base resumes there; a resume can start from the weights of a built folder instead."""
     from flexip_core.mini import build, encoders
     from flexip_core.pipeline import FlexIPPipeline
 
@@ -186,6 +187,23 @@ def test_quick_build_runs_every_stage_and_loads_as_a_profile(tmp_path, monkeypat
     assert resumed["dino_readout"] == record["dino_readout"]
     with pytest.raises(SystemExit, match="run the whole build first"):
         build.build("quick", out=tmp_path / "mini3", work=tmp_path / "empty", from_stage="adapters")
+    # a resume whose staged weights are not those it replaces says so; --reuse starts from a built folder instead
+    config = tmp_path / "mini2" / "image_encoder" / "config.json"
+    config.write_text(config.read_text() + "\n")
+    caplog.set_level(logging.WARNING, logger="flexip_core.mini.build")
+    build.build("quick", out=tmp_path / "mini2", work=tmp_path / "work", write_profile=False,
+                from_stage="calibration")
+    assert "the staged image_encoder differ from those in" in caplog.text
+    caplog.clear()
+    config.write_text(config.read_text() + "\n")  # the resume above put the staged file back
+    build.build("quick", out=tmp_path / "mini2", work=tmp_path / "fresh", write_profile=False,
+                from_stage="calibration", reuse=tmp_path / "mini2")
+    assert "differ" not in caplog.text
+    assert config.read_text().endswith("\n\n")  # the folder's own weights, not the work folder's staging
+    assert json.loads((tmp_path / "mini2" / "build.json").read_text())["seconds"]["base"] == round(times["base"], 1)
+    with pytest.raises(SystemExit, match="lacks build.json"):
+        build.build("quick", out=tmp_path / "mini3", work=tmp_path / "fresh", from_stage="calibration",
+                    reuse=tmp_path / "work" / "staging")
 
 
 def _pooled_probe_accuracy(dino) -> dict[str, float]:

@@ -162,6 +162,12 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
                 page.locator("#generate").click()
                 expect(history).to_have_count(count)
             assert_tiles_whole(page, "#history")
+            caption = page.locator("#history .caption-label").first
+            expect(caption).to_be_hidden()  # small tiles: the caption shows on hover, not over the image
+            page.locator("#history .gallery-item").first.hover()
+            expect(caption).to_be_visible()
+            expect(caption).to_contain_text("γ")
+            page.mouse.move(0, 0)
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT))
     finally:

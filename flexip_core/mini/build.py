@@ -54,6 +54,9 @@ STAGES = ("base", "encoders", "adapters", "calibration")
 # what resuming at a stage needs from the earlier run, in the staging folder
 NEEDS = {"encoders": "base/model_index.json", "adapters": "dino/config.json",
          "calibration": "flexip_adapter.safetensors"}
+# what the stages before it staged: the weights a build resumed at this stage keeps
+REUSED = {"encoders": ("base",), "adapters": ("base", "dino", "image_encoder"),
+          "calibration": ("base", "dino", "image_encoder", "flexip_adapter.safetensors")}
 
 
 def profile_dict(root: str, curve=None) -> dict:
@@ -96,8 +99,35 @@ def calibrate(stage: AdapterStage, profile_path: Path, seed: int):
     return slider.calibrated_curve(measured), measured
 
 
+def _files(path: Path) -> dict[str, bytes]:
+    paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {p.relative_to(path).as_posix() if p != path else "": p.read_bytes() for p in paths}
+
+
+def differing(staging: Path, built: Path, names: tuple[str, ...]) -> list[str]:
+    """Which of `names` (staged weights) are not byte for byte those in the built folder."""
+    return [n for n in names if not (built / n).exists() or _files(staging / n) != _files(built / n)]
+
+
+def stage_from_built(built: Path, work: Path, from_stage: str) -> None:
+    """Stage a built folder's weights (assets/mini, say) in the work folder, so that a build resumed at
+    `from_stage` starts from them; its build.json gives the earlier stages' seconds and scores."""
+    record = built / "build.json"
+    missing = [n for n in REUSED[from_stage] if not (built / n).exists()] + ([] if record.is_file() else ["build.json"])
+    if missing:
+        raise SystemExit(f"--reuse {built}: it lacks {', '.join(missing)}; it must be the output of a whole build")
+    earlier = json.loads(record.read_text())
+    staging = work / "staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in REUSED[from_stage]:
+        (shutil.copytree if (built / name).is_dir() else shutil.copy)(built / name, staging / name)
+    scores = {k: earlier[k] for k in ("vae_reconstruction", "dino_readout") if k in earlier}
+    (work / "stages.json").write_text(json.dumps({"seconds": earlier["seconds"], "scores": scores}))
+
+
 def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, seed: int = 0,
-          write_profile: bool = True, from_stage: str = "base") -> dict:
+          write_profile: bool = True, from_stage: str = "base", reuse: Path | None = None) -> dict:
     base_config, encoder_config, stage = PRESETS[preset]
     base_config = dataclasses.replace(base_config, seed=seed)
     encoder_config = dataclasses.replace(encoder_config, seed=seed)
@@ -106,6 +136,10 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
     times, scores = {}, {}
     record = work / "stages.json"  # seconds and scores of the stages run so far (a resumed build reports them all)
     start = STAGES.index(from_stage)
+    if reuse is not None:
+        if from_stage == "base":
+            raise SystemExit("--reuse needs --from-stage: the stages before it are the ones taken from the folder")
+        stage_from_built(Path(reuse), work, from_stage)
     if from_stage == "base":
         shutil.rmtree(work, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -128,8 +162,11 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
             raise SystemExit(f"--from-stage {from_stage} needs {needed} from an earlier run in {work}; "
                              "run the whole build first")
         earlier = json.loads(record.read_text())
-        logger.info("resuming at %s with the weights an earlier run staged in %s (not those in %s)", from_stage,
-                    staging, out)
+        logger.info("resuming at %s with the weights staged in %s", from_stage, staging)
+        changed = differing(staging, out, REUSED[from_stage]) if out.exists() else []
+        if changed:
+            logger.warning("the staged %s differ from those in %s, which this build replaces; to start from %s's "
+                           "weights instead, pass --reuse %s", ", ".join(changed), out, out, out)
         times, scores = earlier["seconds"], earlier["scores"]
     if start <= STAGES.index("encoders"):
         t = time.time()
@@ -183,11 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     parser.add_argument("--from-stage", choices=STAGES, default="base",
                         help="resume at this stage, reusing what the stages before it staged in the work folder")
+    parser.add_argument("--reuse", type=Path, default=None, metavar="DIR",
+                        help="with --from-stage: take the earlier stages' weights from this built folder (assets/mini, "
+                             "say) instead of those the last run staged in the work folder")
     parser.add_argument("--no-profile", action="store_true", help="do not write assets/profiles/mini.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    build(args.preset, args.out, args.work, args.seed, write_profile=not args.no_profile, from_stage=args.from_stage)
+    build(args.preset, args.out, args.work, args.seed, write_profile=not args.no_profile, from_stage=args.from_stage,
+          reuse=args.reuse)
     return 0
 
 
