@@ -150,6 +150,7 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
             expect(page.locator(".slot img")).to_have_count(1)
             expect(page.get_by_label("Prompt", exact=True)).to_have_value(example.prompt)
             expect(page.locator("#info")).to_contain_text("read by the toy-world oracle")
+            expect(page.locator("#status")).to_contain_text("it draws toy shapes, not photos")
             page.get_by_role("tab", name="γ sweep").click()
             gallery = page.locator("#sweep-gallery img")
             expect(gallery).to_have_count(6)  # the reference, then γ 0, 0.25, 0.5, 0.75, 1

@@ -195,6 +195,22 @@ def test_models_load_once_even_when_asked_concurrently(studio):
     assert studio.engine.loads == 1
 
 
+def test_header_says_what_the_profile_draws_before_and_after_loading(studio):
+    before = handlers.status(studio)
+    assert "models loading" in before["status"] and before["timer"].active
+    asyncio.run(ensure_loaded(studio))
+    after = handlers.status(studio)
+    assert after["status"].endswith(f"models ready · *{studio.engine.description()}*")
+    assert not after["timer"].active
+
+
+def test_the_offline_default_says_it_draws_toys_without_loading_its_models():
+    from ui.engine import CoreEngine
+
+    engine = CoreEngine("mini")
+    assert "it draws toy shapes, not photos" in engine.description() and not engine.ready()
+
+
 # --- the live slider ------------------------------------------------------------------------------
 def test_peek_shows_the_nearest_render_without_computing(studio, session):
     collect(comparison.sweep(studio, session=session, gates_text="0, 0.5, 1", **form()))

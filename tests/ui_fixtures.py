@@ -35,6 +35,9 @@ class FakeEngine:
     def ready(self) -> bool:
         return self._loaded
 
+    def description(self) -> str:
+        return "Flat colours that encode γ and the seed (a test engine)."
+
     def load(self) -> None:
         if not self._loaded:
             self.loads += 1

@@ -43,5 +43,8 @@ async def ensure_loaded(studio: Studio, progress: gr.Progress | None = None) -> 
 
 
 def engine_status(studio: Studio) -> str:
+    """The header: profile and model state, then what the profile's models are (the offline `mini` draws toys)."""
     state = "ready" if studio.engine.ready() else "loading… (the first run waits for it)"
-    return f"**FlexIP Studio** · profile `{studio.engine.profile}` · models {state}"
+    line = f"**FlexIP Studio** · profile `{studio.engine.profile}` · models {state}"
+    about = studio.engine.description()
+    return f"{line} · *{about}*" if about else line

@@ -64,6 +64,9 @@ class Engine(Protocol):
 
     def ready(self) -> bool: ...
 
+    def description(self) -> str:
+        """One line on what the profile's models are (shown under the header)."""
+
     def load(self) -> None:
         """Load the models once; later calls return at once. Safe to call from several threads."""
 
@@ -87,6 +90,11 @@ class CoreEngine:
 
     def ready(self) -> bool:
         return self._pipe is not None
+
+    def description(self) -> str:
+        from flexip_core.profiles import load_profile  # a data file: no torch import
+
+        return load_profile(self.profile).description
 
     def load(self) -> None:
         with self._load_lock:

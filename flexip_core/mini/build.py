@@ -62,7 +62,8 @@ REUSED = {"encoders": ("base",), "adapters": ("base", "dino", "image_encoder"),
 def profile_dict(root: str, curve=None) -> dict:
     data = {
         "name": "mini",
-        "description": "FlexIP-mini: a miniature model and adapters trained on the toy world (CPU, 64 px, offline).",
+        "description": ("FlexIP-mini, a miniature model trained on the project's toy world (CPU, 64 px): it draws toy "
+                        "shapes, not photos; for your own subjects use real weights (see the README)."),
         "base": f"{root}/base", "clip_encoder": f"{root}/image_encoder", "dino_encoder": f"{root}/dino",
         "adapter": f"{root}/flexip_adapter.safetensors", "dtype": "float32", "defaults": DEFAULTS,
         "identity_metric": "toyworld",
