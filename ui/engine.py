@@ -65,7 +65,7 @@ class Engine(Protocol):
     def ready(self) -> bool: ...
 
     def description(self) -> str:
-        """One line on what the profile's models are (shown under the header)."""
+        """One line on what the profile's models are (shown on the header line)."""
 
     def load(self) -> None:
         """Load the models once; later calls return at once. Safe to call from several threads."""

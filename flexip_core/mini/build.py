@@ -51,10 +51,7 @@ PRESETS = {
               encoders.EncoderConfig(images=64, steps=10), AdapterStage(pairs=64, steps=10, calibration_cases=2)),
 }
 STAGES = ("base", "encoders", "adapters", "calibration")
-# what resuming at a stage needs from the earlier run, in the staging folder
-NEEDS = {"encoders": "base/model_index.json", "adapters": "dino/config.json",
-         "calibration": "flexip_adapter.safetensors"}
-# what the stages before it staged: the weights a build resumed at this stage keeps
+# what the stages before it staged: the weights a build resumed at this stage needs and keeps
 REUSED = {"encoders": ("base",), "adapters": ("base", "dino", "image_encoder"),
           "calibration": ("base", "dino", "image_encoder", "flexip_adapter.safetensors")}
 
@@ -105,6 +102,10 @@ def _files(path: Path) -> dict[str, bytes]:
     return {p.relative_to(path).as_posix() if p != path else "": p.read_bytes() for p in paths}
 
 
+def _missing(folder: Path, from_stage: str) -> list[str]:
+    return [n for n in REUSED[from_stage] if not (folder / n).exists()]
+
+
 def differing(staging: Path, built: Path, names: tuple[str, ...]) -> list[str]:
     """Which of `names` (staged weights) are not byte for byte those in the built folder."""
     return [n for n in names if not (built / n).exists() or _files(staging / n) != _files(built / n)]
@@ -114,7 +115,7 @@ def stage_from_built(built: Path, work: Path, from_stage: str) -> None:
     """Stage a built folder's weights (assets/mini, say) in the work folder, so that a build resumed at
     `from_stage` starts from them; its build.json gives the earlier stages' seconds and scores."""
     record = built / "build.json"
-    missing = [n for n in REUSED[from_stage] if not (built / n).exists()] + ([] if record.is_file() else ["build.json"])
+    missing = _missing(built, from_stage) + ([] if record.is_file() else ["build.json"])
     if missing:
         raise SystemExit(f"--reuse {built}: it lacks {', '.join(missing)}; it must be the output of a whole build")
     earlier = json.loads(record.read_text())
@@ -158,9 +159,9 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
                   tokenizer=tokenizer, scheduler=DDIMScheduler.from_config(models.SCHEDULER))
         record.write_text(json.dumps({"seconds": times, "scores": scores}))  # a later stage can resume from here
     else:
-        needed = staging / NEEDS[from_stage]
-        if not needed.is_file() or not record.is_file():
-            raise SystemExit(f"--from-stage {from_stage} needs {needed} from an earlier run in {work}; "
+        missing = _missing(staging, from_stage) + ([] if record.is_file() else ["stages.json"])
+        if missing:
+            raise SystemExit(f"--from-stage {from_stage} needs {', '.join(missing)} from an earlier run in {work}; "
                              "run the whole build first")
         earlier = json.loads(record.read_text())
         logger.info("resuming at %s with the weights staged in %s", from_stage, staging)
