@@ -2,6 +2,7 @@
 bad input answered with its error while the server keeps serving, two clients at once, cancellation."""
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.error
@@ -58,6 +59,14 @@ def test_generate_returns_one_png_with_its_settings(client, photos):
     assert "Model: tiny" in text and "Steps: 3" in text
     assert parameters[0]["gate"] == 0.7 and parameters[0]["profile"] == "tiny"
     assert -1.0 <= parameters[0]["identity_score"] <= 1.0
+    assert parameters[0]["warnings"] == []
+
+
+def test_a_prompt_longer_than_the_text_encoder_takes_comes_back_with_a_warning(client, photos):
+    _, parameters = quick_generate(client, photos, prompt="a dog in the snow " * 30)
+    assert len(parameters[0]["warnings"]) == 1
+    assert re.fullmatch(r"prompt is \d+ tokens; the text encoder takes 77, so the end was cut off",
+                        parameters[0]["warnings"][0])
 
 
 def test_sweep_returns_one_png_per_gate_and_a_zip(client, photos):

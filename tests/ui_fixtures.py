@@ -69,9 +69,18 @@ class FakeEngine:
                                 guidance_scale=request.guidance, width=request.width, height=request.height,
                                 scheduler=request.scheduler, gate_schedule=request.identity_early, profile="fake"),
                 identity=0.5 + 0.4 * gate,
+                warnings=_cut_off(request.prompt),
             )
             for gate in request.gates
         ]
+
+
+def _cut_off(prompt: str, limit: int = 77) -> tuple[str, ...]:
+    """The note the core adds when a prompt is longer than its text encoder takes (words stand in for tokens)."""
+    words = len(prompt.split())
+    if words <= limit:
+        return ()
+    return (f"prompt is {words} tokens; the text encoder takes {limit}, so the end was cut off",)
 
 
 def _colour(gate: float, salt: int) -> tuple[int, int, int]:

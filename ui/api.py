@@ -51,8 +51,8 @@ async def _run(studio: Studio, photos, settings, gates, progress, low_vram=False
 
 
 def _describe(results: list[Result]) -> list[dict]:
-    return [{**result.parameters, "identity_score": result.identity, "file": Path(result.path).name}
-            for result in results]
+    return [{**result.parameters, "identity_score": result.identity, "file": Path(result.path).name,
+             "warnings": list(result.warnings)} for result in results]
 
 
 async def api_generate(studio: Studio, *, photos: list[str] | None, weights: str = "", progress=gr.Progress(),

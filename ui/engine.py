@@ -54,6 +54,7 @@ class Rendered:
     image: Image.Image  # the final image
     parameters: dict  # the settings used, as the core reports them (written into the PNG chunk)
     identity: float | None  # its identity score (parameters["identity_metric"] says which), None if unavailable
+    warnings: tuple[str, ...] = ()  # non-fatal notes from the core, e.g. that the prompt was cut off
 
 
 class Engine(Protocol):
@@ -142,7 +143,8 @@ class CoreEngine:
                 raise RenderCancelled(str(stop)) from None
             scores = pipe.identity_score(out.images, subject, list(request.references))
         metric = pipe.profile.identity_metric
-        return [Rendered(image, {**params, "identity_metric": metric}, None if score is None else float(score))
+        return [Rendered(image, {**params, "identity_metric": metric}, None if score is None else float(score),
+                         tuple(out.warnings))
                 for image, params, score in zip(out.images, out.parameters, scores, strict=True)]
 
 

@@ -24,8 +24,9 @@ def describe(result: Result) -> str:
     s = result.settings
     score = "n/a" if result.identity is None else f"{result.identity:.3f}"
     metric = IDENTITY_METRICS.get(result.parameters.get("identity_metric", "clip"), IDENTITY_METRICS["clip"])
+    notes = "".join(f" · ⚠ {warning}" for warning in result.warnings)
     return (f"**seed {s.seed}** · γ {s.gate:.2f} · strength {s.strength:g} · {s.steps} steps · "
-            f"identity score **{score}** ({metric})")
+            f"identity score **{score}** ({metric}){notes}")
 
 
 def gallery(results: list[Result]) -> list[tuple[str, str]]:

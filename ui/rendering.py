@@ -93,6 +93,8 @@ async def render(studio: Studio, photos: Sequence[Photo], settings: Settings, ga
         except RenderCancelled:
             logger.info("render cancelled")
             return
+    for warning in dict.fromkeys(w for result in results for w in result.warnings):  # each once, in order
+        gr.Warning(warning)
     yield results
 
 
@@ -104,5 +106,5 @@ def _save(studio: Studio, settings: Settings, subject: str, done: Done) -> list[
         path = save_result(rendered.image, parameters, studio.results_folder)
         used = Settings.from_parameters(parameters, fallback=settings.with_gate(gate))
         saved.append(Result(path=path, settings=used, identity=rendered.identity, subject=subject,
-                            parameters=parameters))
+                            parameters=parameters, warnings=rendered.warnings))
     return saved

@@ -29,6 +29,7 @@ class Result:
     identity: float | None  # identity score (parameters['identity_metric'] says which), None if none was given
     subject: str  # subject fingerprint at render time
     parameters: dict = field(default_factory=dict)  # everything written into the PNG chunk (profile, base, ...)
+    warnings: tuple[str, ...] = ()  # what the core noted while rendering it (a prompt cut off, ...)
 
     @property
     def caption(self) -> str:
