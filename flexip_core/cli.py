@@ -31,6 +31,27 @@ def comma_ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def output_file(suffix: str):
+    """argparse type for a file a command writes: the name must end in `suffix` (so that a slip such as
+    `--out notes.txt` or a system file cannot be overwritten with image bytes) and must not be a folder."""
+    def check(text: str) -> Path:
+        path = Path(text).expanduser()
+        if path.suffix.lower() != suffix:
+            raise argparse.ArgumentTypeError(f"{text!r}: the file written is {suffix}; give a name ending in {suffix}")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file in it, e.g. {path / ('out' + suffix)}")
+        return path
+    return check
+
+
+def gate_values(text: str) -> tuple[float, ...]:
+    """argparse type: one γ or several, comma-separated ('0,0.5,1'), each in [0, 1]."""
+    values = comma_numbers(text)
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"gate (gamma) values must lie in [0, 1], got {text!r}")
+    return values
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """--profile plus one flag per profile part; shared by every command that loads a pipeline."""
     parser.add_argument("--profile", default=None, help="profile name or .json path (default: best available)")
@@ -62,13 +83,14 @@ def _generate(args) -> int:
     weights = args.weight or None
     pipe = pipeline_from_args(args)
     subject = pipe.encode_subject(images, weights)
-    out = pipe(args.prompt, subject=subject, gate=args.gate or [0.5], strength=args.strength,
+    gates = [g for values in args.gate or [(0.5,)] for g in values]
+    out = pipe(args.prompt, subject=subject, gate=gates, strength=args.strength,
                negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                height=args.size or args.height, width=args.size or args.width, seed=args.seed,
                scheduler=args.scheduler, gate_schedule=args.identity_until)
-    target = Path(args.out)
+    target = args.out
     for i, (image, params) in enumerate(zip(out.images, out.parameters)):
-        path = target if len(out.images) == 1 else target.with_name(f"{target.stem}_{i:02d}{target.suffix or '.png'}")
+        path = target if len(out.images) == 1 else target.with_name(f"{target.stem}_{i:02d}{target.suffix}")
         save_png(image, path, params)
         print(path)
     return 0
@@ -104,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--weight", action="append", type=float, help="weight of each --image, in order")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--gate", action="append", type=float, help="gamma in [0, 1]; repeat for a same-seed sweep")
+    gen.add_argument("--gate", action="append", type=gate_values,
+                     help="gamma in [0, 1]; several (comma-separated or repeated) for a same-seed sweep")
     gen.add_argument("--strength", type=float, default=1.0)
     gen.add_argument("--identity-until", type=float, default=None,
                      help="identity branch only for this fraction of the steps (0-1]")
@@ -115,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, default=None)
     gen.add_argument("--width", type=int, default=None)
     gen.add_argument("--scheduler", default="profile", help="dpmpp_2m, euler, euler_a, ddim, pndm, unipc, lcm")
-    gen.add_argument("--out", default="out.png")
+    gen.add_argument("--out", type=output_file(".png"), default="out.png",
+                     help="PNG to write (default out.png); a sweep writes NAME_00.png, NAME_01.png, ...")
     gen.set_defaults(func=_generate)
 
     conv = sub.add_parser("convert-ip-adapter", help="convert a pair of IP-Adapter files into one native FlexIP file",
@@ -124,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(use it with --adapter).")
     conv.add_argument("--preservation", help="IP-Adapter file for the identity branch (path or 'repo/id:path')")
     conv.add_argument("--personalization", help="IP-Adapter file for the prompt branch (path or 'repo/id:path')")
-    conv.add_argument("--out", required=True, help="native FlexIP adapter file to write (.safetensors)")
+    conv.add_argument("--out", type=output_file(".safetensors"), required=True,
+                      help="native FlexIP adapter file to write (.safetensors)")
     conv.add_argument("--profile", default=None, help="take the base and any missing file from this profile")
     conv.add_argument("--base", default=None,
                       help="base model whose UNet layout to use (default: the SD1.5 architecture, no download)")

@@ -139,7 +139,7 @@ class FlexIPPipeline:
     def encode_prompt(self, prompt: str, warnings: list[str]) -> torch.Tensor:
         """(1, 77, C) text-encoder hidden states; over-long prompts are truncated with a warning."""
         limit = self.tokenizer.model_max_length
-        full = self.tokenizer(prompt, truncation=False).input_ids
+        full = self.tokenizer(prompt, truncation=False, verbose=False).input_ids  # verbose: transformers' own warning
         if len(full) > limit:
             message = f"prompt is {len(full)} tokens; the text encoder takes {limit}, so the end was cut off"
             logger.warning(message)

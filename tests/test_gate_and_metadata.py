@@ -48,11 +48,12 @@ def test_generate_command_writes_pngs_with_parameters(tmp_path, dreambench):
     result = subprocess.run(
         [sys.executable, "-m", "flexip_core", "generate", "--profile", "tiny",
          "--image", str(dreambench / "dog" / "00.jpg"),
-         "--image", str(dreambench / "dog" / "01.jpg"), "--prompt", "a dog in snow", "--gate", "0.3", "--gate", "0.7",
+         "--image", str(dreambench / "dog" / "01.jpg"), "--prompt", "a dog in snow", "--gate", "0.3,0.7", "--gate", "1",
          "--seed", "3", "--steps", "2", "--size", "64", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for i, gate in enumerate((0.3, 0.7)):
+    assert result.stdout.split() == [str(tmp_path / f"out_{i:02d}.png") for i in range(3)]
+    for i, gate in enumerate((0.3, 0.7, 1.0)):
         image = Image.open(tmp_path / f"out_{i:02d}.png")
         params = parse_parameters(image.text["parameters"])
         assert params["gate"] == gate and params["seed"] == 3 and params["prompt"] == "a dog in snow"
@@ -65,3 +66,28 @@ def test_generate_command_reports_bad_input(tmp_path, dreambench):
         [sys.executable, "-m", "flexip_core", "generate", "--profile", "tiny", "--image", str(tmp_path / "nope.jpg"),
          "--prompt", "x", "--out", str(tmp_path / "o.png")], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "file not found" in result.stderr
+
+
+def test_generate_command_refuses_outputs_it_must_not_write_before_loading_anything(tmp_path, capsys):
+    from flexip_core.cli import build_parser
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    common = ["generate", "--image", "photo.jpg", "--prompt", "x"]
+    for out, message in ((notes, "give a name ending in .png"), (tmp_path, "give a name ending in .png")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(common + ["--out", str(out)])
+        assert message in capsys.readouterr().err
+    (tmp_path / "shots.png").mkdir()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(common + ["--out", str(tmp_path / "shots.png")])
+    assert "is a folder; give a file in it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(common + ["--gate", "0,1.5"])
+    assert "values must lie in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["convert-ip-adapter", "--out", str(tmp_path / "adapter.bin")])
+    assert "give a name ending in .safetensors" in capsys.readouterr().err
+    assert notes.read_text() == "mine"
+    args = build_parser().parse_args(common + ["--gate", "0, 0.5", "--gate", "1"])
+    assert args.gate == [(0.0, 0.5), (1.0,)] and args.out.name == "out.png"
