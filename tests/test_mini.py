@@ -231,6 +231,24 @@ def _pooled_probe_accuracy(dino) -> dict[str, float]:
 
 
 @needs_weights
+def test_build_refuses_before_training_to_delete_folders_that_are_not_an_earlier_builds(tmp_path):
+    from flexip_core.mini import build
+
+    mine = tmp_path / "my-models"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "keep.txt").write_text("mine")
+    for kwargs, flag in ((dict(out=mine, work=tmp_path / "work"), "--out"),
+                         (dict(out=tmp_path / "new", work=mine), "--work")):
+        with pytest.raises(SystemExit, match=f"{flag} .*my-models holds files that are not from an earlier build"):
+            build.build("quick", write_profile=False, **kwargs)
+    with pytest.raises(SystemExit, match="is a file; give a folder"):
+        build.build("quick", out=mine / "notes" / "keep.txt", work=tmp_path / "work", write_profile=False)
+    assert (mine / "notes" / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "work").exists() and not (tmp_path / "new").exists()  # nothing started
+    (mine / "build.json").write_text("{}")  # an earlier build's folder may be replaced (checked, not built here)
+    build.check_replaceable(mine, build.OUT_MARKERS, "--out")
+
+
 def test_shipped_dino_is_pretrained_to_tell_held_out_subjects_apart():
     """A random ViT's pooled tokens give colour and little else (the adapters then learned colour only); the
     shipped mini DINOv2 gives every identity attribute of subjects it never saw."""

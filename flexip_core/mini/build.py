@@ -51,6 +51,8 @@ PRESETS = {
               encoders.EncoderConfig(images=64, steps=10), AdapterStage(pairs=64, steps=10, calibration_cases=2)),
 }
 STAGES = ("base", "encoders", "adapters", "calibration")
+OUT_MARKERS = ("build.json",)  # a built folder, which a new build may replace
+WORK_MARKERS = (".flexip-mini-work", "stages.json", "tokenizer")  # a work folder of an earlier build
 # what the stages before it staged: the weights a build resumed at this stage needs and keeps
 REUSED = {"encoders": ("base",), "adapters": ("base", "dino", "image_encoder"),
           "calibration": ("base", "dino", "image_encoder", "flexip_adapter.safetensors")}
@@ -106,6 +108,16 @@ def _missing(folder: Path, from_stage: str) -> list[str]:
     return [n for n in REUSED[from_stage] if not (folder / n).exists()]
 
 
+def check_replaceable(folder: Path, markers: tuple[str, ...], flag: str) -> None:
+    """A build deletes its work folder and the folder it writes; refuse, before any training, one that holds
+    anything but an earlier build's files (none of `markers` in it), so that a slip cannot delete a user's files."""
+    if folder.is_file():
+        raise SystemExit(f"{flag} {folder} is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not any((folder / m).exists() for m in markers):
+        raise SystemExit(f"{flag} {folder} holds files that are not from an earlier build (none of "
+                         f"{', '.join(markers)}); the build would delete them: give a new or empty folder")
+
+
 def differing(staging: Path, built: Path, names: tuple[str, ...]) -> list[str]:
     """Which of `names` (staged weights) are not byte for byte those in the built folder."""
     return [n for n in names if not (built / n).exists() or _files(staging / n) != _files(built / n)]
@@ -138,6 +150,8 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
     times, scores = {}, {}
     record = work / "stages.json"  # seconds and scores of the stages run so far (a resumed build reports them all)
     start = STAGES.index(from_stage)
+    check_replaceable(Path(out), OUT_MARKERS, "--out")
+    check_replaceable(work, WORK_MARKERS, "--work")
     if reuse is not None:
         if from_stage == "base":
             raise SystemExit("--reuse needs --from-stage: the stages before it are the ones taken from the folder")
@@ -145,6 +159,7 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
     if from_stage == "base":
         shutil.rmtree(work, ignore_errors=True)
         staging.mkdir(parents=True)
+        (work / WORK_MARKERS[0]).write_text("scratch folder of python -m flexip_core.mini.build; safe to delete\n")
         tokenizer = models.save_mini_tokenizer(work / "tokenizer")
         t = time.time()
         vae = base.train_decoder(base_config, base.train_vae(base_config))
