@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cli import output_file
 from .data import MODALITIES
 
 logger = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captioned", help="folder of images with same-name .txt captions (invariant records)")
     parser.add_argument("--multiview", help="folder with one sub-folder of views/frames per subject (variant records)")
-    parser.add_argument("--out", required=True, help="manifest to write (.jsonl)")
+    parser.add_argument("--out", type=output_file(".jsonl"), required=True, help="manifest to write (.jsonl)")
     parser.add_argument("--pairs-per-frame", type=int, default=1, help="references drawn per target frame")
     parser.add_argument("--seed", type=int, default=0, help="seed of the reference-frame draw")
     args = parser.parse_args(argv)

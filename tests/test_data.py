@@ -140,6 +140,9 @@ def test_manifest_from_captioned_and_multiview_folders(tmp_path):
     records, problems = read_manifest(path)  # what the builder writes, the reader accepts
     assert len(records) == 7 and not problems
     assert manifest_main(["--out", str(tmp_path / "x.jsonl")]) == 2  # no folder given: a clear error
+    with pytest.raises(SystemExit):  # not a manifest's name: refused before anything is written
+        manifest_main(["--captioned", str(tmp_path / "captioned"), "--out", str(tmp_path / "captions.txt")])
+    assert not (tmp_path / "captions.txt").exists()
 
 
 def test_toy_world_manifests_read_as_they_are(tmp_path):

@@ -395,6 +395,7 @@ def test_gate_map_passes_each_weight_pair_and_the_schedule_to_the_pipeline():
     (gate_map, ["--seeds", "0,1.5"], "expected comma-separated whole numbers"),
     (gate_map, ["--seeds", ","], "give at least one value"),
     (curve_command, ["--seeds", "0,x"], "expected comma-separated numbers"),
+    (curve_command, ["--out", "results.txt"], "the file written is .png; give a name ending in .png"),
 ])
 def test_slider_commands_refuse_bad_arguments_before_loading_anything(command, argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

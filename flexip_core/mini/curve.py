@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexip_core.cli import comma_ints
+from flexip_core.cli import comma_ints, output_file
 
 from . import slider, world
 from .build import ASSETS, PROFILE_PATH
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m flexip_core.mini.curve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("docs/mini_curve.png"), help="plot path (.png)")
+    parser.add_argument("--out", type=output_file(".png"), default="docs/mini_curve.png",
+                        help="plot path (.png); the scores go beside it as .csv")
     parser.add_argument("--cases", type=int, default=16, help="held-out (subject, reference, prompt) cases")
     parser.add_argument("--seeds", type=comma_ints, default=(0, 1, 2), help="comma-separated generation seeds")
     parser.add_argument("--case-seed", type=int, default=1, help="seed drawing the cases")
