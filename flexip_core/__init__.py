@@ -1,7 +1,21 @@
 """FlexIP: identity-preserving, prompt-editable subject generation on Stable Diffusion 1.5 (arXiv 2504.07405)."""
 from __future__ import annotations
 
+import logging
+
 __all__ = ["FlexIPOutput", "FlexIPPipeline", "GenerationCancelled", "SubjectEmbedding"]
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """diffusers imports transformers' CLIP and SigLIP image processors, and transformers then warns at every start
+    that torchvision is missing. FlexIP preprocesses images itself and does not use them (and torchvision's PyPI
+    wheel is not a dependency), so the notice says nothing to our users; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
 
 def __getattr__(name):  # lazy: `import flexip_core.images` must not pull in torch and diffusers
