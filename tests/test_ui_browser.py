@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,10 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
             gallery = page.locator("#sweep-gallery img")
             expect(gallery).to_have_count(6)  # the reference, then γ 0, 0.25, 0.5, 0.75, 1
             assert_tiles_whole(page, "#sweep-gallery")
+            captions = page.locator("#sweep-gallery .caption-label")
+            expect(captions.nth(1)).to_have_text(re.compile(r"^γ 0\.00 · id [01]\.\d\d$"))
+            clipped = captions.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth).length")
+            assert clipped == 0  # each γ and its identity score can be read in full
             last = tmp_path / "gamma1.png"
             last.write_bytes(page.request.get(gallery.last.get_attribute("src")).body())
             assert identity_score(Image.open(last).convert("RGB"), toyworld.Subject(*example.subject)) >= 2 / 3

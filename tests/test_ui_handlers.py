@@ -280,7 +280,8 @@ def test_sweep_is_one_batched_call_with_a_zip_of_pngs(studio, session):
     updates = collect(comparison.sweep(studio, session=session, gates_text="0, .25, .5, .75, 1", **form(gate=0.7)))
     assert [r.gates for r in studio.engine.requests] == [(0.0, 0.25, 0.5, 0.75, 1.0)]
     final = updates[-1]
-    assert [caption for _, caption in final["sweep_gallery"]][0] == "reference" and len(final["sweep_gallery"]) == 6
+    captions = [caption for _, caption in final["sweep_gallery"]]
+    assert captions[:3] == ["reference", "γ 0.00 · id 0.50", "γ 0.25 · id 0.60"] and len(captions) == 6
     assert "γ 0.75" in final["info"]  # the large result is the render nearest the slider
     with zipfile.ZipFile(final["sweep_zip"]["value"]) as archive:
         names = archive.namelist()

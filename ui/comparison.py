@@ -48,7 +48,7 @@ async def sweep(studio: Studio, *, session: Session, gates_text: str, low_vram: 
         current = session.nearest(settings) or event[0]
         session.current = current
         yield {
-            "sweep_gallery": [(reference, "reference")] * bool(reference) + [(r.path, r.caption) for r in event],
+            "sweep_gallery": [(reference, "reference")] * bool(reference) + [(r.path, r.gate_caption) for r in event],
             "sweep_zip": _download([r.path for r in event], studio, "flexip-sweep"),
             "result": current.path, "compare": (reference, current.path) if reference else None,
             "info": describe(current), "session": session,

@@ -55,7 +55,7 @@ def _subject_panel(out: dict, max_photos: int) -> dict:
             buttons[f"example_{example.name}"] = gr.Button(example.label, size="sm", min_width=60)
     gr.Markdown("**Restore settings:** drop a PNG saved by FlexIP Studio", elem_classes="hint")
     out["restore_file"] = gr.File(label="FlexIP PNG", show_label=False, file_count="single", file_types=[".png"],
-                                  type="filepath", height=100, elem_id="restore-png")
+                                  type="filepath", height=116, elem_id="restore-png")
     return buttons
 
 

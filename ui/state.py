@@ -33,8 +33,16 @@ class Result:
 
     @property
     def caption(self) -> str:
+        return self._caption(f" · seed {self.settings.seed}")
+
+    @property
+    def gate_caption(self) -> str:
+        """γ and identity score only: for a row rendered with one seed (a sweep), where the seed says nothing."""
+        return self._caption("")
+
+    def _caption(self, seed: str) -> str:
         score = "" if self.identity is None else f" · id {self.identity:.2f}"
-        return f"γ {self.settings.gate:.2f} · seed {self.settings.seed}{score}"
+        return f"γ {self.settings.gate:.2f}{seed}{score}"
 
 
 @dataclass
