@@ -96,7 +96,9 @@ def _prune_hourly(folder: Path) -> None:
 def _preload(engine) -> None:
     try:
         engine.load()
-    except Exception:  # the first render reports it to the user; keep serving
+    except ValueError as error:  # a bad path, profile or file: its message says what to fix (the header shows it)
+        logger.error("the %s models could not be loaded: %s", engine.profile, error)
+    except Exception:  # unexpected: with its traceback; the header and the first render report it; keep serving
         logger.exception("preloading the %s models failed", engine.profile)
 
 

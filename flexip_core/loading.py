@@ -124,8 +124,14 @@ def resolve_file(source: str, part: str = "file") -> Path:
 
 def load_pretrained(cls, source: str, dtype: torch.dtype, part: str = "model", **kwargs):
     """cls.from_pretrained from a local folder or 'repo/id[:subfolder]', honouring HF_HUB_OFFLINE."""
-    if Path(source).expanduser().is_dir():
-        return cls.from_pretrained(str(Path(source).expanduser()), dtype=dtype, **kwargs)
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        try:
+            return cls.from_pretrained(str(folder), dtype=dtype, **kwargs)
+        except OSError as error:  # a folder without the model's config or weights
+            raise ValueError(f"{part.replace('_', ' ')}: the folder {folder} does not hold a {cls.__name__} "
+                             f"({_first_line(error)}); give the model's own folder (where its config is) or a Hub id"
+                             ) from None
     _check_local(part, source)
     repo, sub = split_source(source)
     if sub is not None:
@@ -272,6 +278,9 @@ def load_lora(pipe, source: str) -> None:
         pipe.load_lora_weights(repo, weight_name=weight_name, adapter_name="lora",
                                **({} if path.exists() else {"local_files_only": offline()}))
     except OSError as error:
+        if path.exists():  # here, not a download that failed: a file diffusers cannot read as LoRA weights
+            raise ValueError(f"lora: {path.name} is not a readable LoRA weights file ({_first_line(error)}); "
+                             "give an SD1.5 LoRA .safetensors file or folder") from None
         raise not_found("lora", source, error) from None
     except (ValueError, KeyError, RuntimeError) as error:
         raise ValueError(f"LoRA {source} does not fit this base model ({_first_line(error)}); "

@@ -74,12 +74,20 @@ def available_profiles() -> list[str]:
 
 def load_profile(name_or_path: str) -> Profile:
     """Read a profile by name (assets/profiles/NAME.json) or from a .json path."""
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix != ".json":
+        raise ValueError(f"profile {name_or_path}: a profile file is .json (see assets/profiles/); or give one of "
+                         f"the names {', '.join(available_profiles())}")
     if path.suffix != ".json":
         path = PROFILE_DIR / f"{name_or_path}.json"
     if not path.is_file():
         raise ValueError(f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles())}")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"profile {path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"profile {path}: expected a JSON object of profile fields, got {type(data).__name__}")
     assets = str(PROFILE_DIR.parent)  # "{assets}/mini/base": weights shipped in the repo, found from any folder
     data = {key: value.replace("{assets}", assets) if isinstance(value, str) else value for key, value in data.items()}
     data["defaults"] = Defaults(**data.get("defaults", {}))

@@ -281,6 +281,19 @@ def test_corrupt_and_foreign_files_are_named(ip_files, tiny_root, tmp_path):
         FlexIPPipeline.from_profile("tiny", preservation=plain)
 
 
+def test_folders_and_files_of_the_wrong_kind_are_named_with_what_to_give(tiny_root, tmp_path):
+    """A folder without a model, a file that is no LoRA: what is wrong with which part, not a traceback or a
+    download hint for a file that is right here."""
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ValueError, match=r"^base: the folder .* does not hold a StableDiffusionPipeline "
+                                         r"\(.*model_index.json.*\); give the model's own folder"):
+        FlexIPPipeline.from_profile("tiny", base=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^clip encoder: the folder .* does not hold a CLIPVisionModelWithProjection"):
+        FlexIPPipeline.from_profile("tiny", clip_encoder=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^lora: notes.txt is not a readable LoRA weights file"):
+        FlexIPPipeline.from_profile("tiny", lora=str(tmp_path / "notes.txt"))
+
+
 def test_clip_encoder_must_fit_the_adapter(tiny_pipe, tmp_path):
     files = write_synthetic_ip_adapter_files(tiny_pipe.unet, tmp_path, clip_embed_dim=48, clip_hidden_dim=32)
     with pytest.raises(ValueError, match="personalization branch \\(ip_adapter\\) expects 48-wide CLIP image "
@@ -396,3 +409,10 @@ def test_profile_paths_under_assets_resolve_from_any_working_folder(tmp_path, mo
     profile_file.write_text(json.dumps({"name": "incomplete", "base": "x", "colour": "red"}))
     with pytest.raises(ValueError, match="shipped.json.*clip_encoder"):
         load_profile(str(profile_file))
+    for text, message in (("{bad", "shipped.json: not valid JSON"), ("[1]", "shipped.json: expected a JSON object")):
+        profile_file.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_profile(str(profile_file))
+    (tmp_path / "notes.txt").write_text("{}")
+    with pytest.raises(ValueError, match="a profile file is .json .* or give one of the names .*mini"):
+        load_profile(str(tmp_path / "notes.txt"))

@@ -217,6 +217,28 @@ def test_header_says_what_the_profile_draws_before_and_after_loading(studio):
     assert not after["timer"].active
 
 
+def test_a_failed_load_is_said_in_the_header_which_stops_polling_and_a_later_render_retries(studio, tmp_path):
+    studio.engine.load_error = "base: the folder /x does not hold a StableDiffusionPipeline"
+    with pytest.raises(gr.Error, match="could not be loaded: base: the folder /x"):
+        asyncio.run(ensure_loaded(studio))
+    failed = handlers.status(studio)
+    assert "models could not be loaded: base: the folder /x" in failed["status"] and not failed["timer"].active
+    studio.engine.load_error = None  # say the file appeared (a download finished): the next render loads
+    asyncio.run(ensure_loaded(studio))
+    assert "models ready" in handlers.status(studio)["status"]
+
+
+def test_the_core_engine_keeps_why_its_models_did_not_load(tmp_path):
+    from ui.engine import CoreEngine
+
+    engine = CoreEngine("tiny", {"base": str(tmp_path)})  # a folder without a model
+    assert engine.failure() is None
+    with pytest.raises(ValueError):
+        engine.load()
+    assert "does not hold a StableDiffusionPipeline" in engine.failure() and not engine.ready()
+    assert "could not be loaded: base: the folder" in handlers.status(Studio(engine, tmp_path / "app"))["status"]
+
+
 def test_the_offline_default_says_it_draws_toys_without_loading_its_models():
     from ui.engine import CoreEngine
 

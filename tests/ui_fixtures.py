@@ -27,6 +27,7 @@ class FakeEngine:
         self.requests: list[RenderRequest] = []
         self.loads = 0
         self.cancelled = threading.Event()  # set when a render stopped because on_step raised
+        self.load_error: str | None = None  # when set, loading fails with this message
         self._loaded = False
 
     def defaults(self) -> Defaults:
@@ -41,7 +42,12 @@ class FakeEngine:
     def load(self) -> None:
         if not self._loaded:
             self.loads += 1
+            if self.load_error:
+                raise ValueError(self.load_error)
             self._loaded = True
+
+    def failure(self) -> str | None:
+        return None if self._loaded else self.load_error if self.loads else None
 
     def render(self, request: RenderRequest, on_step=None) -> list[Rendered]:
         for gate in request.gates:

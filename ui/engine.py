@@ -71,6 +71,9 @@ class Engine(Protocol):
     def load(self) -> None:
         """Load the models once; later calls return at once. Safe to call from several threads."""
 
+    def failure(self) -> str | None:
+        """Why the last attempt to load failed (None when it did not, or none was made); a later load retries."""
+
     def render(self, request: RenderRequest, on_step: StepCallback | None = None) -> list[Rendered]:
         """Render one image per γ of the request; ValueError for bad settings, RenderCancelled when stopped."""
 
@@ -82,6 +85,7 @@ class CoreEngine:
     profile: str
     overrides: dict = field(default_factory=dict)  # keyword overrides passed to FlexIPPipeline.from_profile
     _pipe: object = field(default=None, init=False, repr=False)
+    _failure: str | None = field(default=None, init=False, repr=False)
     _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _device_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -104,8 +108,16 @@ class CoreEngine:
             from flexip_core import FlexIPPipeline
 
             logger.info("loading FlexIP profile %r %s", self.profile, self.overrides or "")
-            self._pipe = FlexIPPipeline.from_profile(self.profile, **self.overrides)
+            try:
+                self._pipe = FlexIPPipeline.from_profile(self.profile, **self.overrides)
+            except Exception as error:
+                self._failure = str(error)
+                raise
+            self._failure = None
             logger.info("profile %r loaded", self.profile)
+
+    def failure(self) -> str | None:
+        return self._failure
 
     def defaults(self) -> Defaults:
         from flexip_core.profiles import load_profile  # a data file: no torch import, so the page comes up fast

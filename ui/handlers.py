@@ -147,5 +147,6 @@ def new_seed() -> dict:
 
 
 def status(studio: Studio) -> dict:
-    """Engine state for the header; the timer keeps polling only until the models are loaded."""
-    return {"status": engine_status(studio), "timer": gr.Timer(active=not studio.engine.ready())}
+    """Engine state for the header; the timer keeps polling only while the models are loading."""
+    waiting = not studio.engine.ready() and studio.engine.failure() is None
+    return {"status": engine_status(studio), "timer": gr.Timer(active=waiting)}
