@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 ADAPTER_FILE = "flexip_adapter.safetensors"  # the final adapter, in the native format the app loads
 SIZE_KEYS = ("num_tokens", "num_queries", "resampler_dim", "depth", "heads", "dim_head")  # adapter_sizes keys
 INIT_CHOICES = ("scratch", "profile", "ip_adapter")  # or a path to a native FlexIP .safetensors
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,16 @@ class TrainConfig:
     report_to: str = "auto"  # "auto" (TensorBoard when installed), "tensorboard", "none"; JSONL log always
 
     def __post_init__(self):
+        self._check_number_types()
+        for name in ("learning_rate", "adam_epsilon"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be above 0, got {getattr(self, name)!r}")
+        for name in ("adam_weight_decay", "max_grad_norm", "lr_warmup_steps", "checkpoint_every", "num_workers",
+                     "precompute_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler {self.lr_scheduler!r} unknown; choose one of {', '.join(LR_SCHEDULERS)}")
         for name in ("invariant_gamma", "variant_gamma", "adam_betas"):
             value = tuple(float(v) for v in getattr(self, name))
             object.__setattr__(self, name, value)
@@ -120,6 +131,25 @@ class TrainConfig:
             raise ValueError(f"adapter_sizes keys {sorted(unknown)} unknown; accepted: {', '.join(SIZE_KEYS)}")
         if self.init == "ip_adapter" and not (self.init_preservation and self.init_personalization):
             raise ValueError("init='ip_adapter' needs init_preservation and init_personalization (IP-Adapter files)")
+
+    def _check_number_types(self) -> None:
+        """Each float, int and bool field holds one (a whole number is taken for a float): a typo in a config
+        or a --set fails here, not deep inside a run."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and kind.endswith("| None"):
+                continue
+            kind = kind.removesuffix(" | None")
+            if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+                object.__setattr__(self, f.name, float(value))
+            elif kind == "float":
+                raise ValueError(f"{f.name} must be a number, got {value!r}")
+            elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{f.name} must be a whole number, got {value!r}")
+            elif kind == "bool" and not isinstance(value, bool):
+                raise ValueError(f"{f.name} must be true or false, got {value!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

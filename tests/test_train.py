@@ -18,6 +18,7 @@ from flexip_core import FlexIPPipeline
 from flexip_core.data import PairDataset, read_manifest
 from flexip_core.tiny import tiny_branch
 from flexip_core.train import (
+    LR_SCHEDULERS,
     SIZE_KEYS,
     AdapterTrainingModel,
     TrainConfig,
@@ -150,12 +151,24 @@ def test_config_files(tmp_path):
     assert config.manifest == str(tmp_path / "data" / "m.jsonl")  # relative to the config file
     assert load_config(tmp_path / "run.toml", {"output_dir": "here"}).output_dir == "here"  # --set: as given
     assert config.variant_gamma == (0.1, 0.3) and config.adapter_sizes == {"depth": 2} and config.max_steps == 7
+    assert load_config(tmp_path / "run.toml", {"learning_rate": 1}).learning_rate == 1.0  # a whole number will do
+    assert load_config(tmp_path / "run.toml", {"checkpoints_total_limit": None}).checkpoints_total_limit is None
+    from diffusers.optimization import SchedulerType
+
+    assert set(LR_SCHEDULERS) <= {kind.value for kind in SchedulerType}  # names diffusers' get_scheduler takes
     (tmp_path / "run.json").write_text(json.dumps({"manifest": "m.jsonl", "output_dir": "o", "learnin_rate": 1}))
     with pytest.raises(ValueError, match="unknown field.*learnin_rate"):
         load_config(tmp_path / "run.json")
     for bad, message in [(dict(invariant_gamma=(0.9, 0.5)), "invariant_gamma"),
                          (dict(drop_text=0.6, drop_image=0.6), "sum"), (dict(resolution=100), "multiple of 8"),
-                         (dict(adapter_sizes={"width": 3}), "width"), (dict(init="ip_adapter"), "init_preservation")]:
+                         (dict(adapter_sizes={"width": 3}), "width"), (dict(init="ip_adapter"), "init_preservation"),
+                         (dict(learning_rate="abc"), "learning_rate must be a number, got 'abc'"),
+                         (dict(learning_rate=0), "learning_rate must be above 0"),
+                         (dict(max_grad_norm=float("nan")), "max_grad_norm must be a finite number"),
+                         (dict(lr_warmup_steps=2.5), "lr_warmup_steps must be a whole number"),
+                         (dict(checkpoint_every=-1), "checkpoint_every must be 0 or more"),
+                         (dict(verify_images="yes"), "verify_images must be true or false"),
+                         (dict(lr_scheduler="cosin"), "lr_scheduler 'cosin' unknown; choose one of constant")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(manifest="m", output_dir="o", **bad)
 
