@@ -65,6 +65,23 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="for small GPUs: model CPU offload plus VAE tiling and slicing (slower)")
 
 
+def check_before_loading(args, width: int | None, height: int | None) -> str:
+    """The profile name, once the settings in `args` (strength, steps, guidance, size, seed, scheduler) are
+    known to be usable with it: checked from the profile file, before any weights load."""
+    from .pipeline import check_settings
+    from .profiles import default_profile, load_profile
+    from .schedulers import SCHEDULER_NAMES
+
+    name = args.profile or default_profile()
+    d = load_profile(name).defaults
+    check_settings(args.strength, d.num_inference_steps if args.steps is None else args.steps,
+                   d.guidance_scale if args.guidance is None else args.guidance, height or d.height, width or d.width,
+                   getattr(args, "seed", 0), d.max_side)  # evaluate has --seeds, checked there
+    if args.scheduler not in ("profile", *SCHEDULER_NAMES):
+        raise ValueError(f"scheduler {args.scheduler!r} unknown; choose one of {', '.join(SCHEDULER_NAMES)}")
+    return name
+
+
 def pipeline_from_args(args):
     from .pipeline import FlexIPPipeline
     from .profiles import default_profile
@@ -81,6 +98,7 @@ def _generate(args) -> int:
 
     images = [load_reference_image(path) for path in args.image]
     weights = args.weight or None
+    args.profile = check_before_loading(args, args.size or args.width, args.size or args.height)
     pipe = pipeline_from_args(args)
     subject = pipe.encode_subject(images, weights)
     gates = [g for values in args.gate or [(0.5,)] for g in values]

@@ -341,12 +341,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        from .cli import pipeline_from_args
+        from .cli import check_before_loading, pipeline_from_args
         from .metrics import MetricConfig, MetricModels
+        from .profiles import load_profile
 
         for gate in args.gates:
             if not 0.0 <= gate <= 1.0:
                 raise ValueError(f"--gates values must be in [0, 1], got {gate}")
+        for name in ("max_subjects", "max_prompts", "condition_images"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        if Path(args.out).is_file():
+            raise ValueError(f"--out {args.out} is a file; give a folder (it receives scores.csv, images/, ...)")
+        if any(seed < 0 for seed in args.seeds):
+            raise ValueError(f"--seeds must be 0 or more, got {','.join(map(str, args.seeds))}")
+        args.profile = check_before_loading(args, args.size, args.size)
+        if args.baseline not in ("auto", "none"):
+            load_profile(args.baseline)  # an unknown baseline profile is named now, not after the evaluation
         benchmark = read_prompts(args.prompts or Path(args.subjects) / "prompts_and_classes.txt")
         subjects = find_subjects(args.subjects)
         if args.subject:

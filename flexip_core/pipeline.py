@@ -29,6 +29,23 @@ MAX_STEPS = 500  # more denoising steps than this is refused as absurd
 MAX_SEED = 2**63 - 1
 
 
+def check_settings(strength, num_inference_steps, guidance_scale, height, width, seed, max_side: int) -> None:
+    """The numbers of a generation, checked without any model: the pipeline checks every call with it, and the
+    command lines before they load weights (a bad --size must not wait for gigabytes to load)."""
+    check_unit(strength, "strength", high=2.0)
+    if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= MAX_STEPS:
+        raise ValueError(f"num_inference_steps must be a whole number from 1 to {MAX_STEPS}, "
+                         f"got {num_inference_steps!r}")
+    if (not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale)
+            or not 0 <= guidance_scale <= 50):
+        raise ValueError(f"guidance_scale must be a number from 0 to 50, got {guidance_scale!r}")
+    for label, side in (("height", height), ("width", width)):
+        if not isinstance(side, (int, np.integer)) or side % 8 or not 64 <= side <= max_side:
+            raise ValueError(f"{label} must be a multiple of 8 from 64 to {max_side}, got {side!r}")
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number from 0 to 2**63-1, got {seed!r}")
+
+
 class GenerationCancelled(Exception):
     """Raised by a callback to stop a generation; propagates out of the pipeline call."""
 
@@ -104,19 +121,7 @@ class FlexIPPipeline:
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         if not isinstance(subject, SubjectEmbedding):
             raise ValueError("no subject: call pipe.encode_subject([photos]) and pass its result as subject=")
-        check_unit(strength, "strength", high=2.0)
-        if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be a whole number from 1 to {MAX_STEPS}, "
-                             f"got {num_inference_steps!r}")
-        if (not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale)
-                or not 0 <= guidance_scale <= 50):
-            raise ValueError(f"guidance_scale must be a number from 0 to 50, got {guidance_scale!r}")
-        max_side = self.defaults.max_side
-        for label, side in (("height", height), ("width", width)):
-            if not isinstance(side, (int, np.integer)) or side % 8 or not 64 <= side <= max_side:
-                raise ValueError(f"{label} must be a multiple of 8 from 64 to {max_side}, got {side!r}")
-        if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed must be a whole number from 0 to 2**63-1, got {seed!r}")
+        check_settings(strength, num_inference_steps, guidance_scale, height, width, seed, self.defaults.max_side)
 
     def branch_weights_for(self, gate, strength, branch_weights) -> list[tuple[float, float]]:
         """Per-image (w_pres, w_pers) from the gate curve, or taken as given."""

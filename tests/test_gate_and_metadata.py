@@ -91,3 +91,23 @@ def test_generate_command_refuses_outputs_it_must_not_write_before_loading_anyth
     assert notes.read_text() == "mine"
     args = build_parser().parse_args(common + ["--gate", "0, 0.5", "--gate", "1"])
     assert args.gate == [(0.0, 0.5), (1.0,)] and args.out.name == "out.png"
+
+
+def test_generate_command_checks_the_settings_before_loading_a_model(tmp_path, dreambench, capsys, monkeypatch):
+    from flexip_core import pipeline
+    from flexip_core.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(pipeline.FlexIPPipeline, "from_profile", never)
+    common = ["generate", "--profile", "tiny", "--image", str(dreambench / "dog" / "00.jpg"), "--prompt", "x",
+              "--out", str(tmp_path / "o.png")]
+    for extra, message in ((["--size", "70"], "height must be a multiple of 8 from 64 to 512, got 70"),
+                           (["--width", "1024"], "width must be a multiple of 8 from 64 to 512, got 1024"),
+                           (["--steps", "0"], "num_inference_steps must be a whole number from 1"),
+                           (["--guidance", "-1"], "guidance_scale must be a number from 0 to 50"),
+                           (["--seed", "-1"], "seed must be a whole number from 0"),
+                           (["--scheduler", "eulr"], "scheduler 'eulr' unknown")):
+        assert main(common + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -129,3 +130,25 @@ def test_evaluation_refuses_bad_arguments(dreambench, metric_folders, tmp_path, 
     with pytest.raises(SystemExit) as stop:  # argparse refuses it before anything loads
         main(common + ["--seeds", "0,x"])
     assert stop.value.code == 2 and "expected comma-separated numbers" in capsys.readouterr().err
+
+
+def test_evaluation_checks_every_setting_before_loading_a_model(dreambench, tmp_path, capsys, monkeypatch):
+    from flexip_core import metrics, pipeline
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(pipeline.FlexIPPipeline, "from_profile", never)
+    monkeypatch.setattr(metrics.MetricModels, "load", never)
+    (tmp_path / "notes.txt").write_text("")
+    common = ["--profile", "tiny", "--subjects", str(dreambench), "--out", str(tmp_path / "eval")]
+    for extra, message in ((["--max-prompts", "0"], "--max-prompts must be at least 1"),
+                           (["--size", "70"], "must be a multiple of 8 from 64"),
+                           (["--steps", "0"], "num_inference_steps must be a whole number from 1"),
+                           (["--strength", "5"], "strength must be a number in \\[0, 2\\]"),
+                           (["--seeds", "-1"], "--seeds must be 0 or more"),
+                           (["--scheduler", "eulr"], "scheduler 'eulr' unknown"),
+                           (["--baseline", "sd14"], "unknown profile 'sd14'"),
+                           (["--out", str(tmp_path / "notes.txt")], "is a file; give a folder")):
+        assert main(common + extra) == 2, extra
+        assert re.search(message, capsys.readouterr().err), extra
