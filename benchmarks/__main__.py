@@ -24,16 +24,38 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 TITLES = {1: "UNet step", 2: "Slider move", 3: "Sweep", 4: "Memory", 5: "Server"}
 
 
+def item_numbers(text: str) -> set[int]:
+    """argparse type of --only: '1,3' -> {1, 3}, numbers of TITLES only."""
+    try:
+        items = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        items = set()
+    if not items or not items <= set(TITLES):
+        names = ", ".join(f"{number} {title}" for number, title in TITLES.items())
+        raise argparse.ArgumentTypeError(f"expected item numbers from 1 to 5 ({names}), got {text!r}")
+    return items
+
+
+def results_folder(text: str) -> Path:
+    """argparse type of --out: a folder (made if missing), refused at once when a file is in the way."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; give a folder for the JSON results")
+    return path
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="more repeats and steps (about 3x the quick run)")
     size.add_argument("--smoke", action="store_true", help="tiny models, one repeat: checks that everything runs")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON results")
-    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated items to run (default: all five)")
+    parser.add_argument("--out", type=results_folder, default=DEFAULT_OUT, help="folder for the JSON results")
+    parser.add_argument("--only", type=item_numbers, default="1,2,3,4,5",
+                        help="comma-separated item numbers to run (default: all five)")
     parser.add_argument("--breakdown", action="store_true",
                         help="profile one UNet step of each variant by op group (done anyway when a target misses)")
-    parser.add_argument("--log-level", default="INFO", help="progress messages on stderr (DEBUG, INFO, WARNING)")
+    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
+                        help="progress messages on stderr")
     return parser.parse_args(argv)
 
 
@@ -107,11 +129,9 @@ def report(mode, command: str, info: dict, sections: list[Section], wall: float)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     mode = MODES["full" if args.full else "smoke" if args.smoke else "quick"]
-    items = {int(part) for part in args.only.split(",") if part.strip()}
-    if not items <= set(TITLES):
-        raise SystemExit(f"--only takes item numbers from 1 to 5, got {args.only!r}")
+    items = args.only
     command = "python -m benchmarks" + (" --full" if args.full else " --smoke" if args.smoke else "")
     info = machine()
     started = time.perf_counter()

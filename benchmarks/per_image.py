@@ -8,18 +8,25 @@ from __future__ import annotations
 import argparse
 import time
 
+from flexip_core.cli import whole_number
+
 from .common import describe_machine, machine, median, synthetic_photo
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.per_image", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="tiny")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the profile's)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
-    parser.add_argument("--images", type=int, default=9, help="timed images (after one warm-up)")
+    parser.add_argument("--steps", type=whole_number(1), default=None, help="denoising steps (default: the profile's)")
+    parser.add_argument("--size", type=whole_number(64), default=64, help="image side in pixels")
+    parser.add_argument("--images", type=whole_number(1), default=9, help="timed images (after one warm-up)")
     args = parser.parse_args(argv)
     from flexip_core import FlexIPPipeline
+    from flexip_core.profiles import load_profile
 
+    try:
+        load_profile(args.profile)
+    except ValueError as error:
+        parser.error(str(error))
     pipe = FlexIPPipeline.from_profile(args.profile, device="cpu")
     subject = pipe.encode_subject([synthetic_photo(0)])
     steps = args.steps or pipe.profile.defaults.num_inference_steps

@@ -31,6 +31,19 @@ def comma_ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
+def whole_number(minimum: int):
+    """argparse type: a whole number of at least `minimum`."""
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return check
+
+
 def output_file(suffix: str):
     """argparse type for a file a command writes: the name must end in `suffix` (so that a slip such as
     `--out notes.txt` or a system file cannot be overwritten with image bytes) and must not be a folder."""

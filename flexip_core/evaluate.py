@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import add_model_flags, comma_ints, comma_numbers
+from .cli import add_model_flags, comma_ints, comma_numbers, whole_number
 from .manifest import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -290,10 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gamma values, e.g. 0,0.5,1")
     parser.add_argument("--seeds", type=comma_ints, default=(0,), help="comma-separated seeds shared by every sweep")
     parser.add_argument("--subject", action="append", default=None, help="evaluate only this subject (repeatable)")
-    parser.add_argument("--max-subjects", type=int, default=None, help="first N subjects only (quick runs)")
-    parser.add_argument("--max-prompts", type=int, default=None, help="first N prompts per subject only")
+    parser.add_argument("--max-subjects", type=whole_number(1), default=None, help="first N subjects only (quick runs)")
+    parser.add_argument("--max-prompts", type=whole_number(1), default=None, help="first N prompts per subject only")
     parser.add_argument("--token", default="", help="DreamBench's unique token for {0} in the prompts (default none)")
-    parser.add_argument("--condition-images", type=int, default=1, help="subject photos given to the adapters")
+    parser.add_argument("--condition-images", type=whole_number(1), default=1,
+                        help="subject photos given to the adapters")
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
@@ -348,9 +349,6 @@ def main(argv: list[str] | None = None) -> int:
         for gate in args.gates:
             if not 0.0 <= gate <= 1.0:
                 raise ValueError(f"--gates values must be in [0, 1], got {gate}")
-        for name in ("max_subjects", "max_prompts", "condition_images"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
         if Path(args.out).is_file():
             raise ValueError(f"--out {args.out} is a file; give a folder (it receives scores.csv, images/, ...)")
         if any(seed < 0 for seed in args.seeds):

@@ -63,3 +63,28 @@ def test_per_image_prints_the_median_for_a_profile(capsys):
     assert per_image.main(["--profile", "tiny", "--steps", "2", "--images", "2"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert re.match(r"profile tiny, 64x64, 2 steps, CFG: median \d+\.\d+ s per image \(min .*; 2 images\)$", line), line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "per_image"], "expected item numbers from 1 to 5 (1 UNet step"),
+    (["--only", "6"], "expected item numbers from 1 to 5"),
+    (["--log-level", "loud"], "invalid choice: 'LOUD'"),
+    (["--out", __file__], "is a file; give a folder"),
+])
+def test_bad_arguments_are_refused_before_any_item_runs(argv, message, capsys):
+    from benchmarks.__main__ import parse_args
+
+    with pytest.raises(SystemExit) as stop:
+        parse_args(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert parse_args(["--only", "1, 3", "--log-level", "debug"]).only == {1, 3}
+
+
+def test_per_image_refuses_bad_arguments_before_loading(capsys):
+    from benchmarks import per_image
+
+    for bad, text in ((["--images", "0"], "must be at least 1, got 0"), (["--steps", "x"], "expected a whole number"),
+                      (["--profile", "nosuch"], "unknown profile 'nosuch'")):
+        with pytest.raises(SystemExit):
+            per_image.main(bad)
+        assert text in capsys.readouterr().err

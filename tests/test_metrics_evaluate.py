@@ -142,8 +142,10 @@ def test_evaluation_checks_every_setting_before_loading_a_model(dreambench, tmp_
     monkeypatch.setattr(metrics.MetricModels, "load", never)
     (tmp_path / "notes.txt").write_text("")
     common = ["--profile", "tiny", "--subjects", str(dreambench), "--out", str(tmp_path / "eval")]
-    for extra, message in ((["--max-prompts", "0"], "--max-prompts must be at least 1"),
-                           (["--size", "70"], "must be a multiple of 8 from 64"),
+    with pytest.raises(SystemExit):
+        main(common + ["--max-prompts", "0"])
+    assert "argument --max-prompts: must be at least 1, got 0" in capsys.readouterr().err
+    for extra, message in ((["--size", "70"], "must be a multiple of 8 from 64"),
                            (["--steps", "0"], "num_inference_steps must be a whole number from 1"),
                            (["--strength", "5"], "strength must be a number in \\[0, 2\\]"),
                            (["--seeds", "-1"], "--seeds must be 0 or more"),

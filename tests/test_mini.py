@@ -394,6 +394,8 @@ def test_gate_map_passes_each_weight_pair_and_the_schedule_to_the_pipeline():
     (gate_map, ["--pers", "a,b"], "expected comma-separated numbers"),
     (gate_map, ["--seeds", "0,1.5"], "expected comma-separated whole numbers"),
     (gate_map, ["--seeds", ","], "give at least one value"),
+    (gate_map, ["--cases", "0"], "argument --cases: must be at least 1, got 0"),
+    (curve_command, ["--threads", "two"], "argument --threads: expected a whole number"),
     (curve_command, ["--seeds", "0,x"], "expected comma-separated numbers"),
     (curve_command, ["--out", "results.txt"], "the file written is .png; give a name ending in .png"),
 ])

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler
 
+from flexip_core.cli import whole_number
 from flexip_core.tiny import save_base
 
 from . import base, encoders, models, slider, world
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ASSETS, help="where the weights go (default assets/mini)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default .cache/mini-PRESET)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    parser.add_argument("--threads", type=whole_number(1), default=None,
+                        help="torch CPU threads (default: torch's, one per core)")
     parser.add_argument("--from-stage", choices=STAGES, default="base",
                         help="resume at this stage, reusing what the stages before it staged in the work folder")
     parser.add_argument("--reuse", type=Path, default=None, metavar="DIR",

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexip_core.cli import comma_ints, output_file
+from flexip_core.cli import comma_ints, output_file, whole_number
 
 from . import slider, world
 from .build import ASSETS, PROFILE_PATH
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=output_file(".png"), default="docs/mini_curve.png",
                         help="plot path (.png); the scores go beside it as .csv")
-    parser.add_argument("--cases", type=int, default=16, help="held-out (subject, reference, prompt) cases")
+    parser.add_argument("--cases", type=whole_number(1), default=16, help="held-out (subject, reference, prompt) cases")
     parser.add_argument("--seeds", type=comma_ints, default=(0, 1, 2), help="comma-separated generation seeds")
     parser.add_argument("--case-seed", type=int, default=1, help="seed drawing the cases")
     parser.add_argument("--assets", type=Path, default=ASSETS)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=whole_number(1), default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not (args.assets / "flexip_adapter.safetensors").is_file():

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from flexip_core import toyworld as tw
-from flexip_core.cli import comma_ints, comma_numbers
+from flexip_core.cli import comma_ints, comma_numbers, whole_number
 from flexip_core.gate import GateCurve
 
 from . import slider, world
@@ -55,16 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pers", type=_weights, default=(0.0, 0.25, 0.5, 0.75, 1.0), help="w_pers values")
     parser.add_argument("--pres-until", type=float, default=None,
                         help="preservation only in this first fraction of the denoising steps (default: all)")
-    parser.add_argument("--cases", type=int, default=16, help="(subject, reference, prompt) cases")
+    parser.add_argument("--cases", type=whole_number(1), default=16, help="(subject, reference, prompt) cases")
     parser.add_argument("--seeds", type=comma_ints, default=(0, 1), help="comma-separated generation seeds")
     parser.add_argument("--split", choices=("train", "heldout"), default="train",
                         help="training cases (as the calibration) or held-out ones (as the acceptance curve)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=whole_number(1), default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.pres_until is not None and not 0.0 < args.pres_until <= 1.0:
         parser.error(f"--pres-until must lie in (0, 1]; got {args.pres_until}")
-    if args.cases < 1:
-        parser.error(f"--cases must be at least 1; got {args.cases}")
     if args.threads:
         torch.set_num_threads(args.threads)
     # the cases the build calibrates on (build.calibrate, seed 0 + 100) or those of the curve (its --case-seed 1)
