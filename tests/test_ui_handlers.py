@@ -136,13 +136,15 @@ def test_generate_streams_previews_then_a_png_with_its_settings(studio, session)
 
 def test_a_prompt_cut_off_by_the_text_encoder_is_said_in_the_info_line_and_the_api(studio, session, photo):
     long = "a toy " * 40  # 80 words: over the fake's 77
-    final = collect(handlers.generate(studio, session=session, lock_seed=True, **form(prompt=long)))[-1]
+    with pytest.warns(UserWarning, match="so the end was cut off"):  # gr.Warning, outside a server: also a toast
+        final = collect(handlers.generate(studio, session=session, lock_seed=True, **form(prompt=long)))[-1]
     assert "⚠ prompt is 80 tokens; the text encoder takes 77, so the end was cut off" in final["info"]
     assert session.history[0].warnings  # still said when the result is shown again from the history
     assert "cut off" in handlers.describe(session.history[0])
     short = collect(handlers.generate(studio, session=session, lock_seed=True, **form()))[-1]
     assert "⚠" not in short["info"]
-    values = asyncio.run(api.api_generate(studio, photos=[photo], weights="", progress=None, **form(prompt=long)))
+    with pytest.warns(UserWarning, match="cut off"):
+        values = asyncio.run(api.api_generate(studio, photos=[photo], weights="", progress=None, **form(prompt=long)))
     assert values["api_parameters"][0]["warnings"] == [
         "prompt is 80 tokens; the text encoder takes 77, so the end was cut off"]
 
