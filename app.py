@@ -22,11 +22,18 @@ OVERRIDES = ("base", "base_config", "clip_encoder", "dino_encoder", "preservatio
              "lora")
 
 
+def port_number(text: str) -> int:
+    """argparse type of --port: 1 to 65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 1 to 65535, got {text!r}")
+    return int(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="profile name or .json path (default: sd15 on CUDA, else the best "
                                           "offline profile)")
-    parser.add_argument("--port", type=int, help="port to serve on (default: first free from 7860)")
+    parser.add_argument("--port", type=port_number, help="port to serve on (default: first free from 7860)")
     parser.add_argument("--listen", action="store_true", help="serve on all interfaces (0.0.0.0), not only localhost")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     parser.add_argument("--device", help="torch device for the models (default: cuda if present, else cpu)")
@@ -36,16 +43,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="load the models on the first render instead of right after the server starts")
     for name in OVERRIDES:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"override the profile's {name}")
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
+                        help="logging level")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from flexip_core.devices import pick_device
     from flexip_core.images import DEFAULT_LIMITS
-    from flexip_core.profiles import available_profiles, default_profile, load_profile
+    from flexip_core.profiles import default_profile, load_profile
     from ui.context import Studio
     from ui.engine import CoreEngine
     from ui.layout import build_studio, launch_options
@@ -53,8 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     profile = args.profile or default_profile()
     try:
         load_profile(profile)
+        if args.device:
+            pick_device(args.device)  # an unknown device, or CUDA on the CPU build of torch, is refused now
     except ValueError as error:
-        raise SystemExit(f"{error} (profiles: {', '.join(available_profiles())})") from None
+        raise SystemExit(f"app.py: error: {error}") from None
     overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name)}
     if args.device:
         overrides["device"] = args.device

@@ -25,7 +25,14 @@ LOW_VRAM_HINT = ("load the model with the low-VRAM option (command line and stud
 def pick_device(device=None) -> torch.device:
     """CUDA, else Apple MPS, else CPU, unless one is named."""
     if device not in (None, "auto"):
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {device!r} unknown; use cuda, cuda:N, mps or cpu") from None
+        if device.type not in ("cuda", "mps", "cpu"):
+            raise ValueError(f"device {device.type!r} is not one FlexIP runs on; use cuda, cuda:N, mps or cpu")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError("device 'mps' was asked for but PyTorch sees no Apple GPU; use --device cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but PyTorch sees no CUDA GPU (is this the CPU build of "
                              "torch?); use --device cpu, or install the CUDA build of torch")

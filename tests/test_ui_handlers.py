@@ -403,3 +403,17 @@ def test_the_app_builds_with_named_api_endpoints(studio):
     demo = build_studio(studio)
     names = {fn.api_name for fn in demo.fns.values()}
     assert {"generate", "sweep", "ui_generate", "ui_release", "add_photos"} <= names
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "99999"], "a port is a whole number from 1 to 65535"),
+    (["--log-level", "loud"], "invalid choice: 'LOUD'"),
+    (["--profile", "nosuch"], "unknown profile 'nosuch'; available: mini"),
+    (["--device", "tpu"], "device 'tpu' unknown; use cuda, cuda:N, mps or cpu"),
+])
+def test_app_refuses_bad_flags_before_serving(argv, message, capsys):
+    import app
+
+    with pytest.raises(SystemExit) as stop:
+        app.main(argv)
+    assert message in str(stop.value.code) + capsys.readouterr().err
