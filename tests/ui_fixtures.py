@@ -29,6 +29,7 @@ class FakeEngine:
         self.cancelled = threading.Event()  # set when a render stopped because on_step raised
         self.load_error: str | None = None  # when set, loading fails with this message
         self._loaded = False
+        self._failure: str | None = None
 
     def defaults(self) -> Defaults:
         return Defaults(width=64, height=64, steps=4, guidance=7.5, scheduler="dpmpp_2m", max_side=512)
@@ -42,12 +43,13 @@ class FakeEngine:
     def load(self) -> None:
         if not self._loaded:
             self.loads += 1
+            self._failure = self.load_error
             if self.load_error:
                 raise ValueError(self.load_error)
             self._loaded = True
 
     def failure(self) -> str | None:
-        return None if self._loaded else self.load_error if self.loads else None
+        return self._failure
 
     def render(self, request: RenderRequest, on_step=None) -> list[Rendered]:
         for gate in request.gates:
