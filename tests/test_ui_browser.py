@@ -179,5 +179,13 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
             shot = SCREENSHOT if os.environ.get("FLEXIP_UPDATE_SCREENSHOT") == "1" else tmp_path / "screenshot.png"
             page.screenshot(path=str(shot))
             assert Image.open(shot).size == (1440, 900)
+            page.get_by_role("tab", name="Prompt × γ grid").click()  # two prompts x the sweep's five γ
+            page.get_by_label("Prompts, one per line (up to 4)").fill(
+                "a large toy on a sand background\na small toy on the right, on a gray background")
+            page.get_by_role("button", name="Run grid").click()
+            expect(page.locator("#grid-gallery img")).to_have_count(10, timeout=60_000)
+            expect(page.locator("#info")).to_contain_text("row 2: a small toy on the right", timeout=30_000)
+            cells = page.locator("#grid-gallery .caption-label")
+            assert cells.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth).length") == 0
     finally:
         app.stop()

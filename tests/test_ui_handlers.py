@@ -325,6 +325,8 @@ def test_grid_renders_each_prompt_as_one_batch(studio, session):
     assert rows == [("a dog", (0.0, 1.0)), ("a cat in snow", (0.0, 1.0))]
     galleries = [u["grid_gallery"] for u in updates if "grid_gallery" in u]
     assert len(galleries[-1]["value"]) == 4 and galleries[-1]["columns"] == 2
+    assert [caption for _, caption in galleries[-1]["value"]][:2] == ["γ 0.00 · id 0.50", "γ 1.00 · id 0.90"]
+    assert updates[-1]["info"].endswith("row 1: *a dog* · row 2: *a cat in snow*")  # the caption is short: γ and id
     with pytest.raises(gr.Error, match="outside 0"):
         collect(comparison.grid(studio, session=session, prompts_text="a", gates_text="0, 3", **form()))
 

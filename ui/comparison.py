@@ -73,10 +73,10 @@ async def grid(studio: Studio, *, session: Session, prompts_text: str, gates_tex
             for result in event:
                 session.remember(result, history=False)
             cells.extend(event)
-            yield {"grid_gallery": gr.update(value=[(r.path, f"{r.settings.prompt[:40]} · γ {r.settings.gate:.2f}")
-                                                   for r in cells], columns=len(gates))}
+            yield {"grid_gallery": gr.update(value=[(r.path, r.gate_caption) for r in cells], columns=len(gates))}
     if not cells:
         return
     session.sweep = list(cells)
+    rows = " · ".join(f"row {row}: *{prompt}*" for row, prompt in enumerate(prompts, start=1))
     yield {"grid_zip": _download([r.path for r in cells], studio, "flexip-grid"), "session": session,
-           "info": f"grid of {len(prompts)} prompts × {len(gates)} γ values · **seed {settings.seed}**"}
+           "info": f"grid of {len(prompts)} prompts × {len(gates)} γ values · **seed {settings.seed}** · {rows}"}
