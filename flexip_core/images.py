@@ -121,6 +121,13 @@ def prepare_image(image: Image.Image, name: str | None = None, limits: ImageLimi
     return to_rgb(image)
 
 
+def is_flat(image: Image.Image, spread: float = 2.0) -> bool:
+    """Whether the photo is one flat colour (every channel's standard deviation under `spread` levels): a blank
+    or fully transparent file, with no subject in it to keep. Accepted, but worth a warning."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3)
+    return bool(pixels.std(axis=0).max() < spread)
+
+
 def square_view(image: Image.Image, size: int, aspect: str = "crop") -> Image.Image:
     """What an encoder sees: resize the short side to `size` and centre-crop, or pad the long side ("pad")."""
     if aspect not in ("crop", "pad"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flexip_core.images import ImageLimits, load_reference_image, square_view
+from flexip_core.images import ImageLimits, is_flat, load_reference_image, square_view
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:
@@ -97,3 +97,13 @@ def test_square_view_crop_and_pad():
     assert padded.getpixel((0, 16))[1] < 100  # ...and kept when padding
     with pytest.raises(ValueError, match="aspect"):
         square_view(wide, 32, "stretch")
+
+
+def test_flat_photos_are_told_apart_from_photos_of_a_subject(dreambench):
+    flat = Image.new("RGB", (64, 64), (90, 140, 200))
+    assert is_flat(flat)
+    assert is_flat(load_reference_image(png_bytes(flat, format="JPEG", quality=70)))  # compression noise: still flat
+    assert is_flat(load_reference_image(png_bytes(Image.new("RGBA", (32, 32), (0, 0, 0, 0)))))  # transparent: white
+    flat.paste((200, 40, 40), (20, 20, 44, 44))  # a small toy on it
+    assert not is_flat(flat)
+    assert not is_flat(load_reference_image(dreambench / "dog" / "00.jpg"))

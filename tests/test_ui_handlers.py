@@ -72,14 +72,32 @@ def test_add_photos_keeps_good_files_and_warns_about_each_bad_one_by_name(studio
     assert values["files"] is None and values["slot0"]["visible"] and not values["slot1"]["visible"]
 
 
+def test_a_flat_photo_is_kept_with_a_warning_in_the_panel_and_the_api(studio, photo, tmp_path):
+    from PIL import Image as PILImage
+
+    blank = tmp_path / "transparent.png"
+    PILImage.new("RGBA", (64, 64), (255, 0, 0, 0)).save(blank)  # fully transparent: white once composited
+    session = Session()
+    with pytest.warns(UserWarning, match="transparent.png: the photo is one flat colour, so it shows no subject"):
+        subject.add_photos(studio, session=session, files=[str(blank)])
+    assert [p.flat for p in session.photos] == [True]
+    subject.add_photos(studio, session=session, files=[photo])  # a real photo: no warning, not flat
+    assert [p.flat for p in session.photos] == [True, False]
+    values = asyncio.run(api.api_generate(studio, photos=[str(blank), photo], weights="", progress=None, **form()))
+    assert values["api_parameters"][0]["warnings"] == [
+        "transparent.png: the photo is one flat colour, so it shows no subject to keep"]
+
+
 def test_odd_modes_and_exif_orientation_become_rgb_photos(studio, tmp_path):
     session = Session()
     odd = odd_mode_uploads(tmp_path / "odd")
-    subject.add_photos(studio, session=session, files=[str(p) for p, _ in list(odd.values())[:4]])
-    assert len(session.photos) == 4
+    with pytest.warns(UserWarning, match="one flat colour") as flat:  # single-colour files: accepted, with a note
+        subject.add_photos(studio, session=session, files=[str(p) for p, _ in list(odd.values())[:4]])
+    assert len(session.photos) == 4 and len(flat) == 4
     rotated, size = odd["rotated.jpg"]
     session = Session()
-    subject.add_photos(studio, session=session, files=[str(rotated)])
+    with pytest.warns(UserWarning, match="rotated.jpg: the photo is one flat colour"):
+        subject.add_photos(studio, session=session, files=[str(rotated)])
     with Image.open(session.photos[0].path) as stored:
         assert stored.mode == "RGB" and stored.size == size
     with Image.open(session.photos[0].view) as view:

@@ -96,8 +96,11 @@ def _colour(gate: float, salt: int) -> tuple[int, int, int]:
 
 
 def png_bytes(size=(96, 64), mode="RGB", colour=(200, 30, 30)) -> bytes:
+    """A PNG of a `colour` toy (a block) on a light ground: a subject, not one flat colour."""
+    image = Image.new("RGB", size, (235, 235, 235))
+    image.paste(colour, (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
     buffer = io.BytesIO()
-    Image.new(mode, size, colour if mode == "RGB" else 0).save(buffer, format="PNG")
+    (image if mode == "RGB" else image.convert(mode)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -13,7 +13,7 @@ from .context import Studio
 from .exports import zip_results
 from .rendering import Preview, read_settings, render
 from .settings import parse_gates
-from .state import Result
+from .state import Photo, Result
 from .uploads import accept_photos
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,10 @@ async def _run(studio: Studio, photos, settings, gates, progress, low_vram=False
     return results
 
 
-def _describe(results: list[Result]) -> list[dict]:
+def _describe(results: list[Result], photos: list[Photo]) -> list[dict]:
+    notes = [photo.flat_warning for photo in photos if photo.flat]
     return [{**result.parameters, "identity_score": result.identity, "file": Path(result.path).name,
-             "warnings": list(result.warnings)} for result in results]
+             "warnings": notes + list(result.warnings)} for result in results]
 
 
 async def api_generate(studio: Studio, *, photos: list[str] | None, weights: str = "", progress=gr.Progress(),
@@ -62,7 +63,7 @@ async def api_generate(studio: Studio, *, photos: list[str] | None, weights: str
     with its settings and identity score."""
     subject = _subject(studio, photos, weights)
     results = await _run(studio, subject, read_settings(form), [float(form.get("gate", 0.5))], progress)
-    return {"api_images": [r.path for r in results], "api_parameters": _describe(results)}
+    return {"api_images": [r.path for r in results], "api_parameters": _describe(results, subject)}
 
 
 async def api_sweep(studio: Studio, *, photos: list[str] | None, weights: str = "",
@@ -77,4 +78,4 @@ async def api_sweep(studio: Studio, *, photos: list[str] | None, weights: str = 
     results = await _run(studio, subject, read_settings(form), values, progress)
     paths = [r.path for r in results]
     archive = zip_results(paths, studio.results_folder) if paths else None
-    return {"api_images": paths, "api_parameters": _describe(results), "api_zip": archive}
+    return {"api_images": paths, "api_parameters": _describe(results, subject), "api_zip": archive}

@@ -20,6 +20,11 @@ class Photo:
     view: str  # square crop of what the encoders see
     digest: str  # content hash of the validated pixels
     weight: float = 1.0  # share of this photo in the subject embedding
+    flat: bool = False  # one flat colour (blank or fully transparent): nothing to keep, so the user is warned
+
+    @property
+    def flat_warning(self) -> str:
+        return f"{self.name}: the photo is one flat colour, so it shows no subject to keep"
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ def add_photos(studio: Studio, *, session: Session, files: list[str] | None) -> 
         if len(session.photos) >= studio.max_photos:
             gr.Warning(f"{photo.name}: the subject holds at most {studio.max_photos} photos; remove one first")
             continue
+        if photo.flat:
+            gr.Warning(photo.flat_warning)
         session.photos.append(photo)
         known.add(photo.digest)
     logger.info("subject now has %d photo(s); %d rejected", len(session.photos), len(rejected))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from flexip_core.images import DEFAULT_LIMITS, load_reference_image, square_view
+from flexip_core.images import DEFAULT_LIMITS, is_flat, load_reference_image, square_view
 from flexip_core.metadata import parse_parameters
 
 from .state import Photo
@@ -55,7 +55,7 @@ def store_photo(image: Image.Image, name: str, folder: Path) -> Photo:
     else:
         image.save(path)
         square_view(image, ENCODER_VIEW).save(view)
-    return Photo(name=name, path=str(path), view=str(view), digest=digest)
+    return Photo(name=name, path=str(path), view=str(view), digest=digest, flat=is_flat(image))
 
 
 def open_photo(photo: Photo) -> Image.Image:
