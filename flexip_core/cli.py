@@ -106,10 +106,13 @@ def pipeline_from_args(args):
 
 
 def _generate(args) -> int:
-    from .images import load_reference_image
+    from .images import is_flat, load_reference_image
     from .metadata import save_png
 
     images = [load_reference_image(path) for path in args.image]
+    for path, image in zip(args.image, images):
+        if is_flat(image):
+            logger.warning("%s: the photo is one flat colour, so it shows no subject to keep", Path(path).name)
     weights = args.weight or None
     args.profile = check_before_loading(args, args.size or args.width, args.size or args.height)
     pipe = pipeline_from_args(args)

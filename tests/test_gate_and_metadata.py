@@ -1,6 +1,7 @@
 """Gate curves and schedules; the PNG `parameters` chunk; the generate command."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -93,7 +94,8 @@ def test_generate_command_refuses_outputs_it_must_not_write_before_loading_anyth
     assert args.gate == [(0.0, 0.5), (1.0,)] and args.out.name == "out.png"
 
 
-def test_generate_command_checks_the_settings_before_loading_a_model(tmp_path, dreambench, capsys, monkeypatch):
+def test_generate_command_checks_the_settings_before_loading_a_model(tmp_path, dreambench, capsys, monkeypatch,
+                                                                     caplog):
     from flexip_core import pipeline
     from flexip_core.cli import main
 
@@ -103,6 +105,10 @@ def test_generate_command_checks_the_settings_before_loading_a_model(tmp_path, d
     monkeypatch.setattr(pipeline.FlexIPPipeline, "from_profile", never)
     common = ["generate", "--profile", "tiny", "--image", str(dreambench / "dog" / "00.jpg"), "--prompt", "x",
               "--out", str(tmp_path / "o.png")]
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(tmp_path / "blank.png")
+    with caplog.at_level(logging.WARNING, logger="flexip_core.cli"):
+        assert main(common + ["--image", str(tmp_path / "blank.png"), "--steps", "0"]) == 2
+    assert "blank.png: the photo is one flat colour" in caplog.text and "00.jpg" not in caplog.text
     for extra, message in ((["--size", "70"], "height must be a multiple of 8 from 64 to 512, got 70"),
                            (["--width", "1024"], "width must be a multiple of 8 from 64 to 512, got 1024"),
                            (["--steps", "0"], "num_inference_steps must be a whole number from 1"),
