@@ -16,6 +16,8 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from flexip_core.cli import output_folder
+
 from .common import MODES, Section, describe_machine, machine
 
 logger = logging.getLogger("benchmarks")
@@ -36,20 +38,12 @@ def item_numbers(text: str) -> set[int]:
     return items
 
 
-def results_folder(text: str) -> Path:
-    """argparse type of --out: a folder (made if missing), refused at once when a file is in the way."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text!r} is a file; give a folder for the JSON results")
-    return path
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="more repeats and steps (about 3x the quick run)")
     size.add_argument("--smoke", action="store_true", help="tiny models, one repeat: checks that everything runs")
-    parser.add_argument("--out", type=results_folder, default=DEFAULT_OUT, help="folder for the JSON results")
+    parser.add_argument("--out", type=output_folder, default=DEFAULT_OUT, help="folder for the JSON results")
     parser.add_argument("--only", type=item_numbers, default="1,2,3,4,5",
                         help="comma-separated item numbers to run (default: all five)")
     parser.add_argument("--breakdown", action="store_true",

@@ -57,6 +57,15 @@ def output_file(suffix: str):
     return check
 
 
+def output_folder(text: str) -> Path:
+    """argparse type for a folder a command writes into (made if missing); refused at once when a file is in the
+    way, not after the run."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; give a folder")
+    return path
+
+
 def gate_values(text: str) -> tuple[float, ...]:
     """argparse type: one γ or several, comma-separated ('0,0.5,1'), each in [0, 1]."""
     values = comma_numbers(text)
@@ -106,13 +115,13 @@ def pipeline_from_args(args):
 
 
 def _generate(args) -> int:
-    from .images import is_flat, load_reference_image
+    from .images import flat_photo_note, is_flat, load_reference_image
     from .metadata import save_png
 
     images = [load_reference_image(path) for path in args.image]
     for path, image in zip(args.image, images):
         if is_flat(image):
-            logger.warning("%s: the photo is one flat colour, so it shows no subject to keep", Path(path).name)
+            logger.warning(flat_photo_note(Path(path).name))
     weights = args.weight or None
     args.profile = check_before_loading(args, args.size or args.width, args.size or args.height)
     pipe = pipeline_from_args(args)

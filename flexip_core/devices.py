@@ -22,6 +22,10 @@ LOW_VRAM_HINT = ("load the model with the low-VRAM option (command line and stud
                  "decodes images in tiles")
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(device=None) -> torch.device:
     """CUDA, else Apple MPS, else CPU, unless one is named."""
     if device not in (None, "auto"):
@@ -31,7 +35,7 @@ def pick_device(device=None) -> torch.device:
             raise ValueError(f"device {device!r} unknown; use cuda, cuda:N, mps or cpu") from None
         if device.type not in ("cuda", "mps", "cpu"):
             raise ValueError(f"device {device.type!r} is not one FlexIP runs on; use cuda, cuda:N, mps or cpu")
-        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        if device.type == "mps" and not _mps_available():
             raise ValueError("device 'mps' was asked for but PyTorch sees no Apple GPU; use --device cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but PyTorch sees no CUDA GPU (is this the CPU build of "
@@ -39,7 +43,7 @@ def pick_device(device=None) -> torch.device:
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 

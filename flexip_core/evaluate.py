@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import add_model_flags, comma_ints, comma_numbers, whole_number
+from .cli import add_model_flags, comma_ints, comma_numbers, gate_values, output_folder, whole_number
 from .manifest import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -285,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--subjects", required=True,
                         help="DreamBench-layout folder: one sub-folder of photos per subject")
     parser.add_argument("--prompts", default=None, help="prompts_and_classes.txt (default: the one in --subjects)")
-    parser.add_argument("--out", required=True, help="folder for scores.csv, summary.*, tradeoff.png and images/")
-    parser.add_argument("--gates", type=comma_numbers, default=(0.0, 0.25, 0.5, 0.75, 1.0),
+    parser.add_argument("--out", type=output_folder, required=True,
+                        help="folder for scores.csv, summary.*, tradeoff.png and images/")
+    parser.add_argument("--gates", type=gate_values, default=(0.0, 0.25, 0.5, 0.75, 1.0),
                         help="gamma values, e.g. 0,0.5,1")
     parser.add_argument("--seeds", type=comma_ints, default=(0,), help="comma-separated seeds shared by every sweep")
     parser.add_argument("--subject", action="append", default=None, help="evaluate only this subject (repeatable)")
@@ -346,11 +347,6 @@ def main(argv: list[str] | None = None) -> int:
         from .metrics import MetricConfig, MetricModels
         from .profiles import load_profile
 
-        for gate in args.gates:
-            if not 0.0 <= gate <= 1.0:
-                raise ValueError(f"--gates values must be in [0, 1], got {gate}")
-        if Path(args.out).is_file():
-            raise ValueError(f"--out {args.out} is a file; give a folder (it receives scores.csv, images/, ...)")
         if any(seed < 0 for seed in args.seeds):
             raise ValueError(f"--seeds must be 0 or more, got {','.join(map(str, args.seeds))}")
         args.profile = check_before_loading(args, args.size, args.size)

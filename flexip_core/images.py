@@ -128,6 +128,11 @@ def is_flat(image: Image.Image, spread: float = 2.0) -> bool:
     return bool(pixels.std(axis=0).max() < spread)
 
 
+def flat_photo_note(name: str) -> str:
+    """What the user is told about a photo for which is_flat holds."""
+    return f"{name}: the photo is one flat colour, so it shows no subject to keep"
+
+
 def square_view(image: Image.Image, size: int, aspect: str = "crop") -> Image.Image:
     """What an encoder sees: resize the short side to `size` and centre-crop, or pad the long side ("pad")."""
     if aspect not in ("crop", "pad"):

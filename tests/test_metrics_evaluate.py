@@ -125,8 +125,9 @@ def test_evaluation_refuses_bad_arguments(dreambench, metric_folders, tmp_path, 
               "--dino-metric", str(dino)]
     assert main(common + ["--subject", "unicorn"]) == 2
     assert "unicorn" in capsys.readouterr().err
-    assert main(common + ["--gates", "0,1.5"]) == 2
-    assert "[0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(common + ["--gates", "0,1.5"])
+    assert stop.value.code == 2 and "[0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:  # argparse refuses it before anything loads
         main(common + ["--seeds", "0,x"])
     assert stop.value.code == 2 and "expected comma-separated numbers" in capsys.readouterr().err
@@ -142,15 +143,16 @@ def test_evaluation_checks_every_setting_before_loading_a_model(dreambench, tmp_
     monkeypatch.setattr(metrics.MetricModels, "load", never)
     (tmp_path / "notes.txt").write_text("")
     common = ["--profile", "tiny", "--subjects", str(dreambench), "--out", str(tmp_path / "eval")]
-    with pytest.raises(SystemExit):
-        main(common + ["--max-prompts", "0"])
-    assert "argument --max-prompts: must be at least 1, got 0" in capsys.readouterr().err
+    for extra, message in ((["--max-prompts", "0"], "argument --max-prompts: must be at least 1, got 0"),
+                           (["--out", str(tmp_path / "notes.txt")], "is a file; give a folder")):
+        with pytest.raises(SystemExit) as stop:  # argparse refuses these
+            main(common + extra)
+        assert stop.value.code == 2 and message in capsys.readouterr().err, extra
     for extra, message in ((["--size", "70"], "must be a multiple of 8 from 64"),
                            (["--steps", "0"], "num_inference_steps must be a whole number from 1"),
                            (["--strength", "5"], "strength must be a number in \\[0, 2\\]"),
                            (["--seeds", "-1"], "--seeds must be 0 or more"),
                            (["--scheduler", "eulr"], "scheduler 'eulr' unknown"),
-                           (["--baseline", "sd14"], "unknown profile 'sd14'"),
-                           (["--out", str(tmp_path / "notes.txt")], "is a file; give a folder")):
+                           (["--baseline", "sd14"], "unknown profile 'sd14'")):
         assert main(common + extra) == 2, extra
         assert re.search(message, capsys.readouterr().err), extra

@@ -44,9 +44,12 @@ async def ensure_loaded(studio: Studio, progress: gr.Progress | None = None) -> 
 
 def engine_status(studio: Studio) -> str:
     """The header: profile and model state, then what the profile's models are (the offline `mini` draws toys)."""
-    failure = None if studio.engine.ready() else studio.engine.failure()
-    state = ("ready" if studio.engine.ready() else f"could not be loaded: {failure}" if failure
-             else "loading… (the first run waits for it)")
+    if studio.engine.ready():
+        state = "ready"
+    elif studio.engine.failure():
+        state = f"could not be loaded: {studio.engine.failure()}"
+    else:
+        state = "loading… (the first run waits for it)"
     line = f"**FlexIP Studio** · profile `{studio.engine.profile}` · models {state}"
     about = studio.engine.description()
     return f"{line} · *{about}*" if about else line

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from flexip_core.images import flat_photo_note
+
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ class Photo:
 
     @property
     def flat_warning(self) -> str:
-        return f"{self.name}: the photo is one flat colour, so it shows no subject to keep"
+        return flat_photo_note(self.name)
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ def build(preset: str = "full", out: Path = ASSETS, work: Path | None = None, se
     times, scores = {}, {}
     record = work / "stages.json"  # seconds and scores of the stages run so far (a resumed build reports them all)
     start = STAGES.index(from_stage)
-    check_replaceable(Path(out), OUT_MARKERS, "--out")
+    check_replaceable(out, OUT_MARKERS, "--out")
     check_replaceable(work, WORK_MARKERS, "--work")
     if reuse is not None:
         if from_stage == "base":
