@@ -181,17 +181,19 @@ def identity_kept(images: list[Image.Image], reference: Image.Image) -> list[flo
 
 
 def prompt_score(image: Image.Image, requested: dict[str, str]) -> float:
-    """Fraction of requested editable attributes (e.g. parse_prompt(prompt)) found in the image."""
+    """Fraction of requested attributes (e.g. parse_prompt(prompt): editable ones, and a colour) found in the
+    image."""
+    allowed = tw.REQUESTABLE_ATTRIBUTES
     if not requested:
-        raise ValueError("no editable attributes requested; pass e.g. parse_prompt(prompt) of a prompt naming some")
+        raise ValueError("no attributes requested; pass e.g. parse_prompt(prompt) of a prompt naming some")
     for name, value in requested.items():
-        if name not in tw.EDITABLE_ATTRIBUTES:
-            raise ValueError(f"{name!r} is not an editable attribute; use {', '.join(tw.EDITABLE_ATTRIBUTES)}")
-        if value not in tw.EDITABLE_ATTRIBUTES[name]:
-            raise ValueError(f"{name}={value!r} is unknown; choose one of {', '.join(tw.EDITABLE_ATTRIBUTES[name])}")
+        if name not in allowed:
+            raise ValueError(f"{name!r} is not an attribute a prompt can ask for; use {', '.join(allowed)}")
+        if value not in allowed[name]:
+            raise ValueError(f"{name}={value!r} is unknown; choose one of {', '.join(allowed[name])}")
     return prompt_fraction(read_attributes(image), requested)
 
 
 def prompt_fraction(found: dict[str, str | None], requested: dict[str, str]) -> float:
-    """Fraction of the requested editable attributes among the attributes `found` in an image (read_attributes)."""
+    """Fraction of the requested attributes among the attributes `found` in an image (read_attributes)."""
     return float(np.mean([found[name] == value for name, value in requested.items()]))

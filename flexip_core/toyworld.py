@@ -35,6 +35,8 @@ EDITABLE_ATTRIBUTES = {
     "pose": tuple(POSES),
     "style": STYLES,
 }
+# What a prompt may ask for: the editable attributes and, to recolour the subject, its colour.
+REQUESTABLE_ATTRIBUTES = {**EDITABLE_ATTRIBUTES, "colour": tuple(COLOURS)}
 SPLITS = ("train", "heldout", "all")
 NEUTRAL_BACKGROUND = "white"  # background of an invariant pair's cut-out reference
 
@@ -265,9 +267,12 @@ def _describe(scene: Scene, noun: str) -> str:
     )
 
 
-def prompt_for(scene: Scene) -> str:
-    """Prompt asking for a scene, e.g. 'a small, squashed toy on the left, on a sand background, flat style'."""
-    return _describe(scene, "toy")
+def prompt_for(scene: Scene, colour: str | None = None) -> str:
+    """Prompt asking for a scene, e.g. 'a small, squashed toy on the left, on a sand background, flat style'; with
+    `colour` it also asks to recolour the subject ('... squashed blue toy ...'), an edit that costs identity."""
+    if colour is not None:
+        _check("prompt", "colour", colour, tuple(COLOURS))
+    return _describe(scene, f"{colour} toy" if colour else "toy")
 
 
 def caption(subject: Subject, scene: Scene, with_identity: bool = False) -> str:
@@ -277,11 +282,12 @@ def caption(subject: Subject, scene: Scene, with_identity: bool = False) -> str:
     return _describe(scene, f"{subject.colour} {_PATTERN_WORDS[subject.pattern]} {subject.shape}")
 
 
-_VOCABULARY = {value: (name, value) for name, values in EDITABLE_ATTRIBUTES.items() for value in values} | _SYNONYMS
+_VOCABULARY = {value: (name, value) for name, values in REQUESTABLE_ATTRIBUTES.items() for value in values} | _SYNONYMS
 
 
 def parse_prompt(text: str) -> dict[str, str]:
-    """Editable attributes a prompt requests (first mention wins); attributes it does not name are absent."""
+    """Attributes a prompt requests (first mention wins): the editable ones it names and, when it names a colour,
+    the subject's colour (a recolouring edit); attributes it does not name are absent."""
     requested: dict[str, str] = {}
     for word in re.findall(r"[a-z]+", text.lower()):
         if word in _VOCABULARY:

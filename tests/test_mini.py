@@ -41,6 +41,15 @@ def test_training_data_never_shows_heldout_subjects_or_prompts(tmp_path):
         assert all(getattr(case.reference, a) != getattr(case.target, a) for a in world.SCENE_NAMES)
 
 
+def test_recolouring_cases_are_the_same_cases_asking_for_another_colour():
+    plain, recolour = world.sample_cases(12, seed=1), world.sample_cases(12, seed=1, recolour=True)
+    for a, b in zip(plain, recolour):
+        assert (a.subject, a.reference, a.target, a.colour) == (b.subject, b.reference, b.target, None)
+        assert b.colour in tw.COLOURS and b.colour != b.subject.colour
+        assert tw.parse_prompt(b.prompt) == {**tw.parse_prompt(a.prompt), "colour": b.colour}
+    assert len({c.colour for c in recolour}) > 1
+
+
 def test_full_caption_is_the_toyworld_prompt():
     scene = tw.Scene("sand", "small", "left", "squashed", "flat")
     assert world.describe(scene) == tw.prompt_for(scene)
@@ -87,6 +96,18 @@ def test_identity_breaks_down_into_the_attributes_the_oracle_finds(curve):
 def test_issue_targets_identity_at_one_and_a_smooth_trade_off(curve):
     assert curve.identity[-1] >= 0.8 and curve.prompt[0] >= 0.8, curve.rows()
     assert slider.check_slider(curve) == [], curve.rows()
+
+
+@needs_weights
+def test_the_gate_decides_between_the_colour_asked_for_and_the_subjects():
+    """A prompt asking to recolour the subject: the low end draws the colour asked for, the high end keeps the
+    subject's (16 cases x 3 seeds, `curve --prompts recolour`: colour kept 0.00 at gamma 0, 0.88 at 1)."""
+    from flexip_core.mini.curve import load_mini
+
+    measured = slider.measure(load_mini(), world.sample_cases(CASES, seed=1, split="heldout", recolour=True),
+                              seeds=SEEDS, gammas=(0.0, 1.0))
+    assert measured.attributes["colour"][0] <= 0.1 and measured.prompt[0] >= 0.9, measured.rows()
+    assert measured.attributes["colour"][1] >= 0.5, measured.rows()  # 0.67 on this set
 
 
 @needs_weights
@@ -398,6 +419,7 @@ def test_gate_map_passes_each_weight_pair_and_the_schedule_to_the_pipeline():
     (curve_command, ["--threads", "two"], "argument --threads: expected a whole number"),
     (curve_command, ["--seeds", "0,x"], "expected comma-separated numbers"),
     (curve_command, ["--out", "results.txt"], "the file written is .png; give a name ending in .png"),
+    (curve_command, ["--prompts", "style"], "argument --prompts: invalid choice: 'style'"),
 ])
 def test_slider_commands_refuse_bad_arguments_before_loading_anything(command, argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

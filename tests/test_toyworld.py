@@ -75,6 +75,14 @@ def test_captions_name_edits_and_parse_back():
     assert tw.parse_prompt("a photo of a dog") == {}
 
 
+def test_a_prompt_may_ask_to_recolour_the_subject():
+    text = tw.prompt_for(SCENE, "blue")
+    assert "blue toy" in text and tw.parse_prompt(text) == {**tw.parse_prompt(tw.prompt_for(SCENE)), "colour": "blue"}
+    assert tw.parse_prompt("a red toy, big") == {"colour": "red", "scale": "large"}
+    with pytest.raises(ValueError, match="prompt colour='purple' is unknown; choose one of red, yellow, green, blue"):
+        tw.prompt_for(SCENE, "purple")
+
+
 def test_pairs_have_the_right_modalities():
     pairs = tw.sample_pairs(200, 1)
     assert {p.modality for p in pairs} == {"invariant", "variant"}
@@ -141,7 +149,9 @@ def test_identity_and_prompt_scores():
     assert prompt_score(image, tw.parse_prompt(tw.prompt_for(SCENE))) == 1.0
     assert prompt_score(image, {"background": "white", "scale": "large"}) == 0.5
     assert identity_score(Image.new("RGB", (32, 32), (245, 245, 245)), SUBJECT) == 0.0  # nothing drawn
-    with pytest.raises(ValueError, match="no editable attributes"):
+    assert prompt_score(image, tw.parse_prompt(tw.prompt_for(SCENE, "blue"))) == pytest.approx(5 / 6)  # red
+    assert prompt_score(image, tw.parse_prompt(tw.prompt_for(SCENE, "red"))) == 1.0
+    with pytest.raises(ValueError, match="no attributes requested"):
         prompt_score(image, {})
-    with pytest.raises(ValueError, match="not an editable attribute"):
+    with pytest.raises(ValueError, match="'shape' is not an attribute a prompt can ask for"):
         prompt_score(image, {"shape": "star"})

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="plot path (.png); the scores go beside it as .csv")
     parser.add_argument("--cases", type=whole_number(1), default=16, help="held-out (subject, reference, prompt) cases")
     parser.add_argument("--seeds", type=comma_ints, default=(0, 1, 2), help="comma-separated generation seeds")
+    parser.add_argument("--prompts", choices=("scene", "recolour"), default="scene",
+                        help="'scene': each prompt asks for another scene (the acceptance curve); 'recolour': for "
+                             "another scene and a body colour other than the subject's, an edit that costs identity")
     parser.add_argument("--case-seed", type=int, default=1, help="seed drawing the cases")
     parser.add_argument("--assets", type=Path, default=ASSETS)
     parser.add_argument("--threads", type=whole_number(1), default=1, help="torch CPU threads")
@@ -71,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.assets / "flexip_adapter.safetensors").is_file():
         parser.error(f"no FlexIP-mini weights in {args.assets}; build them with `python -m flexip_core.mini.build`")
     pipe = load_mini(args.assets)
-    cases = world.sample_cases(args.cases, args.case_seed, split="heldout")
+    cases = world.sample_cases(args.cases, args.case_seed, split="heldout", recolour=args.prompts == "recolour")
     curve = slider.measure(pipe, cases, seeds=args.seeds)
     problems = slider.check_slider(curve)
-    title = (f"FlexIP-mini: {args.cases} held-out subjects x prompts, seeds {','.join(map(str, args.seeds))} "
+    kind = "recolouring prompts" if args.prompts == "recolour" else "prompts"
+    title = (f"FlexIP-mini: {args.cases} held-out subjects x {kind}, seeds {','.join(map(str, args.seeds))} "
              f"({len(curve.identity_all)} images per gamma)")
     plot(curve, args.out, title)
     with args.out.with_suffix(".csv").open("w", newline="") as handle:

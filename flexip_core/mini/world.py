@@ -66,24 +66,28 @@ def random_caption(rng: np.random.Generator, subject: tw.Subject, scene: tw.Scen
 
 @dataclass(frozen=True)
 class Case:
-    """One slider test case: a subject shown in a reference scene, and a prompt asking for another scene."""
+    """One slider test case: a subject shown in a reference scene, and a prompt asking for another scene and,
+    when `colour` is set, for the subject in another colour (an edit that costs identity)."""
 
     subject: tw.Subject  # identity to keep
     reference: tw.Scene  # scene of the reference image
     target: tw.Scene  # scene the prompt asks for
+    colour: str | None = None  # body colour the prompt asks for, never the subject's own
 
     @property
     def prompt(self) -> str:
-        return tw.prompt_for(self.target)
+        return tw.prompt_for(self.target, self.colour)
 
     def reference_image(self, size: int = NATIVE_SIZE):
         return tw.render(self.subject, self.reference, size)
 
 
-def sample_cases(n: int, seed: int, split: str = "heldout") -> list[Case]:
+def sample_cases(n: int, seed: int, split: str = "heldout", recolour: bool = False) -> list[Case]:
     """n cases: subjects and prompt scenes from `split`, reference scenes from training scenes, each prompt scene
-    differing from its reference in every attribute where the world allows it (a clear conflict)."""
+    differing from its reference in every attribute where the world allows it (a clear conflict); with `recolour`
+    each prompt also asks for a colour other than the subject's (the same cases otherwise)."""
     rng = np.random.default_rng((seed, 7))
+    colours = np.random.default_rng((seed, 8))
     subjects = tw.sample_subjects(n, seed, split)
     targets = scenes_in(split)
     references = scenes_in("train")
@@ -92,7 +96,9 @@ def sample_cases(n: int, seed: int, split: str = "heldout") -> list[Case]:
         target = targets[rng.integers(len(targets))]
         candidates = [r for r in references
                       if sum(getattr(r, a) != getattr(target, a) for a in SCENE_NAMES) == len(SCENE_NAMES)]
-        cases.append(Case(subject, candidates[rng.integers(len(candidates))], target))
+        others = [c for c in tw.COLOURS if c != subject.colour]
+        colour = others[colours.integers(len(others))] if recolour else None
+        cases.append(Case(subject, candidates[rng.integers(len(candidates))], target, colour))
     return cases
 
 
