@@ -31,8 +31,8 @@ def port_number(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", help="profile name or .json path (default: sd15 on CUDA, else the best "
-                                          "offline profile)")
+    parser.add_argument("--profile", help="profile name or .json path (default: sd15 on CUDA once its weights are "
+                                          "in the Hugging Face cache, else the best offline profile)")
     parser.add_argument("--port", type=port_number, help="port to serve on (default: first free from 7860)")
     parser.add_argument("--listen", action="store_true", help="serve on all interfaces (0.0.0.0), not only localhost")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")

@@ -303,6 +303,26 @@ def in_cache(source: str, files: tuple[str, ...] = ()) -> bool:
     return all(isinstance(try_to_load_from_cache(repo, prefix + f), str) for f in wanted)
 
 
+# The files that show a Hub folder's weights are cached, by profile part (a lone file is its own proof).
+CACHE_EVIDENCE = {
+    "base": ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+             "text_encoder/model.safetensors"),
+    "clip_encoder": ("config.json", "model.safetensors"),
+}
+
+
+def profile_cached(profile) -> bool:
+    """Whether loading `profile` needs no download: every model source it names (DINOv2 aside, which only some
+    adapters load) is a local path or has its weights in the local Hugging Face cache. Reads the cache only."""
+    for part in ("base", "base_config", "clip_encoder", "adapter", "preservation", "personalization", "lora"):
+        source = getattr(profile, part)
+        if source and not profile.build:
+            files = () if Path(split_source(source)[1] or "").suffix else CACHE_EVIDENCE.get(part, ())
+            if not in_cache(source, files):
+                return False
+    return True
+
+
 def unet_layout(base: str | None, base_config: str | None = None) -> tuple[tuple[tuple[str, int], ...], int]:
     """(cross-attention layers, token width) of a base model's UNet, from its config alone (no weights).
 

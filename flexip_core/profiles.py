@@ -104,11 +104,14 @@ def load_profile(name_or_path: str) -> Profile:
 
 
 def default_profile() -> str:
-    """'sd15' when CUDA is present and its weights are cached or reachable; else the best offline profile: 'mini'
-    when its trained weights are in assets/mini, 'tiny' (random weights) when they are not."""
+    """'sd15' when CUDA is present and its weights are in the local Hugging Face cache (loading it downloads
+    nothing); else the best offline profile: 'mini' when its trained weights are in assets/mini, 'tiny' (random
+    weights) when they are not. A first download of sd15 is asked for by name (`--profile sd15`)."""
     import torch
 
+    from .loading import profile_cached
+
     names = available_profiles()
-    if torch.cuda.is_available() and "sd15" in names and not os.environ.get("HF_HUB_OFFLINE"):
+    if torch.cuda.is_available() and "sd15" in names and profile_cached(load_profile("sd15")):
         return "sd15"
     return "mini" if "mini" in names and Path(load_profile("mini").adapter).is_file() else "tiny"

@@ -420,6 +420,8 @@ def test_gate_map_passes_each_weight_pair_and_the_schedule_to_the_pipeline():
     (curve_command, ["--seeds", "0,x"], "expected comma-separated numbers"),
     (curve_command, ["--out", "results.txt"], "the file written is .png; give a name ending in .png"),
     (curve_command, ["--prompts", "style"], "argument --prompts: invalid choice: 'style'"),
+    (curve_command, ["--device", "tpu"], "device 'tpu' unknown; use cuda, cuda:N, mps or cpu"),
+    (curve_command, ["--dtype", "double"], "argument --dtype: invalid choice: 'double'"),
 ])
 def test_slider_commands_refuse_bad_arguments_before_loading_anything(command, argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -226,6 +226,35 @@ def test_sd15_offline_with_an_empty_cache_fails_clearly(tmp_path, dreambench):
     assert "--base PATH" in result.stderr
 
 
+def test_default_profile_on_cuda_is_sd15_only_when_its_weights_are_cached(monkeypatch, tmp_path):
+    """A GPU user without the real weights starts on the offline profile, not on a 6 GB download; once the
+    weights are cached (online or not), sd15 is the default."""
+    import huggingface_hub
+
+    from flexip_core.profiles import default_profile
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    offline_default = default_profile()
+    assert offline_default in ("mini", "tiny")
+    stub = tmp_path / "stub.bin"
+    stub.write_bytes(b"0")
+    base = ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors")
+    ip = ("models/image_encoder/config.json", "models/image_encoder/model.safetensors",
+          "models/ip-adapter-plus_sd15.safetensors")
+    fake_hub_cache(tmp_path, "stable-diffusion-v1-5/stable-diffusion-v1-5", dict.fromkeys(base, stub))
+    fake_hub_cache(tmp_path, "h94/IP-Adapter", dict.fromkeys(ip, stub))
+    assert default_profile() == offline_default  # the personalization branch's file is still missing
+    fake_hub_cache(tmp_path, "h94/IP-Adapter", {"models/ip-adapter_sd15.safetensors": stub})
+    assert default_profile() == "sd15"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert default_profile() == "sd15"  # offline with the cache filled
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_profile() == offline_default
+
+
 def test_sdxl_shaped_adapter_names_keys_and_shapes(tiny_pipe, tmp_path):
     image_proj, ip_adapter = synthetic_ip_adapter_state(tiny_pipe.unet, "plain", **CLIP_SIZES)
     image_proj["proj.weight"], image_proj["norm.weight"] = torch.zeros(4 * 2048, 32), torch.ones(2048)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from flexip_core.cli import comma_ints, output_file, whole_number
+from flexip_core.devices import pick_device
 
 from . import slider, world
 from .build import ASSETS, PROFILE_PATH
@@ -21,11 +22,12 @@ from .build import ASSETS, PROFILE_PATH
 logger = logging.getLogger(__name__)
 
 
-def load_mini(assets: Path = ASSETS, device: str = "cpu"):
-    """The mini profile's pipeline with its weights taken from `assets` (any working directory)."""
+def load_mini(assets: Path = ASSETS, device: str = "cpu", dtype: str | None = None):
+    """The mini profile's pipeline with its weights taken from `assets` (any working directory); `dtype` None keeps
+    the profile's float32."""
     from flexip_core.pipeline import FlexIPPipeline
 
-    return FlexIPPipeline.from_profile(str(PROFILE_PATH), device=device, base=str(assets / "base"),
+    return FlexIPPipeline.from_profile(str(PROFILE_PATH), device=device, dtype=dtype, base=str(assets / "base"),
                                        clip_encoder=str(assets / "image_encoder"), dino_encoder=str(assets / "dino"),
                                        adapter=str(assets / "flexip_adapter.safetensors"))
 
@@ -69,11 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case-seed", type=int, default=1, help="seed drawing the cases")
     parser.add_argument("--assets", type=Path, default=ASSETS)
     parser.add_argument("--threads", type=whole_number(1), default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda, which gives the same "
+                                                        "curve in the profile's float32")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: the profile's float32")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:
+        pick_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if not (args.assets / "flexip_adapter.safetensors").is_file():
         parser.error(f"no FlexIP-mini weights in {args.assets}; build them with `python -m flexip_core.mini.build`")
-    pipe = load_mini(args.assets)
+    pipe = load_mini(args.assets, args.device, args.dtype)
     cases = world.sample_cases(args.cases, args.case_seed, split="heldout", recolour=args.prompts == "recolour")
     curve = slider.measure(pipe, cases, seeds=args.seeds)
     problems = slider.check_slider(curve)
