@@ -424,6 +424,10 @@ def test_gate_map_passes_each_weight_pair_and_the_schedule_to_the_pipeline():
     (curve_command, ["--dtype", "double"], "argument --dtype: invalid choice: 'double'"),
 ])
 def test_slider_commands_refuse_bad_arguments_before_loading_anything(command, argv, message, capsys):
+    import torch
+
+    threads = torch.get_num_threads()
     with pytest.raises(SystemExit) as stop:
         command.main(argv)
     assert stop.value.code == 2 and re.search(message, capsys.readouterr().err)
+    assert torch.get_num_threads() == threads  # nothing changed either (the process's other runs keep their threads)

@@ -104,7 +104,8 @@ def test_hub_ids_load_from_the_cache_offline_through_the_cli(tiny_root, ip_files
                                                        personalization=str(ip_files[("plain", "bin")])))
     want = local(PROMPT, subject=local.encode_subject([photos["dog"]]), gate=0.6, num_inference_steps=2, height=64,
                  width=64, seed=5).images[0]
-    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(want))
+    # the same weights give the same image; another CPU thread count in this process may move a pixel by one level
+    assert np.abs(np.asarray(Image.open(out).convert("RGB"), int) - np.asarray(want, int)).max() <= 1
 
 
 def test_every_profile_part_can_be_overridden(tiny_root, ip_files, tmp_path):

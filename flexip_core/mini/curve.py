@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                                                         "curve in the profile's float32")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: the profile's float32")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     try:
         pick_device(args.device)
     except ValueError as error:
         parser.error(str(error))
     if not (args.assets / "flexip_adapter.safetensors").is_file():
         parser.error(f"no FlexIP-mini weights in {args.assets}; build them with `python -m flexip_core.mini.build`")
+    torch.set_num_threads(args.threads)
     pipe = load_mini(args.assets, args.device, args.dtype)
     cases = world.sample_cases(args.cases, args.case_seed, split="heldout", recolour=args.prompts == "recolour")
     curve = slider.measure(pipe, cases, seeds=args.seeds)
