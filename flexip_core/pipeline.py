@@ -188,6 +188,13 @@ class FlexIPPipeline:
 
         # 2. Encode the prompt
         text = self.encode_prompt(prompt, warnings)  # (1, 77, C)
+        if self.profile.identity_metric == "toyworld":  # a model that knows only the toy world's words
+            from .toyworld import unknown_words_note
+
+            note = unknown_words_note(prompt)
+            if note:
+                logger.warning(note)
+                warnings.append(note)
         neg_text = self.encode_prompt(negative_prompt or "", warnings) if cfg else None
         rows = [text.expand(n, -1, -1)] + ([neg_text.expand(n, -1, -1)] if cfg else [])
         encoder_hidden_states = torch.cat(rows[::-1])  # (2N, 77, C): unconditional rows first

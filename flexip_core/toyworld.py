@@ -283,6 +283,9 @@ def caption(subject: Subject, scene: Scene, with_identity: bool = False) -> str:
 
 
 _VOCABULARY = {value: (name, value) for name, values in REQUESTABLE_ATTRIBUTES.items() for value in values} | _SYNONYMS
+# Every word the captions use: all that a text encoder trained on them (FlexIP-mini's) has learnt.
+CAPTION_WORDS = frozenset({"a", "toy", "on", "the", "in", "background", "style", *SHAPES, *COLOURS,
+                           *_PATTERN_WORDS.values(), *(w for values in EDITABLE_ATTRIBUTES.values() for w in values)})
 
 
 def parse_prompt(text: str) -> dict[str, str]:
@@ -294,6 +297,17 @@ def parse_prompt(text: str) -> dict[str, str]:
             name, value = _VOCABULARY[word]
             requested.setdefault(name, value)
     return requested
+
+
+def unknown_words_note(text: str) -> str | None:
+    """None when every word of a prompt is one the captions use; else a note naming the others (a model trained on
+    the world ignores them) and the words it knows, with the caption's word for a synonym ('grey' -> gray)."""
+    unknown = dict.fromkeys(w for w in re.findall(r"[a-z]+", text.lower()) if w not in CAPTION_WORDS)
+    if not unknown:
+        return None
+    named = ", ".join(f"{w} (say {_SYNONYMS[w][1]})" if w in _SYNONYMS else w for w in unknown)
+    knows = "; ".join(f"{name} {', '.join(values)}" for name, values in REQUESTABLE_ATTRIBUTES.items())
+    return f"the toy-world model has never seen, and ignores: {named}. Its words: {knows}"
 
 
 def write_dataset(

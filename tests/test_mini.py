@@ -65,6 +65,21 @@ def curve():
 
 
 @needs_weights
+def test_mini_names_the_prompt_words_it_has_never_seen():
+    """A free prompt on the toy-world model: the image comes with a warning naming the ignored words (the API and
+    the studio show a result's warnings); a prompt in the world's words comes without one."""
+    from flexip_core.mini.curve import load_mini
+
+    pipe = load_mini()
+    subject = pipe.encode_subject([world.sample_cases(1, seed=1, split="heldout")[0].reference_image()])
+    run = dict(subject=subject, num_inference_steps=2, seed=0)
+    out = pipe("a toy in a snowy forest at night", **run)
+    assert len(out.images) == 1 and out.warnings == [tw.unknown_words_note("a toy in a snowy forest at night")]
+    assert "ignores: snowy, forest, at, night." in out.warnings[0]
+    assert pipe("a small toy on the left, on a sky background, flat style", **run).warnings == []
+
+
+@needs_weights
 def test_gate_zero_follows_held_out_prompts(curve):
     assert curve.prompt[0] >= 0.9, curve.rows()  # measured 0.996 on 16 cases x 3 seeds
 

@@ -83,6 +83,17 @@ def test_a_prompt_may_ask_to_recolour_the_subject():
         tw.prompt_for(SCENE, "purple")
 
 
+def test_words_outside_the_captions_are_named_with_the_ones_the_world_has():
+    rng = np.random.default_rng(4)
+    for subject in tw.sample_subjects(20, seed=4, split="all"):  # every caption and prompt the world writes
+        scene = tw.sample_scene(rng)
+        assert tw.unknown_words_note(tw.caption(subject, scene, with_identity=True)) is None
+        assert tw.unknown_words_note(tw.prompt_for(scene, subject.colour)) is None
+    note = tw.unknown_words_note("A toy in a SNOWY forest, grey background, snowy")
+    assert note.startswith("the toy-world model has never seen, and ignores: snowy, forest, grey (say gray). ")
+    assert "background white, gray, sand, sky" in note and "colour red, yellow, green, blue" in note
+
+
 def test_pairs_have_the_right_modalities():
     pairs = tw.sample_pairs(200, 1)
     assert {p.modality for p in pairs} == {"invariant", "variant"}

@@ -42,10 +42,7 @@ SCHEDULER = dict(
 MAX_TOKENS = 32  # the longest world caption is 20 tokens with its start and end tokens
 ADAPTER_SIZES = dict(num_tokens=4, num_queries=8, resampler_dim=64, depth=1, heads=4, dim_head=16)
 
-WORDS = sorted({
-    "a", "toy", "on", "the", "in", "background", "style", *tw.SHAPES, *tw.COLOURS, *tw._PATTERN_WORDS.values(),
-    *(w for values in tw.EDITABLE_ATTRIBUTES.values() for w in values), "left", "center", "right",
-})
+WORDS = sorted(tw.CAPTION_WORDS)
 
 
 def save_mini_tokenizer(folder: str | Path) -> CLIPTokenizer:
