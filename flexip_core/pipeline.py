@@ -140,6 +140,21 @@ class FlexIPPipeline:
             raise ValueError(f"give from 1 to {MAX_BATCH} gate values per call, got {len(weights)}")
         return weights
 
+    def model_text(self, text: str, what: str, warnings: list[str]) -> str:
+        """The text as the text encoder gets it: whole, except for a toy-world model (identity_metric 'toyworld'),
+        which gets only the words its captions used (any other word, never trained, makes it draw noise) with a
+        warning naming those left out."""
+        if self.profile.identity_metric != "toyworld":
+            return text
+        from .toyworld import known_words, unknown_words_note
+
+        note = unknown_words_note(text, what)
+        if note is None:
+            return text
+        logger.warning(note)
+        warnings.append(note)
+        return known_words(text)
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str, warnings: list[str]) -> torch.Tensor:
         """(1, 77, C) text-encoder hidden states; over-long prompts are truncated with a warning."""
@@ -187,15 +202,9 @@ class FlexIPPipeline:
         n, cfg, warnings = len(weights), guidance > 1.0, []
 
         # 2. Encode the prompt
-        text = self.encode_prompt(prompt, warnings)  # (1, 77, C)
-        if self.profile.identity_metric == "toyworld":  # a model that knows only the toy world's words
-            from .toyworld import unknown_words_note
-
-            note = unknown_words_note(prompt)
-            if note:
-                logger.warning(note)
-                warnings.append(note)
-        neg_text = self.encode_prompt(negative_prompt or "", warnings) if cfg else None
+        text = self.encode_prompt(self.model_text(prompt, "prompt", warnings), warnings)  # (1, 77, C)
+        negative = self.model_text(negative_prompt or "", "negative prompt", warnings)
+        neg_text = self.encode_prompt(negative, warnings) if cfg else None
         rows = [text.expand(n, -1, -1)] + ([neg_text.expand(n, -1, -1)] if cfg else [])
         encoder_hidden_states = torch.cat(rows[::-1])  # (2N, 77, C): unconditional rows first
 

@@ -299,15 +299,27 @@ def parse_prompt(text: str) -> dict[str, str]:
     return requested
 
 
-def unknown_words_note(text: str) -> str | None:
-    """None when every word of a prompt is one the captions use; else a note naming the others (a model trained on
-    the world ignores them) and the words it knows, with the caption's word for a synonym ('grey' -> gray)."""
+def unknown_words_note(text: str, what: str = "prompt") -> str | None:
+    """None when every word of `text` is one the captions use; else a note naming the others (a model trained on
+    the world has never seen them), with the caption's word for a synonym ('grey' -> gray), and the words it knows."""
     unknown = dict.fromkeys(w for w in re.findall(r"[a-z]+", text.lower()) if w not in CAPTION_WORDS)
     if not unknown:
         return None
     named = ", ".join(f"{w} (say {_SYNONYMS[w][1]})" if w in _SYNONYMS else w for w in unknown)
     knows = "; ".join(f"{name} {', '.join(values)}" for name, values in REQUESTABLE_ATTRIBUTES.items())
-    return f"the toy-world model has never seen, and ignores: {named}. Its words: {knows}"
+    return f"left out of the {what}, as the toy-world model has never seen them: {named}. Its words: {knows}"
+
+
+def known_words(text: str) -> str:
+    """`text` with the words the captions never use left out, and the commas the captions have kept between the
+    rest: 'a toy in a snowy forest, on a sky background' -> 'a toy in a, on a sky background'."""
+    kept: list[str] = []
+    for token in re.findall(r"[a-z]+|,", text.lower()):
+        if token == "," and kept and kept[-1] != "," or token in CAPTION_WORDS:
+            kept.append(token)
+    while kept and kept[-1] == ",":
+        kept.pop()
+    return " ".join(kept).replace(" ,", ",")
 
 
 def write_dataset(

@@ -89,9 +89,13 @@ def test_words_outside_the_captions_are_named_with_the_ones_the_world_has():
         scene = tw.sample_scene(rng)
         assert tw.unknown_words_note(tw.caption(subject, scene, with_identity=True)) is None
         assert tw.unknown_words_note(tw.prompt_for(scene, subject.colour)) is None
-    note = tw.unknown_words_note("A toy in a SNOWY forest, grey background, snowy")
-    assert note.startswith("the toy-world model has never seen, and ignores: snowy, forest, grey (say gray). ")
+    note = tw.unknown_words_note("A toy in a SNOWY forest, grey background, snowy", "negative prompt")
+    assert note.startswith("left out of the negative prompt, as the toy-world model has never seen them: snowy, "
+                           "forest, grey (say gray). ")
     assert "background white, gray, sand, sky" in note and "colour red, yellow, green, blue" in note
+    assert tw.known_words("A toy in a SNOWY forest, grey background, snowy") == "a toy in a, background"
+    assert tw.known_words(", watercolor, a small toy,, on the left, at night,") == "a small toy, on the left"
+    assert tw.known_words("watercolor") == ""
 
 
 def test_pairs_have_the_right_modalities():
