@@ -20,6 +20,10 @@ STRIPE_COHERENCE = 0.55  # min structure-tensor coherence of a striped body
 DOT_FRACTION = 0.33  # max fraction of dark pixels in a dotted (rather than checkered) body
 OUTLINE_INK = 0.2  # min ink fraction of the upper-left halo for an outline
 SHADOW_INK = 0.15  # min ink fraction of the lower-right halo for a drop shadow
+TOY_MATCH = 20.0  # max mean |difference| (of 255) between an image and the toy re-drawn from what is read in it:
+#   renders 0.2-1.6, FlexIP-mini's own outputs 8-29, DreamBench photos 28-83 (64 px)
+NOT_A_TOY = ("the subject photo is not a toy of the mini's world (FlexIP-mini draws only its own toys), so it has no "
+             "identity score; for photos of your own subjects use real weights (README: Real weights on a GPU)")
 
 def _hue(rgb: np.ndarray) -> np.ndarray:
     """Hue in degrees of (..., 3) RGB values."""
@@ -168,16 +172,26 @@ def identity_score(image: Image.Image, subject: tw.Subject) -> float:
     return float(np.mean(list(identity_matches(read_attributes(image), subject).values())))
 
 
-def identity_kept(images: list[Image.Image], reference: Image.Image) -> list[float | None]:
-    """For each image, the share of the identity attributes read from `reference` (its centre square, as the
-    encoders see it) that are found again; None for all when no subject is found in the reference."""
+def read_toy(image: Image.Image) -> tw.Subject | None:
+    """The identity of the toy in a toy-world image (its centre square, as the encoders see it), or None when it
+    is not one: no subject found, or the toy re-drawn from every attribute read differs from it (a photo, say)."""
     from flexip_core.images import square_view
 
-    found = read_attributes(square_view(reference, 4 * tw.NATIVE_SIZE, "crop"))
+    small = square_view(image, 4 * tw.NATIVE_SIZE, "crop").convert("RGB").resize((tw.NATIVE_SIZE,) * 2, Image.BOX)
+    found = read_attributes(small)
     if found["shape"] is None:
-        return [None] * len(images)
+        return None
     subject = tw.Subject(**{name: found[name] for name in tw.IDENTITY_ATTRIBUTES})
-    return [identity_score(image, subject) for image in images]
+    scene = tw.Scene(**{name: found[name] for name in tw.EDITABLE_ATTRIBUTES})
+    redrawn = np.asarray(tw.render(subject, scene), np.float64)
+    return subject if np.abs(redrawn - np.asarray(small, np.float64)).mean() <= TOY_MATCH else None
+
+
+def identity_kept(images: list[Image.Image], reference: Image.Image) -> list[float | None]:
+    """For each image, the share of the identity attributes of the toy in `reference` (read_toy) that are found
+    again; None for all when the reference is not a toy-world image."""
+    subject = read_toy(reference)
+    return [None if subject is None else identity_score(image, subject) for image in images]
 
 
 def prompt_score(image: Image.Image, requested: dict[str, str]) -> float:

@@ -156,6 +156,19 @@ def test_identity_kept_reads_the_reference_photo_itself():
     assert identity_kept(outputs, Image.new("RGB", (64, 64), (245, 245, 245))) == [None, None]
 
 
+def test_only_toy_world_images_count_as_toys(dreambench):
+    """A photo is not read as a toy (the oracle would find some shape and colour in anything): the toy re-drawn
+    from what it reads must look like the image."""
+    from flexip_core.oracle import read_toy
+
+    rng = np.random.default_rng(5)
+    for subject in tw.sample_subjects(12, seed=5, split="all"):
+        assert read_toy(tw.render(subject, tw.sample_scene(rng), 64 * int(rng.integers(1, 5)))) == subject
+    photos = sorted(dreambench.glob("*/00.jpg"))
+    assert len(photos) >= 10 and all(read_toy(Image.open(path)) is None for path in photos)
+    assert identity_kept([tw.render(SUBJECT, SCENE)], Image.open(photos[0])) == [None]
+
+
 def test_identity_and_prompt_scores():
     image = tw.render(SUBJECT, SCENE)
     assert identity_score(image, SUBJECT) == 1.0
