@@ -126,6 +126,8 @@ def _generate(args) -> int:
     args.profile = check_before_loading(args, args.size or args.width, args.size or args.height)
     pipe = pipeline_from_args(args)
     subject = pipe.encode_subject(images, weights)
+    for note in pipe.reference_notes(images):
+        logger.warning(note)
     gates = [g for values in args.gate or [(0.5,)] for g in values]
     out = pipe(args.prompt, subject=subject, gate=gates, strength=args.strength,
                negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,

@@ -115,6 +115,15 @@ class FlexIPPipeline:
         reference = subject.features.clip_embeds  # (1, E)
         return torch.nn.functional.cosine_similarity(embeds, reference).tolist()
 
+    def reference_notes(self, references: list[Image.Image]) -> list[str]:
+        """Warnings about the subject photos for this model: on a toy-world model (identity_metric 'toyworld'),
+        that the first photo is not one of its toys (it has no identity score then)."""
+        if self.profile.identity_metric != "toyworld" or not references:
+            return []
+        from .oracle import NOT_A_TOY, read_toy
+
+        return [NOT_A_TOY] if read_toy(references[0]) is None else []
+
     # --- inputs ----------------------------------------------------------------------------------
     def check_inputs(self, prompt, subject, strength, num_inference_steps, guidance_scale, height, width, seed):
         if not isinstance(prompt, str):

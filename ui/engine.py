@@ -155,11 +155,7 @@ class CoreEngine:
                 raise RenderCancelled(str(stop)) from None
             scores = pipe.identity_score(out.images, subject, list(request.references))
         metric = pipe.profile.identity_metric
-        warnings = tuple(out.warnings)
-        if metric == "toyworld" and all(score is None for score in scores):
-            from flexip_core.oracle import NOT_A_TOY
-
-            warnings += (NOT_A_TOY,)
+        warnings = tuple(out.warnings) + tuple(pipe.reference_notes(list(request.references)))
         return [Rendered(image, {**params, "identity_metric": metric}, None if score is None else float(score),
                          warnings)
                 for image, params, score in zip(out.images, out.parameters, scores, strict=True)]
