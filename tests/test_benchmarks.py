@@ -62,7 +62,9 @@ def test_per_image_prints_the_median_for_a_profile(capsys):
 
     assert per_image.main(["--profile", "tiny", "--steps", "2", "--images", "2"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.match(r"profile tiny, 64x64, 2 steps, CFG: median \d+\.\d+ s per image \(min .*; 2 images\)$", line), line
+    pattern = (r"profile tiny on cpu \(torch.float32\), 64x64, 2 steps, CFG: "
+               r"median \d+\.\d+ s per image \(min .*; 2 images\)$")
+    assert re.match(pattern, line), line
 
 
 @pytest.mark.parametrize("argv, message", [
