@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=port_number, help="port to serve on (default: first free from 7860)")
     parser.add_argument("--listen", action="store_true", help="serve on all interfaces (0.0.0.0), not only localhost")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
-    parser.add_argument("--device", help="torch device for the models (default: cuda if present, else cpu)")
+    parser.add_argument("--device", help="torch device for the models (default: the profile's: cuda if present, "
+                                         "else cpu; cpu for mini)")
     parser.add_argument("--low-vram", action="store_true",
                         help="keep idle models in CPU memory and decode in tiles (small GPUs; slower)")
     parser.add_argument("--no-preload", dest="preload", action="store_false",

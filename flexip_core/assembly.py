@@ -105,7 +105,7 @@ def check_encoders(profile: Profile, adapter, clip, dino) -> None:
 
 
 def assemble(cls, name: str, *, device=None, dtype=None, attention=None, low_vram=None, **overrides):
-    device = pick_device(device)
+    device = pick_device(device if device is not None else load_profile(name).device)
     low_vram = LowVRAM.parse(low_vram)
     message = None
     try:

@@ -80,7 +80,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     for name in MODEL_FLAGS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
                             help=f"override the profile's {name.replace('_', ' ')} (Hub id[:path], folder or file)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    parser.add_argument("--device", default=None,
+                        help="cuda, mps or cpu (default: the profile's: the best available; cpu for mini)")
     parser.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: fp16 on GPU)")
     parser.add_argument("--attention", default=None, choices=["auto", "sdpa", "xformers"], help="attention backend")
     parser.add_argument("--low-vram", action="store_true",

@@ -43,6 +43,8 @@ class Profile:
     defaults: Defaults = field(default_factory=Defaults)  # suggested generation settings
     gate_curve: GateCurve = field(default_factory=GateCurve)  # gamma -> branch weights
     dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 elsewhere), "float32", "float16", "bfloat16"
+    device: str = "auto"  # where it runs unless the caller names a device: "auto" (CUDA, else Apple MPS, else CPU)
+    #   or a torch device ("cpu" for mini: a GPU is no faster for so small a model, and its curve was measured there)
     identity_metric: str = "clip"  # the score shown with each image: "clip" (cosine of CLIP image embeddings with
     #   the subject's) or "toyworld" (the oracle: share of the reference's shape, colour and pattern found; mini)
 
