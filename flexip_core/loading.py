@@ -314,12 +314,15 @@ CACHE_EVIDENCE = {
 def profile_cached(profile) -> bool:
     """Whether loading `profile` needs no download: every model source it names (DINOv2 aside, which only some
     adapters load) is a local path or has its weights in the local Hugging Face cache. Reads the cache only."""
+    if profile.build:
+        return True  # built locally, never downloaded
     for part in ("base", "base_config", "clip_encoder", "adapter", "preservation", "personalization", "lora"):
         source = getattr(profile, part)
-        if source and not profile.build:
-            files = () if Path(split_source(source)[1] or "").suffix else CACHE_EVIDENCE.get(part, ())
-            if not in_cache(source, files):
-                return False
+        if not source:
+            continue
+        files = () if Path(split_source(source)[1] or "").suffix else CACHE_EVIDENCE.get(part, ())
+        if not in_cache(source, files):
+            return False
     return True
 
 

@@ -315,7 +315,7 @@ def known_words(text: str) -> str:
     rest: 'a toy in a snowy forest, on a sky background' -> 'a toy in a, on a sky background'."""
     kept: list[str] = []
     for token in re.findall(r"[a-z]+|,", text.lower()):
-        if token == "," and kept and kept[-1] != "," or token in CAPTION_WORDS:
+        if token in CAPTION_WORDS or (token == "," and kept and kept[-1] != ","):
             kept.append(token)
     while kept and kept[-1] == ",":
         kept.pop()

@@ -96,8 +96,10 @@ def sample_cases(n: int, seed: int, split: str = "heldout", recolour: bool = Fal
         target = targets[rng.integers(len(targets))]
         candidates = [r for r in references
                       if sum(getattr(r, a) != getattr(target, a) for a in SCENE_NAMES) == len(SCENE_NAMES)]
-        others = [c for c in tw.COLOURS if c != subject.colour]
-        colour = others[colours.integers(len(others))] if recolour else None
+        colour = None
+        if recolour:
+            others = [c for c in tw.COLOURS if c != subject.colour]
+            colour = others[colours.integers(len(others))]
         cases.append(Case(subject, candidates[rng.integers(len(candidates))], target, colour))
     return cases
 
