@@ -40,15 +40,14 @@ REQUESTABLE_ATTRIBUTES = {**EDITABLE_ATTRIBUTES, "colour": tuple(COLOURS)}
 SPLITS = ("train", "heldout", "all")
 NEUTRAL_BACKGROUND = "white"  # background of an invariant pair's cut-out reference
 
-PATTERN_SHADE = 0.55  # pattern colour = body colour times this (same hue, darker)
+PATTERN_SHADE = 0.45  # pattern colour = body colour times this (same hue, darker)
 INK = (20, 20, 20)  # outline and drop-shadow colour
 OUTLINE_WIDTH = 0.08  # outline thickness, fraction of the image side
 SHADOW_OFFSET = 0.08  # drop-shadow offset down and right, fraction of the image side
 STAR_INNER = 0.5  # inner / outer radius of the five-pointed star
 SHAPE_REACH = {"circle": 1.0, "square": 1.2, "triangle": 1.25, "star": 1.15}  # circumradius / body radius
-STRIPE_PERIOD = 0.8  # diagonal stripe period, in body radii
-CHECKER_CELL = 0.5  # checker cell side, in body radii
-DOT_SPACING, DOT_RADIUS = 0.8, 0.2  # hexagonal dot lattice, in body radii
+PATTERN_TILES = 8  # patterns repeat on a grid of this many tiles per image side, fixed to the image (not the body)
+DOT_RADIUS = 0.3  # dot radius, in tiles (one dot per tile)
 
 _POSITION_PHRASES = {"left": "on the left", "center": "in the center", "right": "on the right"}
 _PATTERN_WORDS = {"plain": "plain", "stripes": "striped", "dots": "dotted", "checker": "checkered"}
@@ -193,19 +192,15 @@ def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return inside
 
 
-def _pattern(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Boolean mask of the darker pattern in local body coordinates."""
-    if pattern == "stripes":
-        return np.mod((u + v) / (np.sqrt(2) * STRIPE_PERIOD), 1.0) < 0.5
-    if pattern == "checker":
-        return (np.floor(u / CHECKER_CELL) + np.floor(v / CHECKER_CELL)) % 2 == 0
-    if pattern == "dots":
-        row_height = DOT_SPACING * np.sqrt(3) / 2
-        row = np.round(v / row_height)
-        shift = np.mod(row, 2) * DOT_SPACING / 2
-        du = u - shift - np.round((u - shift) / DOT_SPACING) * DOT_SPACING
-        return du * du + (v - row * row_height) ** 2 <= DOT_RADIUS**2
-    return np.zeros(u.shape, bool)
+def _pattern(pattern: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Boolean mask of the darker pattern at image coordinates (a, b) in tiles: every tile holds the same motif."""
+    if pattern == "stripes":  # a horizontal band across the upper half of each tile
+        return np.mod(b, 1.0) < 0.5
+    if pattern == "checker":  # four squares per tile
+        return (np.floor(2 * a) + np.floor(2 * b)) % 2 == 0
+    if pattern == "dots":  # one dot in the middle of each tile
+        return (np.mod(a, 1.0) - 0.5) ** 2 + (np.mod(b, 1.0) - 0.5) ** 2 <= DOT_RADIUS**2
+    return np.zeros(a.shape, bool)
 
 
 def _local(size: int, centre, radius: float, stretch, supersample: int) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +250,9 @@ def render(subject: Subject, scene: Scene, size: int = NATIVE_SIZE) -> Image.Ima
         canvas[shadow] = INK
     colour = np.array(COLOURS[subject.colour], np.float32)
     canvas[body] = colour
-    canvas[body & _pattern(subject.pattern, u, v)] = colour * PATTERN_SHADE
+    tiles = (np.arange(size * SUPERSAMPLE) + 0.5) / (SUPERSAMPLE * size / PATTERN_TILES)
+    a, b = np.meshgrid(tiles, tiles)
+    canvas[body & _pattern(subject.pattern, a, b)] = colour * PATTERN_SHADE
     pixels = canvas.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return Image.fromarray(np.round(pixels).astype(np.uint8), "RGB")
 

@@ -42,6 +42,7 @@ class AdapterStage:
     lr: float = 1e-3  # AdamW learning rate
     invariant_keep_p: float = 0.5  # how often an invariant caption names each scene attribute
     invariant_conflict_p: float = 0.25  # how often an invariant caption describes another scene instead
+    conflict_colour_p: float = 0.5  # how often such a caption also asks for another body colour
     calibration_cases: int = 16  # training-split cases measured to calibrate the gate curve
     calibration_seeds: tuple[int, ...] = (0, 1)
 
@@ -78,7 +79,8 @@ def train_adapters(stage: AdapterStage, profile: Path, work: Path, seed: int) ->
 
     manifest = world.write_adapter_manifest(work / "adapter_data", stage.pairs, seed,
                                             invariant_keep_p=stage.invariant_keep_p,
-                                            invariant_conflict_p=stage.invariant_conflict_p)
+                                            invariant_conflict_p=stage.invariant_conflict_p,
+                                            conflict_colour_p=stage.conflict_colour_p)
     config = TrainConfig(
         manifest=str(manifest), output_dir=str(work / "adapter_run"), profile=str(profile), init="scratch",
         adapter_sizes=models.ADAPTER_SIZES, resolution=world.NATIVE_SIZE, train_batch_size=stage.batch,

@@ -18,6 +18,7 @@ VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
     sample_size=64, mid_block_add_attention=False,
 )
+LATENT_CELL = 2 ** (len(VAE["block_out_channels"]) - 1)  # px per latent cell side (8)
 UNET = dict(
     sample_size=8, in_channels=32, out_channels=32, layers_per_block=1, block_out_channels=(64, 128),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

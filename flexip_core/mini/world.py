@@ -106,13 +106,15 @@ def sample_cases(n: int, seed: int, split: str = "heldout", recolour: bool = Fal
 
 def write_adapter_manifest(out_dir: str | Path, n_pairs: int, seed: int, invariant_keep_p: float = 0.5,
                            cutout_fraction: float = 0.3, size: int = NATIVE_SIZE,
-                           invariant_conflict_p: float = 0.0) -> Path:
+                           invariant_conflict_p: float = 0.0, conflict_colour_p: float = 0.0) -> Path:
     """Adapter training pairs of training subjects in training scenes, as a flexip_core.data manifest.
 
     Invariant: reference = target (or its cut-out on white, in place); its caption names each scene attribute
     only with probability invariant_keep_p, so the preservation branch learns to carry what the text leaves out;
     with probability invariant_conflict_p it describes another whole scene instead, so that at a high gate the
-    reference holds against a prompt that asks for something else (the identity end of the slider).
+    reference holds against a prompt that asks for something else (the identity end of the slider); such a caption
+    also asks for another body colour with probability conflict_colour_p, so that the reference's colour holds
+    against a colour word too (a base that follows colour words well otherwise recolours the subject at any gate).
     Variant: reference = the subject in another scene; the caption names the whole target scene and never the
     identity, so the personalization branch learns to follow the text and take only what it can from the image.
     """
@@ -132,6 +134,9 @@ def write_adapter_manifest(out_dir: str | Path, n_pairs: int, seed: int, invaria
                 text = describe(target, keep)
                 if rng.random() < invariant_conflict_p:
                     text = describe(scenes[rng.integers(len(scenes))])
+                    if rng.random() < conflict_colour_p:
+                        others = [c for c in tw.COLOURS if c != subject.colour]
+                        text = text.replace(" toy", f" {others[rng.integers(len(others))]} toy", 1)
             else:
                 modality = "variant"
                 reference = scenes[rng.integers(len(scenes))]
