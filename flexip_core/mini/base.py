@@ -238,10 +238,8 @@ def reconstruction_scores(vae: AutoencoderKL, n: int = 64, seed: int = 0) -> dic
 def base_latents(config: BaseConfig, vae: AutoencoderKL) -> tuple[torch.Tensor, list]:
     """(N, 32, 8, 8) scaled latents of the base model's renders (VAE posterior means), and what each shows."""
     pixels, items = render_pool(config.base_images, config.seed + 3)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(pixels[i:i + 128]).latent_dist.mean
-                             for i in range(0, len(pixels), 128)]) * vae.config.scaling_factor
-    return latents, items
+    means, _ = _posteriors(vae, pixels)
+    return means * vae.config.scaling_factor, items
 
 
 def train_base(config: BaseConfig, vae: AutoencoderKL, tokenizer) -> tuple[UNet2DConditionModel, CLIPTextModel]:

@@ -133,10 +133,11 @@ def write_adapter_manifest(out_dir: str | Path, n_pairs: int, seed: int, invaria
                 keep = {name for name in SCENE_NAMES if rng.random() < invariant_keep_p}
                 text = describe(target, keep)
                 if rng.random() < invariant_conflict_p:
-                    text = describe(scenes[rng.integers(len(scenes))])
+                    other, colour = scenes[rng.integers(len(scenes))], None
                     if rng.random() < conflict_colour_p:
                         others = [c for c in tw.COLOURS if c != subject.colour]
-                        text = text.replace(" toy", f" {others[rng.integers(len(others))]} toy", 1)
+                        colour = others[rng.integers(len(others))]
+                    text = tw.prompt_for(other, colour)
             else:
                 modality = "variant"
                 reference = scenes[rng.integers(len(scenes))]
