@@ -198,6 +198,17 @@ def test_profile_generates_at_native_size():
 
 
 @needs_weights
+def test_a_scratch_profile_brings_its_own_gate_curve(tmp_path):
+    """`curve --profile` measures weights built elsewhere with the gate curve calibrated for them."""
+    from flexip_core.mini.curve import load_mini
+
+    scratch = tmp_path / "scratch.json"
+    scratch.write_text(json.dumps({**json.loads(PROFILE_PATH.read_text()), "gate_curve": None}))
+    assert load_mini().profile.gate_curve.weights(0.5) != (0.5, 0.5)  # the shipped, calibrated curve
+    assert load_mini(profile=scratch).profile.gate_curve.weights(0.5) == (0.5, 0.5)  # the linear one
+
+
+@needs_weights
 def test_mini_scores_identity_with_the_oracle_and_other_profiles_with_clip(tmp_path):
     """The studio shows mini's identity score as the oracle's share of the reference's attributes (a CLIP cosine
     from its random 8 px encoder would say nothing); without the reference photos it stays the CLIP cosine."""
@@ -580,6 +591,7 @@ def test_gate_map_passes_each_weight_pair_and_the_schedule_to_the_pipeline():
     (curve_command, ["--prompts", "style"], "argument --prompts: invalid choice: 'style'"),
     (curve_command, ["--device", "tpu"], "device 'tpu' unknown; use cuda, cuda:N, mps or cpu"),
     (curve_command, ["--dtype", "double"], "argument --dtype: invalid choice: 'double'"),
+    (curve_command, ["--profile", "nowhere.json"], "no profile at nowhere.json"),
 ])
 def test_slider_commands_refuse_bad_arguments_before_loading_anything(command, argv, message, capsys):
     import torch

@@ -22,12 +22,12 @@ from .build import ASSETS, PROFILE_PATH
 logger = logging.getLogger(__name__)
 
 
-def load_mini(assets: Path = ASSETS, device: str = "cpu", dtype: str | None = None):
-    """The mini profile's pipeline with its weights taken from `assets` (any working directory); `dtype` None keeps
-    the profile's float32."""
+def load_mini(assets: Path = ASSETS, device: str = "cpu", dtype: str | None = None, profile: Path = PROFILE_PATH):
+    """The mini profile's pipeline (its settings and gate curve from `profile`) with its weights taken from `assets`
+    (any working directory); `dtype` None keeps the profile's float32."""
     from flexip_core.pipeline import FlexIPPipeline
 
-    return FlexIPPipeline.from_profile(str(PROFILE_PATH), device=device, dtype=dtype, base=str(assets / "base"),
+    return FlexIPPipeline.from_profile(str(profile), device=device, dtype=dtype, base=str(assets / "base"),
                                        clip_encoder=str(assets / "image_encoder"), dino_encoder=str(assets / "dino"),
                                        adapter=str(assets / "flexip_adapter.safetensors"))
 
@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="'scene': each prompt asks for another scene (the acceptance curve); 'recolour': for "
                              "another scene and a body colour other than the subject's, an edit that costs identity")
     parser.add_argument("--case-seed", type=int, default=1, help="seed drawing the cases")
-    parser.add_argument("--assets", type=Path, default=ASSETS)
+    parser.add_argument("--assets", type=Path, default=ASSETS, help="the weights (default: the shipped ones)")
+    parser.add_argument("--profile", type=Path, default=PROFILE_PATH,
+                        help="the profile giving the settings and gate curve (default: the shipped mini profile)")
     parser.add_argument("--threads", type=whole_number(1), default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda, which gives the same "
                                                         "curve in the profile's float32")
@@ -81,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if not (args.assets / "flexip_adapter.safetensors").is_file():
         parser.error(f"no FlexIP-mini weights in {args.assets}; build them with `python -m flexip_core.mini.build`")
+    if not args.profile.is_file():
+        parser.error(f"no profile at {args.profile}")
     torch.set_num_threads(args.threads)
-    pipe = load_mini(args.assets, args.device, args.dtype)
+    pipe = load_mini(args.assets, args.device, args.dtype, args.profile)
     cases = world.sample_cases(args.cases, args.case_seed, split="heldout", recolour=args.prompts == "recolour")
     curve = slider.measure(pipe, cases, seeds=args.seeds)
     problems = slider.check_slider(curve)
