@@ -18,19 +18,16 @@ from flexip_core import FlexIPPipeline
 from flexip_core.data import PairDataset, read_manifest
 from flexip_core.tiny import tiny_branch
 from flexip_core.train import (
-    LR_SCHEDULERS,
-    SIZE_KEYS,
     AdapterTrainingModel,
-    TrainConfig,
     draw_dropout,
     draw_gammas,
     draw_timesteps,
     encode_batch,
-    load_config,
     load_models,
     train,
     training_loss,
 )
+from flexip_core.train_config import LR_SCHEDULERS, SIZE_KEYS, TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SIZES = {k: v for k, v in dataclasses.asdict(tiny_branch("flexip_preservation")).items() if k in SIZE_KEYS}
@@ -168,7 +165,9 @@ def test_config_files(tmp_path):
                          (dict(lr_warmup_steps=2.5), "lr_warmup_steps must be a whole number"),
                          (dict(checkpoint_every=-1), "checkpoint_every must be 0 or more"),
                          (dict(verify_images="yes"), "verify_images must be true or false"),
-                         (dict(lr_scheduler="cosin"), "lr_scheduler 'cosin' unknown; choose one of constant")]:
+                         (dict(lr_scheduler="cosin"), "lr_scheduler 'cosin' unknown; choose one of constant"),
+                         (dict(init="scrach"), "init 'scrach' unknown; choose one of scratch, profile, ip_adapter"),
+                         (dict(init="adapter.bin"), "or the path of a FlexIP .safetensors file")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(manifest="m", output_dir="o", **bad)
 
