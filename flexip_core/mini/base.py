@@ -22,6 +22,8 @@ from . import models, world
 
 logger = logging.getLogger(__name__)
 
+N_CODE = len(tw.PATTERNS)  # last latent channels holding the pattern code, one per pattern
+
 
 @dataclass(frozen=True)
 class BaseConfig:
@@ -73,7 +75,7 @@ def pattern_code(masks: torch.Tensor, patterns: torch.Tensor, amplitude) -> torc
     """(n, P, h, w): on each latent cell, `amplitude` times the body's share of the cell on the channel of the
     subject's pattern (P = number of patterns), 0 elsewhere. masks (n, 1, H, W), patterns (n,) indices."""
     cover = F.avg_pool2d(masks, models.LATENT_CELL)
-    onehot = F.one_hot(patterns, len(tw.PATTERNS)).float()[:, :, None, None]
+    onehot = F.one_hot(patterns, N_CODE).float()[:, :, None, None]
     return amplitude * cover * onehot
 
 
@@ -127,7 +129,6 @@ def train_vae(config: BaseConfig) -> AutoencoderKL:
         others = swapped_items(items, config.seed)
         swapped, masks = renders(others), body_masks(items)
         patterns, other_patterns = pattern_index(items), pattern_index(others)
-        n_code = len(tw.PATTERNS)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(50, config.vae_steps))
     gen = torch.Generator().manual_seed(config.seed + 2)
@@ -154,10 +155,10 @@ def train_vae(config: BaseConfig) -> AutoencoderKL:
         loss = config.vae_kl * posterior.kl().mean()
         if coded:  # the encoder learns to write the code of what it sees; the decoder draws the true pattern
             seen = torch.where(swap, other_patterns[index], patterns[index])
-            code_error = F.mse_loss(posterior.mean[:, -n_code:], pattern_code(m, seen, config.pattern_code))
+            code_error = F.mse_loss(posterior.mean[:, -N_CODE:], pattern_code(m, seen, config.pattern_code))
             aux = config.pattern_code_weight * code_error / config.pattern_code**2
             loss = loss + aux
-            z = torch.cat([z[:, :-n_code], pattern_code(m, patterns[index], config.pattern_code)], dim=1)
+            z = torch.cat([z[:, :-N_CODE], pattern_code(m, patterns[index], config.pattern_code)], dim=1)
         recon = vae.decode(z).sample
         loss = loss + F.mse_loss(recon, x)
         optimizer.zero_grad(set_to_none=True)
@@ -185,8 +186,7 @@ def train_decoder(config: BaseConfig, vae: AutoencoderKL) -> AutoencoderKL:
     coded = config.pattern_code > 0
     if coded:  # latents of the same renders with another pattern, whose code is replaced by the true one
         other_means, other_stds = _posteriors(vae, renders(swapped_items(items, config.seed + 7)))
-        n_code = len(tw.PATTERNS)
-        other_means[:, -n_code:], other_stds[:, -n_code:] = means[:, -n_code:], stds[:, -n_code:]
+        other_means[:, -N_CODE:], other_stds[:, -N_CODE:] = means[:, -N_CODE:], stds[:, -N_CODE:]
     decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     vae.requires_grad_(False)
     for param in decoder:
