@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from flexip_core.devices import pick_device
-    from flexip_core.images import DEFAULT_LIMITS
-    from flexip_core.profiles import default_profile, load_profile
+    from flexip_core.generation.devices import pick_device
+    from flexip_core.generation.images import DEFAULT_LIMITS
+    from flexip_core.loading.profiles import default_profile, load_profile
     from ui.context import Studio
     from ui.engine import CoreEngine
     from ui.layout import build_studio, launch_options

@@ -246,7 +246,7 @@ class Bench:
 
 
 def sd15_pipeline(mode: Mode):
-    """FlexIPPipeline over random SD1.5, OpenCLIP ViT-H/14 and DINOv2-L (configs in flexip_core.architectures)."""
+    """FlexIPPipeline over random SD1.5, OpenCLIP ViT-H/14 and DINOv2-L (configs in flexip_core.loading.architectures)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
@@ -259,12 +259,12 @@ def sd15_pipeline(mode: Mode):
 
     from flexip_core import FlexIPPipeline
     from flexip_core import architectures as arch
-    from flexip_core.adapters import FlexIPAdapter, cross_attention_layers
-    from flexip_core.assembly import encoder_preprocess
-    from flexip_core.config import AdapterConfig, BranchConfig
-    from flexip_core.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SubjectEncoder
-    from flexip_core.profiles import Defaults, Profile
-    from flexip_core.tokenizer import save_tiny_tokenizer
+    from flexip_core.generation.adapter_config import AdapterConfig, BranchConfig
+    from flexip_core.generation.adapters import FlexIPAdapter, cross_attention_layers
+    from flexip_core.generation.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SubjectEncoder
+    from flexip_core.loading.assembly import encoder_preprocess
+    from flexip_core.loading.profiles import Defaults, Profile
+    from flexip_core.loading.tiny_tokenizer import save_tiny_tokenizer
 
     started = time.perf_counter()
     unet = build_random(lambda: UNet2DConditionModel(**arch.SD15_UNET), seed=1)

@@ -25,14 +25,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flexip_core.adapters import cross_attention_layers
-from flexip_core.attention import BranchInputs, install_processors, xformers_available, xformers_usable
-from flexip_core.encoders import CLIP_MEAN, CLIP_STD, Preprocess, SubjectEncoder
-from flexip_core.ip_adapter import adapter_from_ip_adapter_files
-from flexip_core.pipeline import FlexIPPipeline
-from flexip_core.profiles import load_profile
-from flexip_core.tiny import write_lora, write_synthetic_ip_adapter_files
-from flexip_core.tokenizer import save_tiny_tokenizer
+from flexip_core.generation.adapters import cross_attention_layers
+from flexip_core.generation.attention import BranchInputs, install_processors, xformers_available, xformers_usable
+from flexip_core.generation.encoders import CLIP_MEAN, CLIP_STD, Preprocess, SubjectEncoder
+from flexip_core.generation.pipeline import FlexIPPipeline
+from flexip_core.loading.ip_adapter import adapter_from_ip_adapter_files
+from flexip_core.loading.profiles import load_profile
+from flexip_core.loading.tiny import write_lora, write_synthetic_ip_adapter_files
+from flexip_core.loading.tiny_tokenizer import save_tiny_tokenizer
 
 logger = logging.getLogger("gpu_check")
 PROMPT = "a photo of a dog on the beach, watercolor"
@@ -63,14 +63,14 @@ def iterations_per_second(device, run, short: int, long: int) -> float:
 def build(smoke: bool, device: torch.device, dtype: torch.dtype, folder: Path):
     """Random base, CLIP encoder, tokenizer and synthetic IP-Adapter files in the published layout."""
     if smoke:
-        from flexip_core.tiny import build_tiny_base, build_tiny_encoders
+        from flexip_core.loading.tiny import build_tiny_base, build_tiny_encoders
 
         base = build_tiny_base()
         clip, _ = build_tiny_encoders()
         base = {k: (v.to(device, dtype) if isinstance(v, torch.nn.Module) else v) for k, v in base.items()}
         clip = clip.to(device, dtype)
     else:
-        from flexip_core.architectures import build_sd15, build_vit_h14
+        from flexip_core.loading.architectures import build_sd15, build_vit_h14
 
         base = build_sd15(device, dtype)
         clip = build_vit_h14(device, dtype)
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         report["backend_agreement"] = {"backends": f"skipped: {xformers_problem}", "ok": None}
 
     # 5. one 4-step fast-profile image: a LoRA fused through diffusers (as sd15-fast), LCM scheduler, no CFG
-    from flexip_core.loading import load_lora
+    from flexip_core.loading.sources import load_lora
 
     lora = write_lora(unet, folder / "lora" / "pytorch_lora_weights.safetensors", std=0.01)
     load_lora(sd, str(lora))  # fuses into the UNet that `pipe` shares

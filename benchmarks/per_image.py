@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from flexip_core import FlexIPPipeline
-    from flexip_core.devices import pick_device
-    from flexip_core.profiles import load_profile
+    from flexip_core.generation.devices import pick_device
+    from flexip_core.loading.profiles import load_profile
 
     try:
         load_profile(args.profile)

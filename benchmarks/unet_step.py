@@ -41,7 +41,7 @@ def ip_adapter_plus_unet(pipe, plain_unet, folder: Path):
     """A weight-sharing copy of `plain_unet` with a synthetic IP-Adapter Plus file loaded by diffusers."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from flexip_core.tiny import IP_ADAPTER_FILE_NAMES, synthetic_ip_adapter_state, write_ip_adapter_file
+    from flexip_core.loading.tiny import IP_ADAPTER_FILE_NAMES, synthetic_ip_adapter_state, write_ip_adapter_file
 
     unet = shared_copy(plain_unet)
     clip = pipe.encoder.clip.config
@@ -59,7 +59,7 @@ def ip_adapter_plus_unet(pipe, plain_unet, folder: Path):
 
 def step_inputs(pipe, mode: Mode) -> dict:
     """Latents, text and image inputs of one CFG step (unconditional rows first, as the pipelines order them)."""
-    from flexip_core.attention import BranchInputs
+    from flexip_core.generation.attention import BranchInputs
 
     generator = torch.Generator().manual_seed(0)
     latent = mode.size // pipe.vae_scale_factor

@@ -18,13 +18,13 @@ class _NoTorchvisionNotice(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
 
-def __getattr__(name):  # lazy: `import flexip_core.images` must not pull in torch and diffusers
+def __getattr__(name):  # lazy: `import flexip_core.generation.images` must not pull in torch and diffusers
     if name in ("FlexIPPipeline", "FlexIPOutput", "GenerationCancelled"):
-        from . import pipeline
+        from flexip_core.generation import pipeline
 
         return getattr(pipeline, name)
     if name == "SubjectEmbedding":
-        from .encoders import SubjectEmbedding
+        from flexip_core.generation.encoders import SubjectEmbedding
 
         return SubjectEmbedding
     raise AttributeError(f"module 'flexip_core' has no attribute {name!r}")

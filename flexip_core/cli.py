@@ -91,9 +91,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 def check_before_loading(args, width: int | None, height: int | None) -> str:
     """The profile name, once the settings in `args` (strength, steps, guidance, size, seed, scheduler) are
     known to be usable with it: checked from the profile file, before any weights load."""
-    from .pipeline import check_settings
-    from .profiles import default_profile, load_profile
-    from .schedulers import SCHEDULER_NAMES
+    from flexip_core.generation.pipeline import check_settings
+    from flexip_core.generation.schedulers import SCHEDULER_NAMES
+    from flexip_core.loading.profiles import default_profile, load_profile
 
     name = args.profile or default_profile()
     d = load_profile(name).defaults
@@ -106,8 +106,8 @@ def check_before_loading(args, width: int | None, height: int | None) -> str:
 
 
 def pipeline_from_args(args):
-    from .pipeline import FlexIPPipeline
-    from .profiles import default_profile
+    from flexip_core.generation.pipeline import FlexIPPipeline
+    from flexip_core.loading.profiles import default_profile
 
     overrides = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name, None)}
     return FlexIPPipeline.from_profile(args.profile or default_profile(), device=args.device, dtype=args.dtype,
@@ -116,8 +116,8 @@ def pipeline_from_args(args):
 
 
 def _generate(args) -> int:
-    from .images import flat_photo_note, is_flat, load_reference_image
-    from .metadata import save_png
+    from flexip_core.generation.images import flat_photo_note, is_flat, load_reference_image
+    from flexip_core.generation.metadata import save_png
 
     images = [load_reference_image(path) for path in args.image]
     for path, image in zip(args.image, images):
@@ -143,14 +143,14 @@ def _generate(args) -> int:
 
 
 def _convert_ip_adapter(args) -> int:
-    from .ip_adapter import convert_ip_adapter_files
-    from .loading import unet_layout
+    from flexip_core.loading.ip_adapter import convert_ip_adapter_files
+    from flexip_core.loading.sources import unet_layout
 
     base, base_config = args.base, args.base_config
     preservation, personalization = args.preservation, args.personalization
     if args.profile:
-        from .assembly import resolve_placeholders
-        from .profiles import load_profile
+        from flexip_core.loading.assembly import resolve_placeholders
+        from flexip_core.loading.profiles import load_profile
 
         profile = resolve_placeholders(load_profile(args.profile))
         base, base_config = base or profile.base, base_config or profile.base_config

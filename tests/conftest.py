@@ -30,7 +30,7 @@ def dreambench() -> Path:
 
 @pytest.fixture(scope="session")
 def photos(dreambench):
-    from flexip_core.images import load_reference_image
+    from flexip_core.generation.images import load_reference_image
 
     return {name: load_reference_image(dreambench / name / "00.jpg") for name in ("dog", "cat", "backpack")}
 

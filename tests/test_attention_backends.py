@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexip_core.attention import pick_backend, xformers_usable
+from flexip_core.generation.attention import pick_backend, xformers_usable
 
 
 def test_backend_choice_on_cpu():

@@ -8,9 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flexip_core.data import PairDataset, StepBatchSampler, cut_out, load_reference, read_manifest, stream_indices
-from flexip_core.manifest import build_manifest
-from flexip_core.manifest import main as manifest_main
+from flexip_core.training.data import (
+    PairDataset,
+    StepBatchSampler,
+    cut_out,
+    load_reference,
+    read_manifest,
+    stream_indices,
+)
+from flexip_core.training.manifest import build_manifest
+from flexip_core.training.manifest import main as manifest_main
 
 
 def _image(path, colour, size=(48, 40)):
@@ -43,7 +50,7 @@ def test_bad_records_are_reported_by_line_and_skipped(tmp_path, caplog):
         "",  # 8: blank lines are not records
         _pair(target="b.png", reference="a.png", modality="variant", subject={"id": "x"}),  # 9: extra keys are fine
     ])
-    with caplog.at_level(logging.WARNING, logger="flexip_core.data"):
+    with caplog.at_level(logging.WARNING, logger="flexip_core.training.data"):
         records, problems = read_manifest(manifest)
     assert [r.line for r in records] == [1, 9]
     assert [p.line for p in problems] == [2, 3, 4, 5, 6, 7]
@@ -98,7 +105,7 @@ def test_dataset_items_and_a_file_that_breaks_later(tmp_path, tiny_pipe, caplog)
     assert item["clip"].shape == (3, 32, 32) and item["dino"].shape == (3, 32, 32)
     assert item["input_ids"].shape == (77,) and item["modality"] == 1
     (tmp_path / "b.png").write_bytes(b"corrupted after the manifest was read")
-    with caplog.at_level(logging.WARNING, logger="flexip_core.data"):
+    with caplog.at_level(logging.WARNING, logger="flexip_core.training.data"):
         stand_in = dataset[1]
     assert stand_in["index"] == 0 and "manifest line 2" in caplog.text
 
@@ -146,7 +153,7 @@ def test_manifest_from_captioned_and_multiview_folders(tmp_path):
 
 
 def test_toy_world_manifests_read_as_they_are(tmp_path):
-    toyworld = pytest.importorskip("flexip_core.toyworld")
+    toyworld = pytest.importorskip("toyworld.world")
     manifest = toyworld.write_dataset(tmp_path, n_pairs=6, seed=0)
     records, problems = read_manifest(manifest)
     assert len(records) == 6 and not problems

@@ -8,8 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
-from flexip_core.gate import GateCurve, GateSchedule, as_schedule
-from flexip_core.metadata import format_parameters, parse_parameters
+from flexip_core.generation.gate import GateCurve, GateSchedule, as_schedule
+from flexip_core.generation.metadata import format_parameters, parse_parameters
 from tests.conftest import REPO
 
 

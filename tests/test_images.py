@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flexip_core.images import ImageLimits, is_flat, load_reference_image, square_view
+from flexip_core.generation.images import ImageLimits, is_flat, load_reference_image, square_view
 
 
 def png_bytes(image: Image.Image, **kwargs) -> bytes:

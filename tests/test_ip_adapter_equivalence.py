@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from flexip_core import FlexIPPipeline
-from flexip_core.adapters import layer_key
-from flexip_core.tiny import CLIP_VISION, write_synthetic_ip_adapter_files
+from flexip_core.generation.adapters import layer_key
+from flexip_core.loading.tiny import CLIP_VISION, write_synthetic_ip_adapter_files
 
 PROMPT = "a photo of sks dog on the beach"
 RUN = dict(num_inference_steps=3, height=64, width=64, seed=4, output_type="np")
@@ -124,8 +124,8 @@ def test_converted_native_file_reproduces_the_ip_adapter_pair(ours, ip_files, ph
 
 def test_the_sd15_layout_converts_without_weights(ip_files):
     """The default UNet layout of convert-ip-adapter is SD1.5's: 16 cross-attention layers, keys 1, 3, ..., 31."""
-    from flexip_core.ip_adapter import processor_index
-    from flexip_core.loading import unet_layout
+    from flexip_core.loading.ip_adapter import processor_index
+    from flexip_core.loading.sources import unet_layout
 
     layers, width = unet_layout(None)
     assert width == 768 and len(layers) == 16

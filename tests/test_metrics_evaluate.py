@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flexip_core.evaluate import curve_quality, main, prompt_text, read_prompts
-from flexip_core.metrics import MetricConfig, MetricModels, clip_i, clip_t, dino_i
+from flexip_core.evaluation.evaluate import curve_quality, main, prompt_text, read_prompts
+from flexip_core.evaluation.metrics import MetricConfig, MetricModels, clip_i, clip_t, dino_i
 
 TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
             max_position_embeddings=77, bos_token_id=668, eos_token_id=669, pad_token_id=669)
@@ -23,7 +23,7 @@ def metric_folders(tmp_path_factory):
     """Tiny random CLIP (both towers, with the tiny tokenizer) and DINO ViT, built from config dicts and saved."""
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-    from flexip_core.tokenizer import save_tiny_tokenizer
+    from flexip_core.loading.tiny_tokenizer import save_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("metric-models")
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """FlexIP-mini acceptance: on held-out subjects and prompts, the gate trades identity for prompt smoothly.
 
-Needs the shipped weights (assets/mini, built by `python -m flexip_core.mini.build`); skipped without them.
+Needs the shipped weights (assets/mini, built by `python -m toyworld.mini.build`); skipped without them.
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import pytest
 from PIL import Image
 
 from flexip_core import toyworld as tw
-from flexip_core.mini import curve as curve_command
-from flexip_core.mini import gate_map, slider, world
-from flexip_core.mini.build import ASSETS, PROFILE_PATH
+from toyworld.mini import curve as curve_command
+from toyworld.mini import gate_map, slider, world
+from toyworld.mini.build import ASSETS, PROFILE_PATH
 
 HAVE_WEIGHTS = (ASSETS / "flexip_adapter.safetensors").is_file() and PROFILE_PATH.is_file()
 needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="assets/mini is absent; build it with "
-                                   "`python -m flexip_core.mini.build`")
+                                   "`python -m toyworld.mini.build`")
 CASES, SEEDS = 6, (0, 1)  # held-out cases x seeds: 12 images per gate value
 
 
@@ -66,7 +66,7 @@ def test_full_caption_is_the_toyworld_prompt():
 
 @pytest.fixture(scope="module")
 def curve():
-    from flexip_core.mini.curve import load_mini
+    from toyworld.mini.curve import load_mini
 
     pipe = load_mini()
     return slider.measure(pipe, world.sample_cases(CASES, seed=1, split="heldout"), seeds=SEEDS)
@@ -77,7 +77,7 @@ def test_mini_leaves_out_the_prompt_words_it_has_never_seen_and_says_so():
     """Words outside the toy world's captions (never trained: they made the model draw noise and, spelled out letter
     by letter, pushed known words past its 32 tokens) are left out with a warning that names them; the API and the
     studio show a result's warnings."""
-    from flexip_core.mini.curve import load_mini
+    from toyworld.mini.curve import load_mini
 
     pipe = load_mini()
     subject = pipe.encode_subject([world.sample_cases(1, seed=1, split="heldout")[0].reference_image()])
@@ -94,7 +94,7 @@ def test_mini_leaves_out_the_prompt_words_it_has_never_seen_and_says_so():
 def test_studio_on_mini_says_when_the_subject_photo_is_not_a_toy(photos):
     """On the toy-world model a photo gets no identity score (the oracle would read some shape and colour in any
     photo) and a warning that says why; a toy of the world gets its score and no warning."""
-    from flexip_core.oracle import NOT_A_TOY
+    from toyworld.oracle import NOT_A_TOY
     from ui.engine import CoreEngine, make_request
     from ui.settings import Settings
 
@@ -181,7 +181,7 @@ def test_the_high_end_keeps_the_subjects_colour_against_a_colour_word():
 
 @functools.cache
 def _recolour_ends():
-    from flexip_core.mini.curve import load_mini
+    from toyworld.mini.curve import load_mini
 
     return slider.measure(load_mini(), world.sample_cases(CASES, seed=1, split="heldout", recolour=True),
                           seeds=SEEDS, gammas=(0.0, 1.0))
@@ -189,7 +189,7 @@ def _recolour_ends():
 
 @needs_weights
 def test_profile_generates_at_native_size():
-    from flexip_core.mini.curve import load_mini
+    from toyworld.mini.curve import load_mini
 
     pipe = load_mini()
     case = world.sample_cases(1, seed=2)[0]
@@ -201,7 +201,7 @@ def test_profile_generates_at_native_size():
 @needs_weights
 def test_a_scratch_profile_brings_its_own_gate_curve(tmp_path):
     """`curve --profile` measures weights built elsewhere with the gate curve calibrated for them."""
-    from flexip_core.mini.curve import load_mini
+    from toyworld.mini.curve import load_mini
 
     scratch = tmp_path / "scratch.json"
     scratch.write_text(json.dumps({**json.loads(PROFILE_PATH.read_text()), "gate_curve": None}))
@@ -213,8 +213,8 @@ def test_a_scratch_profile_brings_its_own_gate_curve(tmp_path):
 def test_mini_scores_identity_with_the_oracle_and_other_profiles_with_clip(tmp_path):
     """The studio shows mini's identity score as the oracle's share of the reference's attributes (a CLIP cosine
     from its random 8 px encoder would say nothing); without the reference photos it stays the CLIP cosine."""
-    from flexip_core.mini.curve import load_mini
-    from flexip_core.profiles import load_profile
+    from flexip_core.loading.profiles import load_profile
+    from toyworld.mini.curve import load_mini
 
     pipe = load_mini()
     assert pipe.profile.identity_metric == "toyworld"
@@ -260,11 +260,11 @@ def test_calibrated_curve_keeps_both_scores_steps_within_twice_their_mean_when_t
 
 @pytest.mark.slow
 def test_quick_build_runs_every_stage_and_loads_as_a_profile(tmp_path, monkeypatch, caplog):
-    """The build end to end (VAE, base, adapters through flexip_core.train, calibration) at smoke size: what it
+    """The build end to end (VAE, base, adapters through flexip_core.training.train, calibration) at smoke size: what it
     writes loads through the same profile code the app uses and renders at the native size. A run killed after
     the base resumes there; a resume can start from the weights of a built folder instead."""
-    from flexip_core.mini import build, encoders
-    from flexip_core.pipeline import FlexIPPipeline
+    from flexip_core.generation.pipeline import FlexIPPipeline
+    from toyworld.mini import build, encoders
 
     def killed(*args, **kwargs):
         raise RuntimeError("killed during the encoders stage")
@@ -299,7 +299,7 @@ def test_quick_build_runs_every_stage_and_loads_as_a_profile(tmp_path, monkeypat
     # a resume whose staged weights are not those it replaces says so; --reuse starts from a built folder instead
     config = tmp_path / "mini2" / "image_encoder" / "config.json"
     config.write_text(config.read_text() + "\n")
-    caplog.set_level(logging.WARNING, logger="flexip_core.mini.build")
+    caplog.set_level(logging.WARNING, logger="toyworld.mini.build")
     build.build("quick", out=tmp_path / "mini2", work=tmp_path / "work", write_profile=False,
                 from_stage="calibration")
     assert "the staged image_encoder differ from those in" in caplog.text
@@ -320,7 +320,7 @@ def _pooled_probe_accuracy(dino) -> dict[str, float]:
     held-out subjects in held-out scenes (what the preservation branch's attention pooling can start from)."""
     import torch
 
-    from flexip_core.mini import encoders
+    from toyworld.mini import encoders
 
     def pooled(items):
         with torch.no_grad():
@@ -341,7 +341,7 @@ def _pooled_probe_accuracy(dino) -> dict[str, float]:
 
 @needs_weights
 def test_build_refuses_before_training_to_delete_folders_that_are_not_an_earlier_builds(tmp_path):
-    from flexip_core.mini import build
+    from toyworld.mini import build
 
     mine = tmp_path / "my-models"
     (mine / "notes").mkdir(parents=True)
@@ -364,7 +364,7 @@ def test_shipped_dino_is_pretrained_to_tell_held_out_subjects_apart():
     import torch
     from transformers import Dinov2Config, Dinov2Model
 
-    from flexip_core.mini import models
+    from toyworld.mini import models
 
     shipped = _pooled_probe_accuracy(Dinov2Model.from_pretrained(ASSETS / "dino").eval())
     assert min(shipped.values()) >= 0.9, shipped
@@ -376,7 +376,7 @@ def test_shipped_dino_is_pretrained_to_tell_held_out_subjects_apart():
 def test_pattern_code_marks_the_patterns_channel_on_the_bodys_cells_only():
     import torch
 
-    from flexip_core.mini import base
+    from toyworld.mini import base
 
     items = [(tw.Subject("square", "red", "dots"), tw.Scene("white", "large", "left", "upright", "flat")),
              (tw.Subject("circle", "blue", "plain"), tw.Scene("sky", "small", "right", "squashed", "outlined"))]
@@ -403,8 +403,8 @@ def test_shipped_vae_draws_the_pattern_its_code_names():
     import torch
     from diffusers import AutoencoderKL
 
-    from flexip_core.mini import base
-    from flexip_core.oracle import read_attributes
+    from toyworld.mini import base
+    from toyworld.oracle import read_attributes
 
     amplitude = json.loads((ASSETS / "build.json").read_text())["base"]["pattern_code"]
     vae = AutoencoderKL.from_pretrained(ASSETS / "base", subfolder="vae", torch_dtype=torch.float32)
@@ -430,7 +430,7 @@ def test_base_captions_name_the_subject_every_time_during_the_warm_up(monkeypatc
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from flexip_core.mini import base, models
+    from toyworld.mini import base, models
 
     asked, real = [], world.random_caption
 
@@ -458,8 +458,8 @@ def test_mini_noise_schedule_is_zero_terminal_snr_v_prediction_in_every_usable_s
     schedule and the v-prediction, and one that cannot (PNDM) is refused with the alternatives named."""
     from diffusers import DDPMScheduler
 
-    from flexip_core.mini import models
-    from flexip_core.schedulers import SCHEDULERS, make_scheduler
+    from flexip_core.generation.schedulers import SCHEDULERS, make_scheduler
+    from toyworld.mini import models
 
     assert float(DDPMScheduler.from_config(models.SCHEDULER).alphas_cumprod[-1]) == 0.0
     config = dict(models.SCHEDULER, _class_name="DDIMScheduler")
@@ -500,7 +500,7 @@ def test_probe_measures_how_much_the_base_listens_to_each_identity_word():
     embeddings made equal the probe finds that it no longer listens."""
     import torch
 
-    from flexip_core.mini import probe
+    from toyworld.mini import probe
 
     pipe = probe.load()
     found = {name: probe.word_spread(pipe, name) for name in tw.IDENTITY_ATTRIBUTES}
@@ -521,8 +521,8 @@ def test_probe_finds_the_base_draws_the_shape_and_colour_a_caption_names():
     made equal, the colour is left to chance."""
     import torch
 
-    from flexip_core.mini import probe
-    from flexip_core.mini.curve import load_mini
+    from toyworld.mini import probe
+    from toyworld.mini.curve import load_mini
 
     pipe = load_mini()
     found = probe.drawn_from_caption(pipe, "heldout", n=8, seeds=(0,))
@@ -543,7 +543,7 @@ def test_a_point_is_dominated_when_another_is_as_good_in_both_scores_and_better_
 def test_gate_map_with_the_shipped_weights_follows_the_preservation_weight():
     """Each grid row is generated with its own branch weights: preservation brings identity in and the prompt out
     (as along the slider), and the (1, 0) row is the slider's gamma = 1 (calibrated curves end at w_pres = 1)."""
-    from flexip_core.mini.curve import load_mini
+    from toyworld.mini.curve import load_mini
 
     pipe = load_mini()
     cases = world.sample_cases(6, seed=100, split="train")

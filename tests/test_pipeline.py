@@ -151,7 +151,7 @@ def test_missing_subject_is_refused(tiny_pipe):
 def test_loading_says_nothing_about_torchvision_and_other_notices_still_pass():
     """diffusers' import of transformers' image processors warns that torchvision is missing; FlexIP does not use
     them, so flexip_core drops that one notice (a user saw it at every start) and nothing else."""
-    script = ("import logging, flexip_core.pipeline, diffusers.loaders.ip_adapter; "
+    script = ("import logging, flexip_core.generation.pipeline, diffusers.loaders.ip_adapter; "
               "logging.getLogger('transformers.utils.import_utils').warning('another notice')")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexip_core.architectures import SD15_REPO
-from flexip_core.loading import in_cache
+from flexip_core.loading.architectures import SD15_REPO
+from flexip_core.loading.sources import in_cache
 
 pytestmark = pytest.mark.real_weights
 

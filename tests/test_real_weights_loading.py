@@ -17,10 +17,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from flexip_core import FlexIPPipeline
-from flexip_core.devices import NotEnoughMemory, SafeVaeDecoder, offload_chain, pick_device, pick_dtype
-from flexip_core.loading import LDM_CROSS_ATTENTION_KEY, LDM_SDXL_KEY, WeightsNotFound
-from flexip_core.profiles import load_profile
-from flexip_core.tiny import (
+from flexip_core.generation.devices import NotEnoughMemory, SafeVaeDecoder, offload_chain, pick_device, pick_dtype
+from flexip_core.loading.profiles import load_profile
+from flexip_core.loading.sources import LDM_CROSS_ATTENTION_KEY, LDM_SDXL_KEY, WeightsNotFound
+from flexip_core.loading.tiny import (
     CLIP_VISION,
     synthetic_ip_adapter_state,
     write_ip_adapter_file,
@@ -114,7 +114,7 @@ def test_every_profile_part_can_be_overridden(tiny_root, ip_files, tmp_path):
     assert (pipe.adapter.config.preservation.kind, pipe.adapter.config.personalization.kind) == \
         ("ip_adapter_plus", "ip_adapter")
     native = pipe.adapter
-    from flexip_core.weights import save_adapter
+    from flexip_core.loading.weights import save_adapter
 
     path = save_adapter(native, tmp_path / "native.safetensors")
     again = FlexIPPipeline.from_profile("sd15", adapter=str(path), **ip_parts(tiny_root, ip_files))
@@ -232,7 +232,7 @@ def test_default_profile_on_cuda_is_sd15_only_when_its_weights_are_cached(monkey
     weights are cached (online or not), sd15 is the default."""
     import huggingface_hub
 
-    from flexip_core.profiles import default_profile
+    from flexip_core.loading.profiles import default_profile
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
@@ -358,7 +358,7 @@ def test_out_of_memory_says_what_to_do_and_the_pipeline_keeps_working(photos, mo
     def load_fails(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
 
-    monkeypatch.setattr("flexip_core.assembly.load_base", load_fails)
+    monkeypatch.setattr("flexip_core.loading.assembly.load_base", load_fails)
     with pytest.raises(NotEnoughMemory, match="to load this profile.*--low-vram"):
         FlexIPPipeline.from_profile("tiny")
     with pytest.raises(NotEnoughMemory, match="low-VRAM option is already on"):
@@ -426,7 +426,7 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
 
 def test_profile_paths_under_assets_resolve_from_any_working_folder(tmp_path, monkeypatch):
     """Shipped weights ("{assets}/mini/base") are found wherever the app is started from."""
-    from flexip_core.profiles import PROFILE_DIR
+    from flexip_core.loading.profiles import PROFILE_DIR
 
     profile_file = tmp_path / "shipped.json"
     profile_file.write_text(json.dumps({"name": "shipped", "base": "{assets}/mini/base",

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flexip_core import FlexIPPipeline
-from flexip_core.weights import load_adapter, read_adapter_config, save_adapter
+from flexip_core.loading.weights import load_adapter, read_adapter_config, save_adapter
 
 FAST = dict(num_inference_steps=3, seed=1, output_type="np")
 

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from flexip_core import toyworld as tw
-from flexip_core.oracle import identity_kept, identity_score, prompt_score, read_attributes
-from flexip_core.oracle_check import REQUIRED_ACCURACY, heldout_accuracy
+from toyworld.oracle import identity_kept, identity_score, prompt_score, read_attributes
+from toyworld.oracle_check import REQUIRED_ACCURACY, heldout_accuracy
 
 SUBJECT = tw.Subject("star", "red", "stripes")
 SCENE = tw.Scene("sand", "large", "left", "squashed", "outlined")
@@ -159,7 +159,7 @@ def test_identity_kept_reads_the_reference_photo_itself():
 def test_only_toy_world_images_count_as_toys(dreambench):
     """A photo is not read as a toy (the oracle would find some shape and colour in anything): the toy re-drawn
     from what it reads must look like the image."""
-    from flexip_core.oracle import read_toy
+    from toyworld.oracle import read_toy
 
     rng = np.random.default_rng(5)
     for subject in tw.sample_subjects(12, seed=5, split="all"):

@@ -15,9 +15,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from flexip_core import FlexIPPipeline
-from flexip_core.data import PairDataset, read_manifest
-from flexip_core.tiny import tiny_branch
-from flexip_core.train import (
+from flexip_core.loading.tiny import tiny_branch
+from flexip_core.training.config import LR_SCHEDULERS, SIZE_KEYS, TrainConfig, load_config
+from flexip_core.training.data import PairDataset, read_manifest
+from flexip_core.training.train import (
     AdapterTrainingModel,
     draw_dropout,
     draw_gammas,
@@ -27,7 +28,6 @@ from flexip_core.train import (
     train,
     training_loss,
 )
-from flexip_core.train_config import LR_SCHEDULERS, SIZE_KEYS, TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SIZES = {k: v for k, v in dataclasses.asdict(tiny_branch("flexip_preservation")).items() if k in SIZE_KEYS}
@@ -72,7 +72,7 @@ def run(config: TrainConfig, on_step=None):
 
 def loss_setup(config: TrainConfig):
     """Frozen parts, the training model and one batch of every record; the config without dropout."""
-    from flexip_core.attention import install_processors
+    from flexip_core.generation.attention import install_processors
 
     frozen, adapter = load_models(config, torch.device("cpu"), torch.float32)
     install_processors(frozen.unet, adapter, "sdpa")
@@ -240,7 +240,7 @@ def test_two_processes_with_torchrun(manifest, tmp_path, tiny_pipe, photos):
     (tmp_path / "run.json").write_text(json.dumps(config))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "flexip_core.train", "--config", str(tmp_path / "run.json")]
+               "-m", "flexip_core.training.train", "--config", str(tmp_path / "run.json")]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "out" / "logs" / "train_log.jsonl").read_text().splitlines()]
@@ -256,7 +256,7 @@ def test_two_processes_with_torchrun(manifest, tmp_path, tiny_pipe, photos):
 
 def test_init_from_ip_adapter_files(manifest, tmp_path, tiny_pipe):
     """Warm start from published-layout IP-Adapter files (Plus -> preservation, plain -> personalization)."""
-    from flexip_core.tiny import write_synthetic_ip_adapter_files
+    from flexip_core.loading.tiny import write_synthetic_ip_adapter_files
 
     files = write_synthetic_ip_adapter_files(tiny_pipe.unet, tmp_path / "ip", clip_embed_dim=32, clip_hidden_dim=32)
     config = tiny_config(manifest, tmp_path / "out", init="ip_adapter", max_steps=2,

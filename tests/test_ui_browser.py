@@ -134,14 +134,14 @@ def assert_tiles_whole(page, gallery: str) -> None:
 
 
 @pytest.mark.skipif(not (REPO / "assets" / "mini" / "flexip_adapter.safetensors").is_file(),
-                    reason="assets/mini is absent; build it with `python -m flexip_core.mini.build`")
+                    reason="assets/mini is absent; build it with `python -m toyworld.mini.build`")
 def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_path):
     """The offline default as a first-time user meets it: one click on an example, and the γ sweep shows the toy."""
     from PIL import Image
     from playwright.sync_api import expect
 
     from flexip_core import toyworld
-    from flexip_core.oracle import identity_score
+    from toyworld.oracle import identity_score
     from ui.examples import EXAMPLES
 
     app = AppServer("--profile", "mini")

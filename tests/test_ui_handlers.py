@@ -9,7 +9,7 @@ import gradio as gr
 import pytest
 from PIL import Image
 
-from flexip_core.metadata import parse_parameters
+from flexip_core.generation.metadata import parse_parameters
 from tests.ui_fixtures import FakeEngine, bad_uploads, odd_mode_uploads, png_bytes
 from ui import api, comparison, handlers, subject
 from ui.binding import bind
@@ -374,7 +374,7 @@ def test_png_without_settings_is_refused_by_name(studio, tmp_path):
 
 
 def test_settings_survive_the_png_chunk_round_trip():
-    from flexip_core.metadata import format_parameters, parse_parameters
+    from flexip_core.generation.metadata import format_parameters, parse_parameters
 
     settings = Settings(prompt="a, b", negative_prompt="blur", gate=0.35, strength=1.2, seed=99, steps=12,
                         guidance=5.5, width=96, height=64, scheduler="euler_a", identity_early=0.4)

@@ -10,7 +10,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from flexip_core.schedulers import SCHEDULER_NAMES
+from flexip_core.generation.schedulers import SCHEDULER_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class CoreEngine:
         return self._pipe is not None
 
     def description(self) -> str:
-        from flexip_core.profiles import load_profile  # a data file: no torch import
+        from flexip_core.loading.profiles import load_profile  # a data file: no torch import
 
         return load_profile(self.profile).description
 
@@ -120,7 +120,7 @@ class CoreEngine:
         return self._failure
 
     def defaults(self) -> Defaults:
-        from flexip_core.profiles import load_profile  # a data file: no torch import, so the page comes up fast
+        from flexip_core.loading.profiles import load_profile  # a data file: no torch import, so the page comes up fast
 
         d = self._pipe.defaults if self._pipe is not None else load_profile(self.profile).defaults
         return Defaults(width=d.width, height=d.height, steps=d.num_inference_steps,

@@ -1,4 +1,4 @@
-"""Example subjects for a first click: toys rendered by the project's own toy world (flexip_core.toyworld), each
+"""Example subjects for a first click: toys rendered by the project's own toy world (toyworld.world), each
 with a prompt in that world's vocabulary. `python -m ui.examples` (re)renders them into assets/examples/."""
 from __future__ import annotations
 

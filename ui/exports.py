@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from flexip_core.metadata import save_png
+from flexip_core.generation.metadata import save_png
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, replace
 
 import gradio as gr
 
-from flexip_core.profiles import IDENTITY_METRICS
+from flexip_core.loading.profiles import IDENTITY_METRICS
 
 from .context import Studio, engine_status
 from .rendering import Preview, random_seed, read_settings, render

@@ -34,7 +34,7 @@ class Settings:
         return (subject, *sorted(values.items()))
 
     def as_core_parameters(self) -> dict:
-        """The settings in the core's parameters vocabulary (flexip_core.metadata, out.parameters)."""
+        """The settings in the core's parameters vocabulary (flexip_core.generation.metadata, out.parameters)."""
         return {
             "prompt": self.prompt, "negative_prompt": self.negative_prompt, "gate": self.gate,
             "strength": self.strength, "seed": self.seed, "num_inference_steps": self.steps,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from flexip_core.images import flat_photo_note
+from flexip_core.generation.images import flat_photo_note
 
 from .settings import Settings
 

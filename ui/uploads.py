@@ -9,8 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from flexip_core.images import DEFAULT_LIMITS, is_flat, load_reference_image, square_view
-from flexip_core.metadata import parse_parameters
+from flexip_core.generation.images import DEFAULT_LIMITS, is_flat, load_reference_image, square_view
+from flexip_core.generation.metadata import parse_parameters
 
 from .state import Photo
 

@@ -1,0 +1,381 @@
+"""DreamBench evaluation of the gate: CLIP-I, DINO-I and CLIP-T across gamma, with an IP-Adapter scale baseline.
+
+    python -m flexip_core.evaluation.evaluate --profile sd15 --subjects ../shared/dreambench --gates 0,0.25,0.5,0.75,1 --out eval
+
+For every subject, prompt and seed, one batched call generates the whole gamma sweep from the same noise;
+the IP-Adapter baseline sweeps its single scale s (branch weights (s, 0)) on the same seeds. Writes
+OUT/scores.csv (one row per image), OUT/summary.csv and OUT/summary.json (means per method and setting,
+monotonicity and smoothness of each curve, throughput), OUT/tradeoff.png (identity against prompt score)
+and, unless --no-images, the images under OUT/images/.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flexip_core.cli import add_model_flags, comma_ints, comma_numbers, gate_values, output_folder, whole_number
+from flexip_core.training.manifest import IMAGE_SUFFIXES
+
+logger = logging.getLogger(__name__)
+
+LIVE_CLASSES = frozenset({"cat", "dog"})  # DreamBench's live subjects get the "live" prompt list
+METRICS = ("clip_i", "dino_i", "clip_t")
+IDENTITY_METRICS = ("clip_i", "dino_i")
+COLUMNS = ("method", "subject", "class", "prompt_index", "prompt", "seed", "setting", "gate", "scale", "w_pres",
+           "w_pers", *METRICS, "image")
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Benchmark:
+    """Subject classes and prompt templates ({0}: unique token, {1}: class word), as DreamBench lists them."""
+
+    classes: dict  # subject folder name -> class word
+    object_prompts: tuple[str, ...]  # templates for objects
+    live_prompts: tuple[str, ...]  # templates for live subjects (cats and dogs)
+
+    def class_of(self, subject: str) -> str:
+        return self.classes.get(subject, subject.replace("_", " "))
+
+    def templates_for(self, subject: str) -> tuple[str, ...]:
+        live = self.class_of(subject) in LIVE_CLASSES
+        return self.live_prompts if live and self.live_prompts else self.object_prompts
+
+
+def read_prompts(path: str | Path) -> Benchmark:
+    """DreamBench's prompts_and_classes.txt, or a plain file with one template per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompts file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if "prompt_list" not in text:
+        templates = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+        if not templates:
+            raise ValueError(f"{path.name}: no prompt found")
+        return Benchmark({}, templates, ())
+    classes = dict(re.findall(r"^([\w-]+),([^,\n]+)$", text.split("Prompts")[0], flags=re.MULTILINE))
+    classes.pop("subject_name", None)
+    lists = [tuple(re.findall(r"'([^']*)'\.format", block)) for block in text.split("prompt_list")[1:]]
+    sections = re.findall(r"^(\w[\w ]*) Prompts\s*$", text, flags=re.MULTILINE)  # e.g. "Object", "Live Subject"
+    by_name = dict(zip((s.lower() for s in sections), lists))
+    objects = by_name.get("object", lists[0])
+    live = by_name.get("live subject", lists[1] if len(lists) > 1 else ())
+    if not objects:
+        raise ValueError(f"{path.name}: no prompt templates found")
+    return Benchmark({k: v.strip() for k, v in classes.items()}, objects, live)
+
+
+def prompt_text(template: str, token: str, cls: str) -> str:
+    return " ".join(template.format(token, cls).split())
+
+
+def find_subjects(folder: str | Path) -> list[tuple[str, list[Path]]]:
+    """(name, photos) of every sub-folder that holds images, by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"subjects folder not found: {folder}")
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        photos = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if photos:
+            found.append((sub.name, photos))
+    if not found:
+        raise ValueError(f"{folder}: no sub-folder with images (expected DreamBench's layout: one folder per subject)")
+    return found
+
+
+# --- the run ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalSettings:
+    gates: tuple[float, ...]  # gamma values of the FlexIP sweep
+    baseline_scales: tuple[float, ...]  # IP-Adapter scales of the baseline sweep
+    seeds: tuple[int, ...]  # seeds shared by both sweeps
+    token: str = ""  # DreamBench's unique token ({0}); encoder-based methods use none
+    condition_images: int = 1  # photos of the subject the adapters see (metrics use all of them)
+    strength: float = 1.0  # FlexIP overall strength
+    num_inference_steps: int | None = None  # None: the profile's default
+    guidance_scale: float | None = None  # None: the profile's default
+    size: int | None = None  # square output side; None: the profile's default
+    scheduler: str | None = "profile"  # scheduler name, or "profile"
+    save_images: bool = True  # write every image (PNG with its parameters) under OUT/images/
+
+
+def is_ip_adapter(pipe) -> bool:
+    """Whether the pipeline's preservation branch is an IP-Adapter (so (s, 0) is IP-Adapter at scale s)."""
+    return pipe.adapter.config.preservation.kind in ("ip_adapter", "ip_adapter_plus")
+
+
+def _chunks(values, size):
+    return [values[i:i + size] for i in range(0, len(values), size)]
+
+
+def evaluate(pipe, metrics, benchmark: Benchmark, subjects: list[tuple[str, list[Path]]],
+             prompts_per_subject: int | None, settings: EvalSettings, out_dir: str | Path, baseline_pipe=None) -> dict:
+    """Generate and score every (subject, prompt, seed); returns the summary also written to OUT/summary.json."""
+    from tqdm.auto import tqdm
+
+    from flexip_core.generation.images import load_reference_image
+    from flexip_core.generation.metadata import save_png
+    from flexip_core.generation.pipeline import MAX_BATCH
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = [("flexip", pipe, [dict(gate=g) for g in settings.gates])]
+    if baseline_pipe is not None:
+        methods.append(("ip_adapter", baseline_pipe, [dict(scale=s) for s in settings.baseline_scales]))
+    jobs = [(name, photos, i) for name, photos in subjects
+            for i in range(min(prompts_per_subject or 10**9, len(benchmark.templates_for(name))))]
+    total_calls = sum(len(_chunks(sweep, MAX_BATCH)) for _, _, sweep in methods) * len(jobs) * len(settings.seeds)
+    call = dict(strength=settings.strength, num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale, height=settings.size, width=settings.size,
+                scheduler=settings.scheduler)
+    rows, images_made, generating = [], 0, 0.0
+    started = time.perf_counter()
+    progress = tqdm(total=total_calls, desc="evaluate", unit="call")
+    with (out_dir / "scores.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        current, references, embedded = None, None, {}
+        for name, photos, prompt_index in jobs:
+            if name != current:  # photos are decoded and embedded once per subject
+                current = name
+                loaded = [load_reference_image(p) for p in photos]
+                references = metrics.references(loaded)
+                embedded = {id(p): p.encode_subject(loaded[:settings.condition_images]) for _, p, _ in methods}
+            cls = benchmark.class_of(name)
+            template = benchmark.templates_for(name)[prompt_index]
+            prompt = prompt_text(template, settings.token, cls)
+            scored_prompt = prompt_text(template, "", cls)  # CLIP-T ignores the unique token
+            for seed in settings.seeds:
+                for method, method_pipe, sweep in methods:
+                    for chunk in _chunks(sweep, MAX_BATCH):
+                        tic = time.perf_counter()
+                        if method == "flexip":
+                            out = method_pipe(prompt, subject=embedded[id(method_pipe)], seed=seed,
+                                              gate=[c["gate"] for c in chunk], **call)
+                        else:
+                            out = method_pipe(prompt, subject=embedded[id(method_pipe)], seed=seed,
+                                              branch_weights=[(c["scale"], 0.0) for c in chunk], **call)
+                        generating += time.perf_counter() - tic
+                        images_made += len(out.images)
+                        scores = metrics.score(out.images, references, scored_prompt)
+                        for k, (image, params, point) in enumerate(zip(out.images, out.parameters, chunk)):
+                            setting = point.get("gate", point.get("scale"))
+                            path = ""
+                            if settings.save_images:
+                                file = f"p{prompt_index:02d}_s{seed}_{setting:.3f}.png"
+                                relative = Path("images") / method / name / file
+                                save_png(image, out_dir / relative, params)
+                                path = relative.as_posix()
+                            row = dict(method=method, subject=name, prompt_index=prompt_index, prompt=prompt, seed=seed,
+                                       setting=setting, gate=point.get("gate", ""), scale=point.get("scale", ""),
+                                       w_pres=params["w_pres"], w_pers=params["w_pers"], image=path,
+                                       **{"class": cls}, **{m: scores[m][k] for m in METRICS})
+                            writer.writerow(row)
+                            rows.append(row)
+                        handle.flush()
+                        progress.update(1)
+    progress.close()
+    elapsed = time.perf_counter() - started
+    summary = summarize(rows)
+    result = {
+        "summary": summary,
+        "curves": {method: curve_quality([s for s in summary if s["method"] == method]) for method, _, _ in methods},
+        "images": images_made,
+        "seconds": round(elapsed, 3),
+        "images_per_second": images_made / elapsed if elapsed else None,
+        "generation_images_per_second": images_made / generating if generating else None,
+        "baseline": "ip_adapter" if baseline_pipe is not None else None,
+    }
+    write_summary(summary, out_dir / "summary.csv")
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    plot_tradeoff(summary, out_dir / "tradeoff.png")
+    logger.info("%d images in %.1f s (%.2f images/s overall, %.2f images/s generating); results in %s",
+                images_made, elapsed, result["images_per_second"] or 0.0, result["generation_images_per_second"] or 0.0,
+                out_dir)
+    return result
+
+
+# --- summaries and the plot --------------------------------------------------------------------
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean (and standard error) of each metric per method and setting, settings in increasing order."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], float(row["setting"])), []).append(row)
+    out = []
+    for (method, setting), members in sorted(groups.items()):
+        entry = {"method": method, "setting": setting, "n": len(members)}
+        for metric in METRICS:
+            values = np.array([float(m[metric]) for m in members])
+            entry[metric] = float(values.mean())
+            entry[f"{metric}_sem"] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def curve_quality(points: list[dict]) -> dict:
+    """Per metric: monotonic in the expected direction? largest neighbour step over the mean step (1 = even)."""
+    quality = {}
+    for metric in METRICS:
+        values = np.array([p[metric] for p in sorted(points, key=lambda p: p["setting"])])
+        steps = np.diff(values)
+        expected = 1 if metric in IDENTITY_METRICS else -1  # identity rises with gamma, prompt fidelity falls
+        mean_step = float(np.abs(steps).mean()) if len(steps) else 0.0
+        quality[metric] = {
+            "monotonic": bool(np.all(expected * steps >= 0)) if len(steps) else True,
+            "range": float(values.max() - values.min()) if len(values) else 0.0,
+            "max_step_over_mean": float(np.abs(steps).max() / mean_step) if mean_step > 0 else None,
+        }
+    return quality
+
+
+def write_summary(summary: list[dict], path: Path) -> None:
+    if not summary:
+        return
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+
+
+def plot_tradeoff(summary: list[dict], path: Path) -> Path:
+    """Identity (CLIP-I, DINO-I) against prompt fidelity (CLIP-T), one curve per method, points labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"flexip": ("FlexIP (gate \u03b3)", "\u03b3", "tab:blue", "o"),
+              "ip_adapter": ("IP-Adapter (scale s)", "s", "tab:orange", "s")}
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, metric, label in zip(axes, IDENTITY_METRICS, ("CLIP-I", "DINO-I")):
+        for method in dict.fromkeys(s["method"] for s in summary):
+            points = sorted((s for s in summary if s["method"] == method), key=lambda s: s["setting"])
+            name, symbol, colour, marker = styles.get(method, (method, "x", None, "^"))
+            xs, ys = [p["clip_t"] for p in points], [p[metric] for p in points]
+            axis.plot(xs, ys, marker=marker, color=colour, label=name)
+            for p, x, y in zip(points, xs, ys):
+                axis.annotate(f"{symbol}={p['setting']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
+                              fontsize=8)
+        axis.set_xlabel("CLIP-T (prompt fidelity)")
+        axis.set_ylabel(f"{label} (identity)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle("Identity against prompt fidelity across the gate")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+# --- command line ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m flexip_core.evaluation.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(parser)
+    parser.add_argument("--subjects", required=True,
+                        help="DreamBench-layout folder: one sub-folder of photos per subject")
+    parser.add_argument("--prompts", default=None, help="prompts_and_classes.txt (default: the one in --subjects)")
+    parser.add_argument("--out", type=output_folder, required=True,
+                        help="folder for scores.csv, summary.*, tradeoff.png and images/")
+    parser.add_argument("--gates", type=gate_values, default=(0.0, 0.25, 0.5, 0.75, 1.0),
+                        help="gamma values, e.g. 0,0.5,1")
+    parser.add_argument("--seeds", type=comma_ints, default=(0,), help="comma-separated seeds shared by every sweep")
+    parser.add_argument("--subject", action="append", default=None, help="evaluate only this subject (repeatable)")
+    parser.add_argument("--max-subjects", type=whole_number(1), default=None, help="first N subjects only (quick runs)")
+    parser.add_argument("--max-prompts", type=whole_number(1), default=None, help="first N prompts per subject only")
+    parser.add_argument("--token", default="", help="DreamBench's unique token for {0} in the prompts (default none)")
+    parser.add_argument("--condition-images", type=whole_number(1), default=1,
+                        help="subject photos given to the adapters")
+    parser.add_argument("--strength", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--size", type=int, default=None, help="square output side in pixels")
+    parser.add_argument("--scheduler", default="profile")
+    parser.add_argument("--baseline", default="auto",
+                        help="'auto' (the profile itself when its preservation branch is an IP-Adapter), 'none', "
+                             "or a profile whose preservation branch is an IP-Adapter")
+    parser.add_argument("--baseline-scales", type=comma_numbers, default=None,
+                        help="IP-Adapter scales (default: --gates)")
+    parser.add_argument("--clip-metric", default=None, help=f"CLIPModel for CLIP-I/CLIP-T (default {_default('clip')})")
+    parser.add_argument("--dino-metric", default=None, help=f"DINO ViTModel for DINO-I (default {_default('dino')})")
+    parser.add_argument("--no-images", action="store_true", help="do not write the generated images")
+    return parser
+
+
+def _default(field: str) -> str:
+    from flexip_core.evaluation.metrics import MetricConfig
+
+    return getattr(MetricConfig(), field)
+
+
+def _baseline(args, pipe):
+    from flexip_core.generation.pipeline import FlexIPPipeline
+
+    if args.baseline == "none":
+        return None
+    if args.baseline == "auto":
+        if is_ip_adapter(pipe):
+            return pipe
+        logger.info("no IP-Adapter baseline: profile %s has a native FlexIP adapter; pass --baseline PROFILE "
+                    "naming IP-Adapter weights to draw one", pipe.profile.name)
+        return None
+    if args.baseline == (args.profile or pipe.profile.name) and is_ip_adapter(pipe):
+        return pipe  # the same weights: no second copy of the model
+    baseline = FlexIPPipeline.from_profile(args.baseline, device=args.device, dtype=args.dtype,
+                                           attention=args.attention)
+    if not is_ip_adapter(baseline):
+        logger.warning("baseline profile %s has no IP-Adapter preservation branch; its (s, 0) sweep is drawn anyway",
+                       args.baseline)
+    return baseline
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        from flexip_core.cli import check_before_loading, pipeline_from_args
+        from flexip_core.evaluation.metrics import MetricConfig, MetricModels
+        from flexip_core.loading.profiles import load_profile
+
+        if any(seed < 0 for seed in args.seeds):
+            raise ValueError(f"--seeds must be 0 or more, got {','.join(map(str, args.seeds))}")
+        args.profile = check_before_loading(args, args.size, args.size)
+        if args.baseline not in ("auto", "none"):
+            load_profile(args.baseline)  # an unknown baseline profile is named now, not after the evaluation
+        benchmark = read_prompts(args.prompts or Path(args.subjects) / "prompts_and_classes.txt")
+        subjects = find_subjects(args.subjects)
+        if args.subject:
+            unknown = sorted(set(args.subject) - {name for name, _ in subjects})
+            if unknown:
+                raise ValueError(f"unknown subject(s) {', '.join(unknown)} in {args.subjects}")
+            subjects = [s for s in subjects if s[0] in args.subject]
+        subjects = subjects[:args.max_subjects] if args.max_subjects else subjects
+        defaults = MetricConfig()
+        metrics_config = MetricConfig(clip=args.clip_metric or defaults.clip, dino=args.dino_metric or defaults.dino)
+        pipe = pipeline_from_args(args)
+        metrics = MetricModels.load(metrics_config, device=pipe.device)
+        settings = EvalSettings(gates=args.gates, baseline_scales=args.baseline_scales or args.gates, seeds=args.seeds,
+                                token=args.token, condition_images=args.condition_images, strength=args.strength,
+                                num_inference_steps=args.steps, guidance_scale=args.guidance, size=args.size,
+                                scheduler=args.scheduler, save_images=not args.no_images)
+        evaluate(pipe, metrics, benchmark, subjects, args.max_prompts, settings, args.out, _baseline(args, pipe))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from flexip_core.evaluation.evaluate import main as _main
+
+    sys.exit(_main())

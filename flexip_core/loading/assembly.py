@@ -1,0 +1,144 @@
+"""Building a FlexIPPipeline from a profile: resolve sources, load components, attach the adapter."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import CLIPVisionModelWithProjection, Dinov2Model
+
+from flexip_core.generation.adapters import cross_attention_layers
+from flexip_core.generation.devices import (
+    LowVRAM,
+    NotEnoughMemory,
+    free_memory,
+    is_out_of_memory,
+    out_of_memory_message,
+    pick_device,
+    pick_dtype,
+)
+from flexip_core.generation.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess, SubjectEncoder
+from flexip_core.loading.profiles import Profile, cache_home, load_profile
+from flexip_core.loading.sources import load_base, load_pretrained, resolve_file
+from flexip_core.loading.weights import load_adapter
+
+logger = logging.getLogger(__name__)
+
+PLACEHOLDER_FIELDS = ("base", "base_config", "clip_encoder", "dino_encoder", "adapter", "preservation",
+                      "personalization", "lora")
+
+
+def ensure_built(kind: str) -> Path:
+    """Locally built models (the tiny random set), written once into the FlexIP cache folder."""
+    if kind != "tiny":
+        raise ValueError(f"no local builder named {kind!r}")
+    from flexip_core.loading.tiny import TINY_VERSION, write_tiny_models
+
+    folder = cache_home() / f"tiny-v{TINY_VERSION}"
+    if (folder / "VERSION").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=folder.parent))
+    write_tiny_models(staging)
+    try:
+        os.rename(staging, folder)  # atomic: concurrent builders never see half a folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+    return folder
+
+
+def resolve_placeholders(profile: Profile) -> Profile:
+    if profile.build is None:
+        return profile
+    root = str(ensure_built(profile.build))
+    values = {f: getattr(profile, f).replace("{build}", root) for f in PLACEHOLDER_FIELDS if getattr(profile, f)}
+    return profile.with_overrides(**values)
+
+
+def apply_overrides(profile: Profile, overrides: dict) -> Profile:
+    """Profile parts replaced by keyword overrides; IP-Adapter files given as overrides win over the
+    profile's own native adapter (and a native adapter given as an override wins over everything)."""
+    profile = profile.with_overrides(**overrides)
+    if (overrides.get("preservation") or overrides.get("personalization")) and not overrides.get("adapter"):
+        profile = dataclasses.replace(profile, adapter=None)
+    return profile
+
+
+def encoder_preprocess(model, mean, std, largest: int | None = None) -> Preprocess:
+    size = model.config.image_size
+    return Preprocess(min(size, largest) if largest else size, mean, std)
+
+
+def load_adapter_for(profile: Profile, unet):
+    layers = cross_attention_layers(unet)
+    if profile.adapter:
+        return load_adapter(resolve_file(profile.adapter, "adapter"), layers=layers)
+    if profile.preservation or profile.personalization:
+        from flexip_core.loading.ip_adapter import adapter_from_ip_adapter_files
+
+        return adapter_from_ip_adapter_files(profile.preservation, profile.personalization, layers,
+                                             cross_attention_dim=unet.config.cross_attention_dim)
+    raise ValueError(f"profile {profile.name!r} names no adapter: give adapter= or preservation=/personalization=")
+
+
+def check_encoders(profile: Profile, adapter, clip, dino) -> None:
+    """Each branch's input widths equal what the image encoders produce; errors say which encoder to use."""
+    branches = (("preservation", adapter.config.preservation), ("personalization", adapter.config.personalization))
+    for branch, cfg in branches:
+        wanted = []
+        if "clip_embeds" in cfg.needs:
+            wanted.append(("CLIP image embeddings", cfg.clip_embed_dim, clip.config.projection_dim,
+                           profile.clip_encoder))
+        if "clip_hidden" in cfg.needs:
+            wanted.append(("CLIP hidden states", cfg.clip_hidden_dim, clip.config.hidden_size, profile.clip_encoder))
+        if "dino" in cfg.needs and dino is not None:
+            wanted.append(("DINOv2 patch tokens", cfg.dino_dim, dino.config.hidden_size, profile.dino_encoder))
+        for what, expects, gives, source in wanted:
+            if expects != gives:
+                raise ValueError(
+                    f"the {branch} branch ({cfg.kind}) expects {expects}-wide {what}, but the encoder {source} gives "
+                    f"{gives}; the SD1.5 IP-Adapter files need OpenCLIP ViT-H/14 (--clip-encoder "
+                    "h94/IP-Adapter:models/image_encoder)")
+
+
+def assemble(cls, name: str, *, device=None, dtype=None, attention=None, low_vram=None, **overrides):
+    device = pick_device(device if device is not None else load_profile(name).device)
+    low_vram = LowVRAM.parse(low_vram)
+    message = None
+    try:
+        return _assemble(cls, name, device, dtype, attention, low_vram, overrides)
+    except Exception as error:  # out of memory while loading: the same advice as during generation
+        if not is_out_of_memory(error):
+            raise
+        message = out_of_memory_message("load this profile", device, low_vram is not None, str(error).splitlines()[0])
+    free_memory()  # outside the except block: the failed load's tensors are released first
+    raise NotEnoughMemory(message)
+
+
+def _assemble(cls, name, device, dtype, attention, low_vram, overrides):
+    profile = resolve_placeholders(apply_overrides(load_profile(name), overrides))
+    dtype = pick_dtype(dtype if dtype is not None else profile.dtype, device)
+    logger.info("loading profile %s on %s (%s%s)", profile.name, device, dtype, ", low VRAM" if low_vram else "")
+    components = load_base(profile.base, dtype, config=profile.base_config, lora=profile.lora)
+    adapter = load_adapter_for(profile, components["unet"])
+    offload = low_vram is not None and low_vram.cpu_offload and device.type == "cuda"
+    place = "cpu" if offload else device  # offloaded encoders move to the GPU only while they run
+    clip = load_pretrained(CLIPVisionModelWithProjection, profile.clip_encoder, dtype, part="clip_encoder")
+    clip = clip.to(place).eval()
+    dino = None
+    if "dino" in adapter.needs:
+        if not profile.dino_encoder:
+            raise ValueError(f"profile {profile.name!r}: the adapter needs DINOv2 features; give dino_encoder=")
+        dino = load_pretrained(Dinov2Model, profile.dino_encoder, dtype, part="dino_encoder").to(place).eval()
+    check_encoders(profile, adapter, clip, dino)
+    encoder = SubjectEncoder(
+        clip, encoder_preprocess(clip, CLIP_MEAN, CLIP_STD),
+        dino, encoder_preprocess(dino, IMAGENET_MEAN, IMAGENET_STD, largest=224) if dino is not None else None,
+        needs=adapter.needs,
+    )
+    return cls(unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
+               tokenizer=components["tokenizer"], scheduler=components["scheduler"], encoder=encoder,
+               adapter=adapter, profile=profile, device=device, dtype=dtype, attention=attention, low_vram=low_vram)

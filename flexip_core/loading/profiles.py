@@ -1,0 +1,119 @@
+"""Profiles: data files naming a base model, encoders, adapter weights, gate curve and defaults."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from flexip_core.generation.gate import GateCurve
+
+logger = logging.getLogger(__name__)
+
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "assets" / "profiles"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Generation settings a profile suggests; every one can be overridden per call."""
+
+    height: int = 512  # output height in pixels
+    width: int = 512  # output width in pixels
+    num_inference_steps: int = 30  # denoising steps
+    guidance_scale: float = 7.5  # classifier-free guidance scale
+    scheduler: str | None = "dpmpp_2m"  # scheduler name; None keeps the base model's own
+    max_side: int = 1024  # largest accepted height or width
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str  # profile name ("tiny", "sd15", ...)
+    base: str  # SD1.5-architecture base: Hub id, local folder, or single .safetensors/.ckpt file
+    clip_encoder: str  # CLIP vision tower: Hub id[:subfolder] or local folder
+    base_config: str | None = None  # for a single-file base: diffusers folder or Hub id with its config + tokenizer
+    dino_encoder: str | None = None  # DINOv2: loaded only when an adapter needs it
+    adapter: str | None = None  # native FlexIP adapter file (both branches)
+    preservation: str | None = None  # IP-Adapter file for the preservation branch (when no native adapter)
+    personalization: str | None = None  # IP-Adapter file for the personalization branch
+    lora: str | None = None  # optional LoRA (e.g. LCM-LoRA) loaded through diffusers
+    build: str | None = None  # locally built models ("tiny"), written once into the FlexIP cache
+    description: str = ""  # one line for the UI and --help
+    defaults: Defaults = field(default_factory=Defaults)  # suggested generation settings
+    gate_curve: GateCurve = field(default_factory=GateCurve)  # gamma -> branch weights
+    dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 elsewhere), "float32", "float16", "bfloat16"
+    device: str = "auto"  # where it runs unless the caller names a device: "auto" (CUDA, else Apple MPS, else CPU)
+    #   or a torch device ("cpu" for mini: a GPU is no faster for so small a model, and its curve was measured there)
+    identity_metric: str = "clip"  # the score shown with each image: "clip" (cosine of CLIP image embeddings with
+    #   the subject's) or "toyworld" (the oracle: share of the reference's shape, colour and pattern found; mini)
+
+    def __post_init__(self):
+        if self.identity_metric not in IDENTITY_METRICS:
+            raise ValueError(f"profile {self.name!r}: identity_metric {self.identity_metric!r} unknown; use one of "
+                             f"{', '.join(IDENTITY_METRICS)}")
+
+    def with_overrides(self, **overrides) -> Profile:
+        known = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(known) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown profile override(s): {', '.join(sorted(unknown))}")
+        return replace(self, **known)
+
+
+IDENTITY_METRICS = {"clip": "CLIP cosine with the subject",
+                    "toyworld": "share of the toy's shape, colour and pattern kept, read by the toy-world oracle"}
+
+
+def cache_home() -> Path:
+    """Where locally built models live: $FLEXIP_HOME, else ~/.cache/flexip."""
+    return Path(os.environ.get("FLEXIP_HOME", Path.home() / ".cache" / "flexip"))
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Read a profile by name (assets/profiles/NAME.json) or from a .json path."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix != ".json":
+        raise ValueError(f"profile {name_or_path}: a profile file is .json (see assets/profiles/); or give one of "
+                         f"the names {', '.join(available_profiles())}")
+    if path.suffix != ".json":
+        path = PROFILE_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown profile {name_or_path!r}; available: {', '.join(available_profiles())}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"profile {path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"profile {path}: expected a JSON object of profile fields, got {type(data).__name__}")
+    assets = str(PROFILE_DIR.parent)  # "{assets}/mini/base": weights shipped in the repo, found from any folder
+    data = {key: value.replace("{assets}", assets) if isinstance(value, str) else value for key, value in data.items()}
+    data["defaults"] = Defaults(**data.get("defaults", {}))
+    data["gate_curve"] = GateCurve.from_dict(data.get("gate_curve"))
+    fields = {f.name: f for f in dataclasses.fields(Profile)}
+    missing = [name for name, f in fields.items() if name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    unknown = sorted(set(data) - set(fields))
+    if missing or unknown:
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(unknown)}"] if unknown else [])
+        raise ValueError(f"profile {path}: " + "; ".join(problems))
+    return Profile(**data)
+
+
+def default_profile() -> str:
+    """'sd15' when CUDA is present and its weights are in the local Hugging Face cache (loading it downloads
+    nothing); else the best offline profile: 'mini' when its trained weights are in assets/mini, 'tiny' (random
+    weights) when they are not. A first download of sd15 is asked for by name (`--profile sd15`)."""
+    import torch
+
+    from flexip_core.loading.sources import profile_cached
+
+    names = available_profiles()
+    if torch.cuda.is_available() and "sd15" in names and profile_cached(load_profile("sd15")):
+        return "sd15"
+    return "mini" if "mini" in names and Path(load_profile("mini").adapter).is_file() else "tiny"
