@@ -246,7 +246,7 @@ class Bench:
 
 
 def sd15_pipeline(mode: Mode):
-    """FlexIPPipeline over random SD1.5, OpenCLIP ViT-H/14 and DINOv2-L (configs in flexip_core.loading.architectures)."""
+    """FlexIPPipeline over random SD1.5, OpenCLIP ViT-H/14 and DINOv2-L (configs: flexip_core.loading.architectures)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,

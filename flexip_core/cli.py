@@ -67,11 +67,13 @@ def output_folder(text: str) -> Path:
 
 
 def gate_values(text: str) -> tuple[float, ...]:
-    """argparse type: one γ or several, comma-separated ('0,0.5,1'), each in [0, 1]."""
-    values = comma_numbers(text)
-    if any(not 0.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"gate (gamma) values must lie in [0, 1], got {text!r}")
-    return values
+    """argparse type: one γ or several, comma-separated ('0,0.5,1'), each in [0, 1] (the one γ-list parser)."""
+    from flexip_core.generation.settings import parse_gates
+
+    try:
+        return tuple(parse_gates(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -88,21 +90,49 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="for small GPUs: model CPU offload plus VAE tiling and slicing (slower)")
 
 
-def check_before_loading(args, width: int | None, height: int | None) -> str:
-    """The profile name, once the settings in `args` (strength, steps, guidance, size, seed, scheduler) are
-    known to be usable with it: checked from the profile file, before any weights load."""
-    from flexip_core.generation.pipeline import check_settings
-    from flexip_core.generation.schedulers import SCHEDULER_NAMES
+def add_generation_flags(parser: argparse.ArgumentParser, per_image: bool = True) -> None:
+    """The Generation fields as flags, under the fields' own names (flexip_core.generation.settings); without
+    `per_image`, no --prompt, --gate and --seed (the evaluator has its own prompts, γ list and seeds)."""
+    if per_image:
+        parser.add_argument("--prompt", required=True)
+        parser.add_argument("--gate", action="append", type=gate_values,
+                            help="gamma in [0, 1]; several (comma-separated or repeated) for a same-seed sweep")
+        parser.add_argument("--seed", type=int, default=0, help="0 to 2**32-1")
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--strength", type=float, default=1.0, help="overall adapter strength in [0, 2]")
+    windows = (("pres-from", 0.0, "identity branch from"), ("pres-until", 1.0, "identity branch until"),
+               ("pers-from", 0.0, "prompt branch from"), ("pers-until", 1.0, "prompt branch until"))
+    for name, default, what in windows:
+        parser.add_argument(f"--{name}", type=float, default=default, help=f"{what} this fraction of the steps")
+    parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None)
+    parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=None)
+    parser.add_argument("--size", type=int, default=None, help="square size in pixels (multiple of 8)")
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--scheduler", default=None, help="dpmpp_2m, dpmpp_2m_karras, euler, euler_a, ddim, pndm, "
+                                                          "unipc, lcm (default: the profile's)")
+
+
+def generation_from_args(args):
+    """(profile name, Generation, γ list) from the flags, checked against the profile file before any weights
+    load (a bad --size must not wait for gigabytes to load)."""
+    from flexip_core.generation.gate import GateSchedule
+    from flexip_core.generation.settings import Generation
     from flexip_core.loading.profiles import default_profile, load_profile
 
     name = args.profile or default_profile()
     d = load_profile(name).defaults
-    check_settings(args.strength, d.num_inference_steps if args.steps is None else args.steps,
-                   d.guidance_scale if args.guidance is None else args.guidance, height or d.height, width or d.width,
-                   getattr(args, "seed", 0), d.max_side)  # evaluate has --seeds, checked there
-    if args.scheduler not in ("profile", *SCHEDULER_NAMES):
-        raise ValueError(f"scheduler {args.scheduler!r} unknown; choose one of {', '.join(SCHEDULER_NAMES)}")
-    return name
+    gates = [g for values in getattr(args, "gate", None) or [(0.5,)] for g in values]
+    steps, guidance = args.num_inference_steps, args.guidance_scale
+    generation = Generation(
+        prompt=getattr(args, "prompt", ""), negative_prompt=args.negative_prompt or "", gate=gates[0],
+        strength=args.strength, seed=getattr(args, "seed", 0),
+        num_inference_steps=d.num_inference_steps if steps is None else steps,
+        guidance_scale=d.guidance_scale if guidance is None else guidance,
+        height=args.size or args.height or d.height, width=args.size or args.width or d.width,
+        scheduler=args.scheduler or d.scheduler,
+        windows=GateSchedule(args.pres_from, args.pres_until, args.pers_from, args.pers_until))
+    return name, generation.check(d.max_side), gates
 
 
 def pipeline_from_args(args):
@@ -123,17 +153,14 @@ def _generate(args) -> int:
     for path, image in zip(args.image, images):
         if is_flat(image):
             logger.warning(flat_photo_note(Path(path).name))
-    weights = args.weight or None
-    args.profile = check_before_loading(args, args.size or args.width, args.size or args.height)
+    args.profile, generation, gates = generation_from_args(args)
     pipe = pipeline_from_args(args)
-    subject = pipe.encode_subject(images, weights)
+    subject = pipe.encode_subject(images, args.weight or None)
     for note in pipe.reference_notes(images):
         logger.warning(note)
-    gates = [g for values in args.gate or [(0.5,)] for g in values]
-    out = pipe(args.prompt, subject=subject, gate=gates, strength=args.strength,
-               negative_prompt=args.negative_prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-               height=args.size or args.height, width=args.size or args.width, seed=args.seed,
-               scheduler=args.scheduler, gate_schedule=args.identity_until)
+    out = pipe(subject=subject, gate=gates, generation=generation)
+    for note in out.warnings:
+        logger.warning(note)
     target = args.out
     for i, (image, params) in enumerate(zip(out.images, out.parameters)):
         path = target if len(out.images) == 1 else target.with_name(f"{target.stem}_{i:02d}{target.suffix}")
@@ -170,20 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(gen)
     gen.add_argument("--image", action="append", required=True, help="subject photo (repeat for several)")
     gen.add_argument("--weight", action="append", type=float, help="weight of each --image, in order")
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--gate", action="append", type=gate_values,
-                     help="gamma in [0, 1]; several (comma-separated or repeated) for a same-seed sweep")
-    gen.add_argument("--strength", type=float, default=1.0)
-    gen.add_argument("--identity-until", type=float, default=None,
-                     help="identity branch only for this fraction of the steps (0-1]")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--steps", type=int, default=None)
-    gen.add_argument("--guidance", type=float, default=None)
-    gen.add_argument("--size", type=int, default=None, help="square size in pixels (multiple of 8)")
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--scheduler", default="profile", help="dpmpp_2m, euler, euler_a, ddim, pndm, unipc, lcm")
+    add_generation_flags(gen)
     gen.add_argument("--out", type=output_file(".png"), default="out.png",
                      help="PNG to write (default out.png); a sweep writes NAME_00.png, NAME_01.png, ...")
     gen.set_defaults(func=_generate)

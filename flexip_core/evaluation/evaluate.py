@@ -1,6 +1,6 @@
 """DreamBench evaluation of the gate: CLIP-I, DINO-I and CLIP-T across gamma, with an IP-Adapter scale baseline.
 
-    python -m flexip_core.evaluation.evaluate --profile sd15 --subjects ../shared/dreambench --gates 0,0.25,0.5,0.75,1 --out eval
+    python -m flexip_core.evaluation --profile sd15 --subjects ../shared/dreambench --gates 0,0.25,0.5,0.75,1 --out eval
 
 For every subject, prompt and seed, one batched call generates the whole gamma sweep from the same noise;
 the IP-Adapter baseline sweeps its single scale s (branch weights (s, 0)) on the same seeds. Writes
@@ -17,12 +17,21 @@ import logging
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from flexip_core.cli import add_model_flags, comma_ints, comma_numbers, gate_values, output_folder, whole_number
+from flexip_core.cli import (
+    add_generation_flags,
+    add_model_flags,
+    comma_ints,
+    comma_numbers,
+    gate_values,
+    output_folder,
+    whole_number,
+)
+from flexip_core.generation.settings import Generation
 from flexip_core.training.manifest import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -101,12 +110,14 @@ class EvalSettings:
     seeds: tuple[int, ...]  # seeds shared by both sweeps
     token: str = ""  # DreamBench's unique token ({0}); encoder-based methods use none
     condition_images: int = 1  # photos of the subject the adapters see (metrics use all of them)
-    strength: float = 1.0  # FlexIP overall strength
-    num_inference_steps: int | None = None  # None: the profile's default
-    guidance_scale: float | None = None  # None: the profile's default
-    size: int | None = None  # square output side; None: the profile's default
-    scheduler: str | None = "profile"  # scheduler name, or "profile"
+    generation: Generation | None = None  # strength, steps, guidance, size, scheduler, windows (None: the profile's)
     save_images: bool = True  # write every image (PNG with its parameters) under OUT/images/
+
+
+def _profile_generation(pipe) -> Generation:
+    d = pipe.defaults
+    return Generation(num_inference_steps=d.num_inference_steps, guidance_scale=d.guidance_scale, height=d.height,
+                      width=d.width, scheduler=d.scheduler)
 
 
 def is_ip_adapter(pipe) -> bool:
@@ -125,7 +136,7 @@ def evaluate(pipe, metrics, benchmark: Benchmark, subjects: list[tuple[str, list
 
     from flexip_core.generation.images import load_reference_image
     from flexip_core.generation.metadata import save_png
-    from flexip_core.generation.pipeline import MAX_BATCH
+    from flexip_core.generation.settings import MAX_BATCH
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,9 +146,7 @@ def evaluate(pipe, metrics, benchmark: Benchmark, subjects: list[tuple[str, list
     jobs = [(name, photos, i) for name, photos in subjects
             for i in range(min(prompts_per_subject or 10**9, len(benchmark.templates_for(name))))]
     total_calls = sum(len(_chunks(sweep, MAX_BATCH)) for _, _, sweep in methods) * len(jobs) * len(settings.seeds)
-    call = dict(strength=settings.strength, num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale, height=settings.size, width=settings.size,
-                scheduler=settings.scheduler)
+    template = settings.generation or _profile_generation(pipe)
     rows, images_made, generating = [], 0, 0.0
     started = time.perf_counter()
     progress = tqdm(total=total_calls, desc="evaluate", unit="call")
@@ -159,12 +168,13 @@ def evaluate(pipe, metrics, benchmark: Benchmark, subjects: list[tuple[str, list
                 for method, method_pipe, sweep in methods:
                     for chunk in _chunks(sweep, MAX_BATCH):
                         tic = time.perf_counter()
+                        generation = replace(template, prompt=prompt, seed=seed)
                         if method == "flexip":
-                            out = method_pipe(prompt, subject=embedded[id(method_pipe)], seed=seed,
-                                              gate=[c["gate"] for c in chunk], **call)
+                            out = method_pipe(subject=embedded[id(method_pipe)], generation=generation,
+                                              gate=[c["gate"] for c in chunk])
                         else:
-                            out = method_pipe(prompt, subject=embedded[id(method_pipe)], seed=seed,
-                                              branch_weights=[(c["scale"], 0.0) for c in chunk], **call)
+                            out = method_pipe(subject=embedded[id(method_pipe)], generation=generation,
+                                              branch_weights=[(c["scale"], 0.0) for c in chunk])
                         generating += time.perf_counter() - tic
                         images_made += len(out.images)
                         scores = metrics.score(out.images, references, scored_prompt)
@@ -279,7 +289,7 @@ def plot_tradeoff(summary: list[dict], path: Path) -> Path:
 
 # --- command line ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m flexip_core.evaluation.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m flexip_core.evaluation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(parser)
     parser.add_argument("--subjects", required=True,
@@ -296,11 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default="", help="DreamBench's unique token for {0} in the prompts (default none)")
     parser.add_argument("--condition-images", type=whole_number(1), default=1,
                         help="subject photos given to the adapters")
-    parser.add_argument("--strength", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
-    parser.add_argument("--size", type=int, default=None, help="square output side in pixels")
-    parser.add_argument("--scheduler", default="profile")
+    add_generation_flags(parser, per_image=False)
     parser.add_argument("--baseline", default="auto",
                         help="'auto' (the profile itself when its preservation branch is an IP-Adapter), 'none', "
                              "or a profile whose preservation branch is an IP-Adapter")
@@ -343,13 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        from flexip_core.cli import check_before_loading, pipeline_from_args
+        from flexip_core.cli import generation_from_args, pipeline_from_args
         from flexip_core.evaluation.metrics import MetricConfig, MetricModels
         from flexip_core.loading.profiles import load_profile
 
         if any(seed < 0 for seed in args.seeds):
             raise ValueError(f"--seeds must be 0 or more, got {','.join(map(str, args.seeds))}")
-        args.profile = check_before_loading(args, args.size, args.size)
+        args.profile, generation, _ = generation_from_args(args)
         if args.baseline not in ("auto", "none"):
             load_profile(args.baseline)  # an unknown baseline profile is named now, not after the evaluation
         benchmark = read_prompts(args.prompts or Path(args.subjects) / "prompts_and_classes.txt")
@@ -364,10 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics_config = MetricConfig(clip=args.clip_metric or defaults.clip, dino=args.dino_metric or defaults.dino)
         pipe = pipeline_from_args(args)
         metrics = MetricModels.load(metrics_config, device=pipe.device)
+        for seed in args.seeds:
+            replace(generation, seed=seed).check()
         settings = EvalSettings(gates=args.gates, baseline_scales=args.baseline_scales or args.gates, seeds=args.seeds,
-                                token=args.token, condition_images=args.condition_images, strength=args.strength,
-                                num_inference_steps=args.steps, guidance_scale=args.guidance, size=args.size,
-                                scheduler=args.scheduler, save_images=not args.no_images)
+                                token=args.token, condition_images=args.condition_images, generation=generation,
+                                save_images=not args.no_images)
         evaluate(pipe, metrics, benchmark, subjects, args.max_prompts, settings, args.out, _baseline(args, pipe))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

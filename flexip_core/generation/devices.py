@@ -79,20 +79,22 @@ class LowVRAM:
         raise ValueError(f"low_vram must be True, False or a LowVRAM(...), got {value!r}")
 
 
-def apply_low_vram(options: LowVRAM | None, models: list, vae, device: torch.device) -> list:
-    """Switch on VAE tiling/slicing and chain CPU-offload hooks over `models` (in the order they run)."""
+def apply_low_vram(options: LowVRAM | None, pipe, encoders: list, device: torch.device) -> list:
+    """Switch on the pipeline's VAE tiling/slicing and diffusers' model CPU offload, and chain accelerate's offload
+    hooks over FlexIP's own image encoders (not pipeline components); returns those hooks."""
     if options is None:
         return []
     if options.vae_tiling:
-        vae.enable_tiling()
+        pipe.vae.enable_tiling()
     if options.vae_slicing:
-        vae.enable_slicing()
+        pipe.vae.enable_slicing()
     if not options.cpu_offload:
         return []
     if device.type != "cuda":
         logger.info("model CPU offload only saves GPU memory on CUDA; skipped on %s", device)
         return []
-    return offload_chain(models, device)
+    pipe.enable_model_cpu_offload(device=device)
+    return offload_chain(encoders, device)
 
 
 def offload_chain(models: list, device: torch.device) -> list:

@@ -52,18 +52,32 @@ class GateCurve:
 
 @dataclass(frozen=True)
 class GateSchedule:
-    """Which fraction of the denoising steps each branch is active for (identity-only-early, etc.)."""
+    """The window of the denoising steps in which each branch acts, as fractions of the steps run: identity early
+    (`pres_until` < 1), identity late (`pres_from` > 0, PhotoMaker-style), or any window per branch."""
 
-    pres_until: float = 1.0  # preservation active for steps with progress < pres_until
-    pers_from: float = 0.0  # personalization active for steps with progress >= pers_from
+    pres_from: float = 0.0  # preservation acts on steps with progress >= pres_from ...
+    pres_until: float = 1.0  # ... and progress < pres_until
+    pers_from: float = 0.0  # personalization acts on steps with progress >= pers_from ...
+    pers_until: float = 1.0  # ... and progress < pers_until
 
     def __post_init__(self):
-        check_unit(self.pres_until, "gate_schedule pres_until")
-        check_unit(self.pers_from, "gate_schedule pers_from")
+        for name in ("pres_from", "pres_until", "pers_from", "pers_until"):
+            check_unit(getattr(self, name), name)
+        for branch in ("pres", "pers"):
+            start, end = getattr(self, f"{branch}_from"), getattr(self, f"{branch}_until")
+            if start >= end:
+                raise ValueError(f"{branch}_from ({start:g}) must be below {branch}_until ({end:g}); to turn a branch "
+                                 "off, set its weight to 0")
+
+    @property
+    def is_default(self) -> bool:
+        return self == GateSchedule()
 
     def factors(self, step: int, total: int) -> tuple[float, float]:
+        """(preservation on, personalization on) for step `step` of `total`; step 0 never depends on `total`."""
         progress = step / total
-        return float(progress < self.pres_until), float(progress >= self.pers_from)
+        return (float(self.pres_from <= progress < self.pres_until),
+                float(self.pers_from <= progress < self.pers_until))
 
 
 def as_schedule(value) -> GateSchedule | None:

@@ -15,13 +15,17 @@ FIELDS = (
     ("size", "Size"),
     ("gate", "FlexIP gate"),
     ("strength", "FlexIP strength"),
-    ("gate_schedule", "FlexIP identity until"),
+    ("pres_window", "FlexIP identity window"),
+    ("pers_window", "FlexIP prompt window"),
+    ("task", "FlexIP task"),
     ("profile", "Model"),
     ("base", "Base"),
     ("adapter", "Adapter"),
 )
 INT_FIELDS = {"num_inference_steps", "seed"}
-FLOAT_FIELDS = {"guidance_scale", "gate", "strength", "gate_schedule"}
+FLOAT_FIELDS = {"guidance_scale", "gate", "strength"}
+TASK_INPUT = "FlexIP input "  # label prefix of a task input ("FlexIP input strength: 0.6")
+LEGACY = {"FlexIP identity until": "pres_until"}  # labels of files written by earlier versions
 
 
 def format_parameters(params: dict) -> str:
@@ -30,8 +34,15 @@ def format_parameters(params: dict) -> str:
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     values = dict(params)
-    if "width" in values and "height" in values:
+    if values.get("width") is not None and values.get("height") is not None:
         values["size"] = f"{values['width']}x{values['height']}"
+    for branch, start, end in (("pres", "pres_from", "pres_until"), ("pers", "pers_from", "pers_until")):
+        if (values.get(start), values.get(end)) not in ((None, None), (0.0, 1.0)):
+            values[f"{branch}_window"] = f"{values.get(start) or 0:g}-{values.get(end, 1.0):g}"
+    if values.get("task") == "text-to-image":
+        values.pop("task")
+    if values.get("scheduler") is None and "scheduler" in values:
+        values["scheduler"] = "default"
     parts = []
     for key, label in FIELDS:
         value = values.get(key)
@@ -39,6 +50,8 @@ def format_parameters(params: dict) -> str:
             continue
         text = str(value).replace(",", " ").replace("\n", " ")
         parts.append(f"{label}: {text}")
+    for name, value in sorted((params.get("task_inputs") or {}).items()):
+        parts.append(f"{TASK_INPUT}{name}: {str(value).replace(',', ' ')}")
     lines.append(", ".join(parts))
     return "\n".join(lines)
 
@@ -53,7 +66,7 @@ def parse_parameters(text: str) -> dict:
     params["prompt"] = "\n".join(prompt)
     if negative:
         params["negative_prompt"] = negative[0][len("Negative prompt: "):]
-    labels = {label: key for key, label in FIELDS}
+    labels = {label: key for key, label in FIELDS} | LEGACY
     for part in re.split(r",\s*(?=[A-Za-z][\w ]*: )", settings):
         if ": " not in part:
             continue
@@ -62,6 +75,15 @@ def parse_parameters(text: str) -> dict:
         if key == "size":
             width, _, height = value.partition("x")
             params["width"], params["height"] = int(width), int(height)
+        elif key in ("pres_window", "pers_window"):
+            start, _, end = value.partition("-")
+            branch = key.split("_")[0]
+            params[f"{branch}_from"], params[f"{branch}_until"] = float(start), float(end)
+        elif key == "pres_until":
+            params[key] = float(value)
+        elif label.startswith(TASK_INPUT):
+            text = value.strip()
+            params.setdefault("task_inputs", {})[label[len(TASK_INPUT):]] = _number_or_text(text)
         elif key in INT_FIELDS:
             params[key] = int(value)
         elif key in FLOAT_FIELDS:
@@ -69,6 +91,24 @@ def parse_parameters(text: str) -> dict:
         else:
             params[key] = value.strip()
     return params
+
+
+def _number_or_text(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_generation(image: Image.Image):
+    """The Generation (and the whole parameters dict) an opened PNG was made with, or None when it carries no
+    FlexIP settings; ValueError when its settings cannot be read. The one reader of PNG `parameters`."""
+    from flexip_core.generation.settings import Generation
+
+    params = read_png_parameters(image)
+    if params is None:
+        return None
+    return Generation.from_parameters(params), params
 
 
 def save_png(image: Image.Image, path: str | Path, params: dict) -> Path:

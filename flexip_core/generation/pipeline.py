@@ -1,49 +1,46 @@
-"""FlexIPPipeline: Stable Diffusion 1.5 with FlexIP's gated preservation and personalization adapters."""
+"""FlexIPPipeline: FlexIP's gated preservation and personalization adapters (arXiv 2504.07405) attached to a
+diffusers pipeline of the Stable Diffusion 1.5 family.
+
+diffusers runs the task (text-to-image, image-to-image, inpainting, ControlNet) in the pipeline's own
+`__call__`; FlexIP adds what is its own, the way diffusers' IP-Adapter support does: gated cross-attention
+processors, branch tokens passed through `cross_attention_kwargs`, and the per-step gate through
+`callback_on_step_end`.
+"""
 from __future__ import annotations
 
 import inspect
 import logging
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from flexip_core.generation.adapters import FlexIPAdapter, ImageFeatures
 from flexip_core.generation.attention import BranchInputs, install_processors, pick_backend
 from flexip_core.generation.devices import LowVRAM, SafeVaeDecoder, apply_low_vram, reports_out_of_memory
 from flexip_core.generation.encoders import SubjectEmbedding, SubjectEncoder
-from flexip_core.generation.gate import GateSchedule, as_schedule, check_unit
+from flexip_core.generation.gate import GateCurve, GateSchedule, as_schedule, check_unit
 from flexip_core.generation.preview import latents_to_previews
-from flexip_core.generation.schedulers import make_scheduler
-from flexip_core.loading.profiles import Defaults, Profile
+from flexip_core.generation.schedulers import make_scheduler, scheduler_name
+from flexip_core.generation.settings import MAX_BATCH, Generation
+from flexip_core.loading.profiles import Defaults, Profile, load_world
 
 logger = logging.getLogger(__name__)
 
-MAX_BATCH = 16  # most images (gate values) in one call
-MAX_STEPS = 500  # more denoising steps than this is refused as absurd
-MAX_SEED = 2**63 - 1
-
-
-def check_settings(strength, num_inference_steps, guidance_scale, height, width, seed, max_side: int) -> None:
-    """The numbers of a generation, checked without any model: the pipeline checks every call with it, and the
-    command lines before they load weights (a bad --size must not wait for gigabytes to load)."""
-    check_unit(strength, "strength", high=2.0)
-    if not isinstance(num_inference_steps, (int, np.integer)) or not 1 <= num_inference_steps <= MAX_STEPS:
-        raise ValueError(f"num_inference_steps must be a whole number from 1 to {MAX_STEPS}, "
-                         f"got {num_inference_steps!r}")
-    if (not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale)
-            or not 0 <= guidance_scale <= 50):
-        raise ValueError(f"guidance_scale must be a number from 0 to 50, got {guidance_scale!r}")
-    for label, side in (("height", height), ("width", width)):
-        if not isinstance(side, (int, np.integer)) or side % 8 or not 64 <= side <= max_side:
-            raise ValueError(f"{label} must be a multiple of 8 from 64 to {max_side}, got {side!r}")
-    if not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be a whole number from 0 to 2**63-1, got {seed!r}")
+# The diffusers pipelines FlexIP attaches to, by class name, and the task each one is.
+TASKS = {
+    "StableDiffusionPipeline": "text-to-image",
+    "StableDiffusionImg2ImgPipeline": "image-to-image",
+    "StableDiffusionInpaintPipeline": "inpainting",
+    "StableDiffusionControlNetPipeline": "controlnet",
+}
+# What FlexIP itself passes to the wrapped pipeline: set through FlexIP's own arguments, not pipeline_kwargs.
+OWN_ARGUMENTS = ("prompt", "prompt_embeds", "negative_prompt", "negative_prompt_embeds", "num_inference_steps",
+                 "guidance_scale", "generator", "num_images_per_prompt", "output_type", "callback_on_step_end",
+                 "callback_on_step_end_tensor_inputs", "ip_adapter_image", "ip_adapter_image_embeds", "height",
+                 "width", "return_dict")
 
 
 class GenerationCancelled(Exception):
@@ -53,86 +50,128 @@ class GenerationCancelled(Exception):
 @dataclass
 class FlexIPOutput:
     images: list[Image.Image]  # one per gate value (or branch-weight pair)
-    parameters: list[dict]  # settings used for each image (what the PNG `parameters` chunk records)
+    parameters: list[dict]  # per image: its Generation's parameters plus the model and branch weights used
     arrays: np.ndarray | None = None  # (N, H, W, 3) floats in [0, 1] when output_type="np"
     warnings: list[str] = field(default_factory=list)  # non-fatal notes, e.g. a truncated prompt
     kv_projections: int = 0  # key/value projections computed during the run (cached ones are not recounted)
+    generations: list[Generation] = field(default_factory=list)  # per image: the settings that made it
+
+
+def task_of(pipe) -> str:
+    """The task of a supported diffusers pipeline (its class or a subclass), or a ValueError naming those."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in TASKS:
+            return TASKS[cls.__name__]
+    raise ValueError(f"FlexIP attaches to {', '.join(TASKS)} (Stable Diffusion 1.5 family); got "
+                     f"{type(pipe).__name__}")
 
 
 class FlexIPPipeline:
-    """Components of a SD1.5 pipeline, the subject encoder and the FlexIP adapter; one __call__."""
+    """A diffusers SD1.5-family pipeline with FlexIP attached: its subject encoder, adapter and gate."""
 
-    def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler, encoder: SubjectEncoder,
-                 adapter: FlexIPAdapter, profile: Profile, device: torch.device, dtype: torch.dtype,
-                 attention: str | None = None, low_vram: LowVRAM | bool | None = None):
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.scheduler_config = {"_class_name": type(scheduler).__name__, **scheduler.config}  # also when built in code
-        self.encoder, self.adapter, self.profile = encoder, adapter, profile
-        self.device, self.dtype = torch.device(device), dtype
+    def __init__(self, pipe, *, encoder: SubjectEncoder, adapter: FlexIPAdapter, profile: Profile | None = None,
+                 gate_curve: GateCurve | None = None, attention: str | None = None,
+                 low_vram: LowVRAM | bool | None = None, device=None):
+        self.task = task_of(pipe)
+        self.pipe, self.encoder, self.adapter, self.profile = pipe, encoder, adapter, profile
+        self.gate_curve = gate_curve or (profile.gate_curve if profile else GateCurve())
+        self.world = load_world(profile.world) if profile and profile.world else None  # e.g. the toy world
+        self.device = torch.device(device) if device is not None else pipe._execution_device
+        self.dtype = pipe.unet.dtype
         self.backend = pick_backend(attention, self.device)
         self.low_vram = LowVRAM.parse(low_vram)
-        offload = self.low_vram is not None and self.low_vram.cpu_offload and self.device.type == "cuda"
-        for module in (unet, vae, text_encoder, adapter):
-            place = "cpu" if offload and module is not adapter else self.device  # offloaded models start on the CPU
-            same_dtype = next(module.parameters()).dtype == self.dtype
-            module.to(place) if same_dtype else module.to(place, self.dtype)
-            module.eval().requires_grad_(False)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-        install_processors(unet, adapter, self.backend)
-        models = [encoder.clip, encoder.dino, text_encoder, unet, vae]  # in the order they run
-        self.offload_hooks = apply_low_vram(self.low_vram, models, vae, self.device)
-        self.vae_decoder = SafeVaeDecoder(vae, self.device)  # fp16 VAE kept from NaN/black images
+        adapter.to(self.device, self.dtype).eval().requires_grad_(False)  # small: stays on the device
+        self._own_processors = dict(pipe.unet.attn_processors)  # restored by detach()
+        install_processors(pipe.unet, adapter, self.backend)
+        self.offload_hooks = apply_low_vram(self.low_vram, pipe, [encoder.clip, encoder.dino], self.device)
+        self.vae_decoder = SafeVaeDecoder(pipe.vae, self.device)  # fp16 VAE kept from NaN/black images
 
-    @property
-    def defaults(self) -> Defaults:
-        return self.profile.defaults
+    # --- building ------------------------------------------------------------------------------------
+    @classmethod
+    def attach(cls, pipe, *, adapter=None, preservation=None, personalization=None, clip_encoder, dino_encoder=None,
+               gate_curve=None, attention: str | None = None) -> FlexIPPipeline:
+        """Attach FlexIP to a diffusers pipeline object; the denoising then runs in that pipeline's `__call__`.
+
+        Args:
+            pipe: a `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`
+                (9- or 4-channel UNet) or `StableDiffusionControlNetPipeline` (one or several ControlNets).
+            adapter: a native FlexIP adapter (file, Hub 'repo:file', or a FlexIPAdapter) holding both branches.
+            preservation, personalization: IP-Adapter files (or native sources) for each branch, when no `adapter`.
+            clip_encoder: the CLIP vision tower (folder, Hub 'repo[:subfolder]', or a loaded
+                `CLIPVisionModelWithProjection`); the IP-Adapter SD1.5 files need OpenCLIP ViT-H/14.
+            dino_encoder: DINOv2 (same forms), needed only by FlexIP-trained preservation adapters.
+            gate_curve: γ -> branch weights (a `GateCurve` or its dict); default w_pres = s·γ, w_pers = s·(1-γ).
+            attention: "sdpa", "xformers" or None/"auto" (xformers on CUDA when it runs there).
+        """
+        from flexip_core.loading.assembly import load_adapter_for_unet, load_subject_encoder
+
+        task_of(pipe)
+        dtype, device = pipe.unet.dtype, pipe._execution_device
+        flexip = load_adapter_for_unet(pipe.unet, adapter=adapter, preservation=preservation,
+                                       personalization=personalization)
+        encoder = load_subject_encoder(flexip, clip_encoder, dino_encoder, dtype, device)
+        curve = gate_curve if isinstance(gate_curve, GateCurve) or gate_curve is None else GateCurve.from_dict(
+            gate_curve)
+        return cls(pipe, encoder=encoder, adapter=flexip, gate_curve=curve, attention=attention)
 
     @classmethod
     def from_profile(cls, name: str = "tiny", *, device=None, dtype=None, attention: str | None = None,
                      low_vram: LowVRAM | bool | None = None, **overrides) -> FlexIPPipeline:
-        """Load a profile by name or path; keyword overrides replace its parts (base=, adapter=, ...)."""
+        """Build the profile's diffusers pipeline and attach FlexIP to it.
+
+        Args:
+            name: a profile name (assets/profiles/NAME.json) or a profile .json path.
+            device, dtype: where and in what precision to run ("auto": CUDA fp16, else CPU fp32).
+            attention: "sdpa", "xformers" or None/"auto".
+            low_vram: True for diffusers' model CPU offload plus VAE slicing and tiling (or a LowVRAM).
+            **overrides: profile fields replaced for this load (base=, adapter=, preservation=, pipeline=, ...).
+        """
         from flexip_core.loading.assembly import assemble
 
         return assemble(cls, name, device=device, dtype=dtype, attention=attention, low_vram=low_vram, **overrides)
 
-    # --- subject -------------------------------------------------------------------------------
+    def detach(self):
+        """Give the pipeline back its own attention processors; returns it (this object is then unusable)."""
+        self.pipe.unet.set_attn_processor(self._own_processors)
+        for hook in self.offload_hooks:
+            hook.remove()
+        return self.pipe
+
+    @property
+    def defaults(self) -> Defaults:
+        return self.profile.defaults if self.profile else Defaults(scheduler=None)
+
+    # --- subject -------------------------------------------------------------------------------------
     @reports_out_of_memory("encode the subject photos")
     def encode_subject(self, images: list[Image.Image], weights: list[float] | None = None) -> SubjectEmbedding:
-        """Encode the subject's photos once (cached by content) and combine them."""
+        """Encode the subject's photos once (cached by content) and combine them.
+
+        Args:
+            images: one or more photos of one subject (PIL images).
+            weights: one non-negative weight per photo (None: equal weights).
+        """
         return self.encoder.encode_subject(images, weights)
 
     def identity_score(self, images: list[Image.Image], subject: SubjectEmbedding,
                        references: list[Image.Image] | None = None) -> list[float | None]:
-        """Each image's identity score by the profile's identity_metric: the cosine similarity of its CLIP embedding
-        to the subject's, or ("toyworld", given the reference photos) the oracle's share of the first reference's
-        identity attributes found in it (None where the oracle finds no toy in the reference)."""
-        if self.profile.identity_metric == "toyworld" and references:
-            from toyworld.oracle import identity_kept
-
-            return identity_kept(images, references[0])
+        """Each image's identity score: the cosine of its CLIP embedding with the subject's, or the profile's world's
+        own metric (the toy world's oracle) given the reference photos."""
+        if self.world is not None and references:
+            return self.world.identity_scores(images, references)
         embeds = self.encoder.image_embeds(images)  # (B, E)
         reference = subject.features.clip_embeds  # (1, E)
         return torch.nn.functional.cosine_similarity(embeds, reference).tolist()
 
+    @property
+    def identity_metric(self) -> str:
+        return self.world.IDENTITY_METRIC if self.world is not None else "clip"
+
     def reference_notes(self, references: list[Image.Image]) -> list[str]:
-        """Warnings about the subject photos for this model: on a toy-world model (identity_metric 'toyworld'),
-        that the first photo is not one of its toys (it has no identity score then)."""
-        if self.profile.identity_metric != "toyworld" or not references:
-            return []
-        from toyworld.oracle import NOT_A_TOY, read_toy
+        """Warnings about the subject photos for this model (the toy world: a photo that is not one of its toys)."""
+        return self.world.reference_notes(references) if self.world is not None and references else []
 
-        return [NOT_A_TOY] if read_toy(references[0]) is None else []
-
-    # --- inputs ----------------------------------------------------------------------------------
-    def check_inputs(self, prompt, subject, strength, num_inference_steps, guidance_scale, height, width, seed):
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        if not isinstance(subject, SubjectEmbedding):
-            raise ValueError("no subject: call pipe.encode_subject([photos]) and pass its result as subject=")
-        check_settings(strength, num_inference_steps, guidance_scale, height, width, seed, self.defaults.max_side)
-
-    def branch_weights_for(self, gate, strength, branch_weights) -> list[tuple[float, float]]:
+    # --- inputs --------------------------------------------------------------------------------------
+    def branch_weights_for(self, gates: list[float], strength, branch_weights) -> list[tuple[float, float]]:
         """Per-image (w_pres, w_pers) from the gate curve, or taken as given."""
         if branch_weights is not None:
             pairs = [branch_weights] if isinstance(branch_weights[0], (int, float)) else list(branch_weights)
@@ -143,42 +182,46 @@ class FlexIPPipeline:
                     check_unit(w, "branch weight", high=2.0)
             weights = [(float(a), float(b)) for a, b in pairs]
         else:
-            gates = gate if isinstance(gate, (list, tuple, np.ndarray)) else [gate]
-            weights = [self.profile.gate_curve.weights(g, strength) for g in gates]
+            weights = [self.gate_curve.weights(g, strength) for g in gates]
         if not 1 <= len(weights) <= MAX_BATCH:
             raise ValueError(f"give from 1 to {MAX_BATCH} gate values per call, got {len(weights)}")
         return weights
 
     def model_text(self, text: str, what: str, warnings: list[str]) -> str:
-        """The text as the text encoder gets it: whole, except for a toy-world model (identity_metric 'toyworld'),
-        which gets only the words its captions used (any other word, never trained, makes it draw noise) with a
-        warning naming those left out."""
-        if self.profile.identity_metric != "toyworld":
+        """The text as the text encoder gets it: whole, unless the profile's world filters it (the toy world keeps
+        only the words its captions used, with a warning naming those left out)."""
+        if self.world is None:
             return text
-        from toyworld.world import known_words, unknown_words_note
+        kept, note = self.world.model_text(text, what)
+        if note:
+            logger.warning(note)
+            warnings.append(note)
+        return kept
 
-        note = unknown_words_note(text, what)
-        if note is None:
-            return text
-        logger.warning(note)
-        warnings.append(note)
-        return known_words(text)
-
-    @torch.no_grad()
-    def encode_prompt(self, prompt: str, warnings: list[str]) -> torch.Tensor:
-        """(1, 77, C) text-encoder hidden states; over-long prompts are truncated with a warning."""
-        limit = self.tokenizer.model_max_length
-        full = self.tokenizer(prompt, truncation=False, verbose=False).input_ids  # verbose: transformers' own warning
-        if len(full) > limit:
-            message = f"prompt is {len(full)} tokens; the text encoder takes {limit}, so the end was cut off"
+    def _truncation_note(self, prompt: str, warnings: list[str]) -> None:
+        tokenizer = self.pipe.tokenizer
+        length = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+        if length > tokenizer.model_max_length:
+            message = (f"prompt is {length} tokens; the text encoder takes {tokenizer.model_max_length}, so the end "
+                       "was cut off")
             logger.warning(message)
             warnings.append(message)
-        ids = self.tokenizer(prompt, padding="max_length", max_length=limit, truncation=True,
-                             return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+
+    def _check_pipeline_kwargs(self, pipeline_kwargs: dict) -> dict:
+        if not isinstance(pipeline_kwargs, dict):
+            raise ValueError(f"pipeline_kwargs must be a dict, got {type(pipeline_kwargs).__name__}")
+        taken = sorted(set(pipeline_kwargs) & set(OWN_ARGUMENTS))
+        if taken:
+            raise ValueError(f"pipeline_kwargs may not set {', '.join(taken)}: FlexIP passes those itself (give them "
+                             "as FlexIP's own arguments)")
+        accepted = inspect.signature(self.pipe.__call__).parameters
+        unknown = sorted(set(pipeline_kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"{type(self.pipe).__name__} takes no {', '.join(unknown)}")
+        return pipeline_kwargs
 
     def _branch_tokens(self, provider, features: ImageFeatures, uncond: ImageFeatures, text, neg_text, n, cfg):
-        """(2N or N, tokens, C) for one branch: unconditional rows first when CFG is on."""
+        """(2N or N, tokens, C) for one branch: unconditional rows first when CFG is on (diffusers' order)."""
         to_device = lambda f: f.map(lambda t: t.to(self.device, self.dtype))
         cond = provider(to_device(features), text)  # (1, T, C)
         rows = [cond.expand(n, -1, -1)]
@@ -186,99 +229,180 @@ class FlexIPPipeline:
             rows.insert(0, provider(to_device(uncond), neg_text).expand(n, -1, -1))
         return torch.cat(rows)
 
-    # --- generation ------------------------------------------------------------------------------
+    # --- generation ----------------------------------------------------------------------------------
     @reports_out_of_memory("generate these images")
     @torch.no_grad()
-    def __call__(self, prompt: str, subject: SubjectEmbedding | None = None, gate=0.5, strength: float = 1.0,
+    def __call__(self, prompt: str = "", subject: SubjectEmbedding | None = None, gate=0.5, strength: float = 1.0,
                  negative_prompt: str | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
-                 seed: int = 0, scheduler: str | None = "profile", callback=None, gate_schedule=None,
-                 branch_weights=None, output_type: str = "pil") -> FlexIPOutput:
-        d = self.defaults
-        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
-        guidance = d.guidance_scale if guidance_scale is None else guidance_scale
-        height, width = height or d.height, width or d.width
-        scheduler_name = d.scheduler if scheduler == "profile" else scheduler
-        # 1. Check inputs
-        self.check_inputs(prompt, subject, strength, steps, guidance, height, width, seed)
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
+                 seed: int = 0, scheduler: str | None = None, callback=None, gate_schedule=None,
+                 branch_weights=None, output_type: str = "pil", pipeline_kwargs: dict | None = None,
+                 generation: Generation | None = None) -> FlexIPOutput:
+        """Generate one image per γ (a same-seed sweep in one batched call) through the wrapped pipeline.
+
+        Args:
+            prompt: what to make of the subject.
+            subject: `encode_subject(photos)`'s result.
+            gate: γ in [0, 1] (1 keeps identity, 0 follows the prompt), or a list of them: one image each.
+            strength: overall adapter strength s in [0, 2], scaling both branch weights.
+            negative_prompt: what to steer away from.
+            num_inference_steps, guidance_scale: as in diffusers (the profile's defaults when None).
+            height, width: output size in pixels, for the tasks that take one (not image-to-image); default: the
+                profile's for text-to-image, the input image's otherwise.
+            seed: 0 to 2**32-1; every image of a sweep starts from the same noise.
+            scheduler: a scheduler name for this call (flexip_core.generation.schedulers); None keeps the pipeline's.
+            callback: `callback(step, total, previews)` after every step; raising GenerationCancelled in it stops.
+            gate_schedule: the steps each branch acts in: a GateSchedule, or f = identity in the first f only.
+            branch_weights: (w_pres, w_pers), or one pair per image, instead of the gate curve.
+            output_type: "pil" or "np" (also fills `arrays`).
+            pipeline_kwargs: passed unchanged to the wrapped pipeline (`image=`, `mask_image=`, `strength=` of
+                image-to-image, `controlnet_conditioning_scale=`, ...).
+            generation: a `Generation` giving all the settings at once (its gate is used unless `gate` is a list).
+        """
+        pipeline_kwargs = self._check_pipeline_kwargs(dict(pipeline_kwargs or {}))
+        # 1. One Generation value, checked once
+        gates = list(gate) if isinstance(gate, (list, tuple, np.ndarray)) else [gate]
+        if generation is None:
+            generation = self._generation(prompt, negative_prompt, gates[0], strength, seed, num_inference_steps,
+                                          guidance_scale, height, width, scheduler, gate_schedule, pipeline_kwargs)
+        elif isinstance(gate, (list, tuple, np.ndarray)):
+            generation = generation.at(gates[0])
+        else:
+            gates = [generation.gate]
+        max_side = self.defaults.max_side
+        generation.check(max_side)
+        for g in gates:
+            check_unit(g, "gate (γ)")
+        if not isinstance(subject, SubjectEmbedding):
+            raise ValueError("no subject: call encode_subject([photos]) and pass its result as subject=")
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
-        weights = self.branch_weights_for(gate, strength, branch_weights)
-        schedule = as_schedule(gate_schedule) or GateSchedule()
-        sched = make_scheduler(scheduler_name, self.scheduler_config)
-        n, cfg, warnings = len(weights), guidance > 1.0, []
+        weights = self.branch_weights_for(gates, generation.strength, branch_weights)
+        n, warnings = len(weights), []
+        cfg = generation.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None  # diffusers' rule
 
-        # 2. Encode the prompt
-        text = self.encode_prompt(self.model_text(prompt, "prompt", warnings), warnings)  # (1, 77, C)
-        negative = self.model_text(negative_prompt or "", "negative prompt", warnings)
-        neg_text = self.encode_prompt(negative, warnings) if cfg else None
-        rows = [text.expand(n, -1, -1)] + ([neg_text.expand(n, -1, -1)] if cfg else [])
-        encoder_hidden_states = torch.cat(rows[::-1])  # (2N, 77, C): unconditional rows first
+        # 2. Encode the prompt once (diffusers' own encode_prompt: LoRA scale, clip_skip, textual inversion)
+        text_prompt = self.model_text(generation.prompt, "prompt", warnings)
+        self._truncation_note(text_prompt, warnings)
+        negative = self.model_text(generation.negative_prompt, "negative prompt", warnings) if cfg else ""
+        text, neg_text = self.pipe.encode_prompt(text_prompt, self.device, 1, cfg, negative,
+                                                 clip_skip=pipeline_kwargs.pop("clip_skip", None))  # (1, 77, C)
 
-        # 3. Prepare timesteps (some schedulers, e.g. PNDM, run more model calls than steps)
-        sched.set_timesteps(steps, device=self.device)
-        total = len(sched.timesteps)
-
-        # 4. Branch weights per image and model call, and the branch tokens (computed once, only if used)
-        per_step = np.array([[schedule.factors(i, total) for i in range(total)]] * n)  # (N, total, 2)
-        w = np.array(weights)[:, None, :] * per_step  # (N, total, 2)
+        # 3. Branch tokens (computed once per generation, only for branches that act) and the step gate
+        gate_steps = _StepGate(np.array(weights), generation.windows, cfg, self.device, self.dtype)
         pres = pers = None
-        if w[..., 0].any():
+        if gate_steps.ever_on(0):
             pres = self._branch_tokens(self.adapter.preservation, subject.features, subject.uncond, text, neg_text,
                                        n, cfg)
-        if w[..., 1].any():
-            pers = self._branch_tokens(self.adapter.personalization, subject.features, subject.uncond, text, neg_text,
-                                       n, cfg)
-        cache, kv_calls = {}, [0]
+        if gate_steps.ever_on(1):
+            pers = self._branch_tokens(self.adapter.personalization, subject.features, subject.uncond, text,
+                                       neg_text, n, cfg)
+        inputs = BranchInputs(pres, pers, *gate_steps.at(0, 1))
 
-        # 5. Prepare latents: one draw from the seed, shared by every image (a same-seed sweep)
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for _ in range(n)]
-        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=text.dtype)
-        latents = latents * sched.init_noise_sigma
-        step_kwargs = {"generator": generators} if "generator" in inspect.signature(sched.step).parameters else {}
+        # 4. Run the wrapped pipeline: its own timesteps, latents, guidance and scheduler steps
+        cancelled: list[GenerationCancelled] = []
 
-        # 6. Denoising loop
-        for i, t in enumerate(sched.timesteps):
-            w_step = torch.tensor(w[:, i, :], device=self.device, dtype=self.dtype)  # (N, 2)
-            w_step = torch.cat([w_step, w_step]) if cfg else w_step  # (2N or N, 2)
-            inputs = BranchInputs(pres, pers, w_step[:, 0], w_step[:, 1], bool(w[:, i, 0].any()),
-                                  bool(w[:, i, 1].any()), cache, kv_calls)
-            model_in = torch.cat([latents, latents]) if cfg else latents
-            model_in = sched.scale_model_input(model_in, t)
-            noise = self.unet(model_in, t, encoder_hidden_states=encoder_hidden_states,
-                              cross_attention_kwargs={"flexip": inputs}, return_dict=False)[0]
-            if cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance * (cond - uncond)
-            latents = sched.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
-            if callback is not None:
-                callback(i + 1, total, latents_to_previews(latents))
+        def on_step_end(pipe, i, t, tensors):
+            total = pipe.num_timesteps
+            if i + 1 < total:
+                inputs.w_pres, inputs.w_pers, inputs.pres_on, inputs.pers_on = gate_steps.at(i + 1, total)
+            if callback is not None and not cancelled:
+                try:
+                    callback(i + 1, total, latents_to_previews(tensors["latents"]))
+                except GenerationCancelled as stop:
+                    cancelled.append(stop)
+                    pipe._interrupt = True  # diffusers skips the remaining steps
+            return {}
 
-        # 7. Decode
-        decoded = self.vae_decoder(latents)
-        arrays = self.image_processor.postprocess(decoded, output_type="np")  # (N, H, W, 3)
-        params = self._parameters(prompt, negative_prompt, gate, weights, branch_weights, strength, seed, steps,
-                                  guidance, height, width, scheduler_name, gate_schedule)
-        images = self.image_processor.numpy_to_pil(arrays)
-        return FlexIPOutput(images, params, arrays if output_type == "np" else None, warnings, kv_calls[0])
+        size = {} if self.task == "image-to-image" else {"height": generation.height, "width": generation.width}
+        decode_in_pipe = "padding_mask_crop" in pipeline_kwargs  # diffusers pastes the crop back after decoding
+        attention_kwargs = {**(pipeline_kwargs.pop("cross_attention_kwargs", None) or {}), "flexip": inputs}
+        negative_rows = neg_text.expand(n, -1, -1) if cfg else None
+        own_scheduler = self.pipe.scheduler
+        if generation.scheduler is not None:
+            self.pipe.scheduler = make_scheduler(generation.scheduler, _scheduler_config(own_scheduler))
+        try:
+            result = self.pipe(
+                prompt_embeds=text.expand(n, -1, -1), negative_prompt_embeds=negative_rows,
+                num_inference_steps=generation.num_inference_steps, guidance_scale=generation.guidance_scale,
+                generator=[torch.Generator("cpu").manual_seed(generation.seed) for _ in range(n)],
+                output_type="np" if decode_in_pipe else "latent", return_dict=False,
+                cross_attention_kwargs=attention_kwargs,
+                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+                **size, **pipeline_kwargs)[0]
+        finally:
+            self.pipe.scheduler = own_scheduler
+        if cancelled:
+            raise cancelled[0]
 
-    def _parameters(self, prompt, negative_prompt, gate, weights, branch_weights, strength, seed, steps, guidance,
-                    height, width, scheduler, gate_schedule) -> list[dict]:
-        gates = gate if isinstance(gate, (list, tuple, np.ndarray)) else [gate] * len(weights)
-        common = dict(prompt=prompt, negative_prompt=negative_prompt or "", strength=float(strength), seed=int(seed),
-                      num_inference_steps=int(steps), guidance_scale=float(guidance), height=int(height),
-                      width=int(width), scheduler=scheduler or "default", gate_schedule=gate_schedule,
-                      profile=self.profile.name, base=_public_name(self.profile.base),
-                      adapter=_public_name(self.profile.adapter))
-        out = []
-        for g, (w_pres, w_pers) in zip(gates, weights):
-            entry = dict(common, gate=None if branch_weights is not None else float(g))
-            entry.update(w_pres=w_pres, w_pers=w_pers)
-            out.append(entry)
-        return out
+        # 5. Decode (fp16-safe) unless diffusers did
+        arrays = result if decode_in_pipe else self._decode(result)  # (N, H, W, 3)
+        images = self.pipe.image_processor.numpy_to_pil(arrays)
+        height_px, width_px = arrays.shape[1:3]
+        used = generation.scheduler or scheduler_name(own_scheduler)  # recorded by name where it has one
+        made = [replace(generation, gate=float(g) if branch_weights is None else generation.gate, height=height_px,
+                        width=width_px, scheduler=used) for g in (gates if len(gates) == n else gates * n)]
+        params = [self._parameters(g, w, branch_weights is not None) for g, w in zip(made, weights)]
+        return FlexIPOutput(images, params, arrays if output_type == "np" else None, warnings, inputs.kv_calls[0],
+                            made)
+
+    def _generation(self, prompt, negative_prompt, gate, strength, seed, steps, guidance, height, width, scheduler,
+                    gate_schedule, pipeline_kwargs) -> Generation:
+        d = self.defaults
+        if self.task == "image-to-image" and (height is not None or width is not None):
+            raise ValueError(f"{type(self.pipe).__name__} takes its size from its input image; leave height and "
+                             "width out")
+        if self.task == "text-to-image":
+            height, width = height or d.height, width or d.width
+        inputs = {k: v for k, v in pipeline_kwargs.items()
+                  if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+        return Generation(
+            prompt=prompt, negative_prompt=negative_prompt or "", gate=gate, strength=strength, seed=seed,
+            num_inference_steps=d.num_inference_steps if steps is None else steps,
+            guidance_scale=d.guidance_scale if guidance is None else guidance, height=height, width=width,
+            scheduler=scheduler, windows=as_schedule(gate_schedule) or GateSchedule(), task=self.task,
+            task_inputs=tuple(sorted((k, float(v) if not isinstance(v, str) else v) for k, v in inputs.items())))
+
+    def _decode(self, latents: torch.Tensor) -> np.ndarray:
+        decoded = self.vae_decoder(latents)  # (N, 3, H, W) in [-1, 1]
+        denormalize = None
+        if getattr(self.pipe, "safety_checker", None) is not None:  # a user's pipeline with diffusers' checker
+            decoded, flagged = self.pipe.run_safety_checker(decoded, self.device, self.dtype)
+            denormalize = [not f for f in flagged] if flagged is not None else None
+        return self.pipe.image_processor.postprocess(decoded, output_type="np", do_denormalize=denormalize)
+
+    def _parameters(self, generation: Generation, weights: tuple[float, float], direct: bool) -> dict:
+        profile = self.profile
+        entry = generation.to_parameters()
+        if direct:
+            entry["gate"] = None  # branch weights given directly: no γ
+        entry.update(w_pres=weights[0], w_pers=weights[1], identity_metric=self.identity_metric,
+                     profile=profile.name if profile else None,
+                     base=_public_name(profile.base) if profile else None,
+                     adapter=_public_name(profile.adapter) if profile else None)
+        return entry
+
+
+class _StepGate:
+    """Per-image branch weights at each step: the gate's weights times the branch windows, CFG rows included."""
+
+    def __init__(self, weights: np.ndarray, windows: GateSchedule, cfg: bool, device, dtype):
+        self.weights, self.windows, self.cfg = weights, windows, cfg  # weights: (N, 2)
+        self.device, self.dtype = device, dtype
+
+    def ever_on(self, branch: int) -> bool:
+        return bool(self.weights[:, branch].any())
+
+    def at(self, step: int, total: int) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
+        """(w_pres, w_pers) of shape (2N or N,) and whether each branch acts at all at this step."""
+        w = self.weights * np.array(self.windows.factors(step, total))  # (N, 2)
+        tensor = torch.tensor(w, device=self.device, dtype=self.dtype)
+        tensor = torch.cat([tensor, tensor]) if self.cfg else tensor  # (2N or N, 2)
+        return tensor[:, 0], tensor[:, 1], bool(w[:, 0].any()), bool(w[:, 1].any())
+
+
+def _scheduler_config(scheduler) -> dict:
+    return {"_class_name": type(scheduler).__name__, **scheduler.config}
 
 
 def _public_name(source: str | None) -> str | None:

@@ -37,3 +37,15 @@ def supports_zero_snr(cls) -> bool:
     import inspect
 
     return "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters
+
+
+def scheduler_name(scheduler) -> str | None:
+    """The name in SCHEDULERS of a scheduler object (its class and the extra config that name sets), else None."""
+    config = getattr(scheduler, "config", {})
+    for name, (class_name, extra) in SCHEDULERS.items():
+        if type(scheduler).__name__ == class_name and all(config.get(k) == v for k, v in extra.items()):
+            if not extra and any(config.get(k) for other, (c, e) in SCHEDULERS.items() if c == class_name
+                                 for k in e):
+                continue  # a Karras-sigmas DPM solver is not plain dpmpp_2m
+            return name
+    return None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import CLIPVisionModelWithProjection, Dinov2Model
 
-from flexip_core.generation.adapters import cross_attention_layers
+from flexip_core.generation.adapters import FlexIPAdapter, cross_attention_layers
 from flexip_core.generation.devices import (
     LowVRAM,
     NotEnoughMemory,
@@ -21,6 +21,7 @@ from flexip_core.generation.devices import (
     pick_dtype,
 )
 from flexip_core.generation.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess, SubjectEncoder
+from flexip_core.generation.schedulers import make_scheduler
 from flexip_core.loading.profiles import Profile, cache_home, load_profile
 from flexip_core.loading.sources import load_base, load_pretrained, resolve_file
 from flexip_core.loading.weights import load_adapter
@@ -72,30 +73,69 @@ def encoder_preprocess(model, mean, std, largest: int | None = None) -> Preproce
     return Preprocess(min(size, largest) if largest else size, mean, std)
 
 
-def load_adapter_for(profile: Profile, unet):
+def load_adapter_for_unet(unet, *, adapter=None, preservation=None, personalization=None) -> FlexIPAdapter:
+    """A FlexIP adapter sized for `unet`: a native file (or a FlexIPAdapter as it is), or IP-Adapter / native files
+    per branch."""
+    if isinstance(adapter, FlexIPAdapter):
+        return adapter
     layers = cross_attention_layers(unet)
-    if profile.adapter:
-        return load_adapter(resolve_file(profile.adapter, "adapter"), layers=layers)
-    if profile.preservation or profile.personalization:
+    if adapter:
+        return load_adapter(resolve_file(adapter, "adapter"), layers=layers)
+    if preservation or personalization:
         from flexip_core.loading.ip_adapter import adapter_from_ip_adapter_files
 
-        return adapter_from_ip_adapter_files(profile.preservation, profile.personalization, layers,
+        return adapter_from_ip_adapter_files(preservation, personalization, layers,
                                              cross_attention_dim=unet.config.cross_attention_dim)
-    raise ValueError(f"profile {profile.name!r} names no adapter: give adapter= or preservation=/personalization=")
+    raise ValueError("no adapter: give adapter= (a native FlexIP file) or preservation=/personalization= "
+                     "(IP-Adapter files)")
 
 
-def check_encoders(profile: Profile, adapter, clip, dino) -> None:
+def load_adapter_for(profile: Profile, unet) -> FlexIPAdapter:
+    if not (profile.adapter or profile.preservation or profile.personalization):
+        raise ValueError(f"profile {profile.name!r} names no adapter: give adapter= or preservation=/personalization=")
+    return load_adapter_for_unet(unet, adapter=profile.adapter, preservation=profile.preservation,
+                                 personalization=profile.personalization)
+
+
+def load_subject_encoder(adapter: FlexIPAdapter, clip_encoder, dino_encoder, dtype, device) -> SubjectEncoder:
+    """CLIP (and DINOv2 when the adapter needs it) from sources or loaded models, checked against the adapter."""
+    if clip_encoder is None:
+        raise ValueError("clip_encoder is required: the CLIP vision tower (the IP-Adapter SD1.5 files need "
+                         "h94/IP-Adapter:models/image_encoder)")
+    clip = clip_encoder if not isinstance(clip_encoder, (str, Path)) else load_pretrained(
+        CLIPVisionModelWithProjection, str(clip_encoder), dtype, part="clip_encoder")
+    clip = clip.to(device, dtype).eval()
+    dino = None
+    if "dino" in adapter.needs:
+        if dino_encoder is None:
+            raise ValueError("the adapter needs DINOv2 features; give dino_encoder=")
+        dino = dino_encoder if not isinstance(dino_encoder, (str, Path)) else load_pretrained(
+            Dinov2Model, str(dino_encoder), dtype, part="dino_encoder")
+        dino = dino.to(device, dtype).eval()
+    check_encoders(adapter, clip, dino, _source(clip_encoder), _source(dino_encoder))
+    return SubjectEncoder(
+        clip, encoder_preprocess(clip, CLIP_MEAN, CLIP_STD),
+        dino, encoder_preprocess(dino, IMAGENET_MEAN, IMAGENET_STD, largest=224) if dino is not None else None,
+        needs=adapter.needs,
+    )
+
+
+def _source(model) -> str:
+    return str(model) if isinstance(model, (str, Path)) else type(model).__name__
+
+
+def check_encoders(adapter, clip, dino, clip_source: str, dino_source: str) -> None:
     """Each branch's input widths equal what the image encoders produce; errors say which encoder to use."""
     branches = (("preservation", adapter.config.preservation), ("personalization", adapter.config.personalization))
     for branch, cfg in branches:
         wanted = []
         if "clip_embeds" in cfg.needs:
             wanted.append(("CLIP image embeddings", cfg.clip_embed_dim, clip.config.projection_dim,
-                           profile.clip_encoder))
+                           clip_source))
         if "clip_hidden" in cfg.needs:
-            wanted.append(("CLIP hidden states", cfg.clip_hidden_dim, clip.config.hidden_size, profile.clip_encoder))
+            wanted.append(("CLIP hidden states", cfg.clip_hidden_dim, clip.config.hidden_size, clip_source))
         if "dino" in cfg.needs and dino is not None:
-            wanted.append(("DINOv2 patch tokens", cfg.dino_dim, dino.config.hidden_size, profile.dino_encoder))
+            wanted.append(("DINOv2 patch tokens", cfg.dino_dim, dino.config.hidden_size, dino_source))
         for what, expects, gives, source in wanted:
             if expects != gives:
                 raise ValueError(
@@ -122,23 +162,26 @@ def _assemble(cls, name, device, dtype, attention, low_vram, overrides):
     profile = resolve_placeholders(apply_overrides(load_profile(name), overrides))
     dtype = pick_dtype(dtype if dtype is not None else profile.dtype, device)
     logger.info("loading profile %s on %s (%s%s)", profile.name, device, dtype, ", low VRAM" if low_vram else "")
-    components = load_base(profile.base, dtype, config=profile.base_config, lora=profile.lora)
-    adapter = load_adapter_for(profile, components["unet"])
+    extra = {"controlnet": load_controlnets(profile.controlnet, dtype)} if profile.controlnet else {}
+    pipe = load_base(profile.base, dtype, config=profile.base_config, lora=profile.lora, pipeline=profile.pipeline,
+                     **extra)
+    if profile.defaults.scheduler is not None:  # the profile asks for its scheduler; a call may ask for another
+        pipe.scheduler = make_scheduler(profile.defaults.scheduler, dict(pipe.scheduler.config,
+                                                                         _class_name=type(pipe.scheduler).__name__))
+    adapter = load_adapter_for(profile, pipe.unet)
     offload = low_vram is not None and low_vram.cpu_offload and device.type == "cuda"
-    place = "cpu" if offload else device  # offloaded encoders move to the GPU only while they run
-    clip = load_pretrained(CLIPVisionModelWithProjection, profile.clip_encoder, dtype, part="clip_encoder")
-    clip = clip.to(place).eval()
-    dino = None
-    if "dino" in adapter.needs:
-        if not profile.dino_encoder:
-            raise ValueError(f"profile {profile.name!r}: the adapter needs DINOv2 features; give dino_encoder=")
-        dino = load_pretrained(Dinov2Model, profile.dino_encoder, dtype, part="dino_encoder").to(place).eval()
-    check_encoders(profile, adapter, clip, dino)
-    encoder = SubjectEncoder(
-        clip, encoder_preprocess(clip, CLIP_MEAN, CLIP_STD),
-        dino, encoder_preprocess(dino, IMAGENET_MEAN, IMAGENET_STD, largest=224) if dino is not None else None,
-        needs=adapter.needs,
-    )
-    return cls(unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
-               tokenizer=components["tokenizer"], scheduler=components["scheduler"], encoder=encoder,
-               adapter=adapter, profile=profile, device=device, dtype=dtype, attention=attention, low_vram=low_vram)
+    place = "cpu" if offload else device  # offloaded models move to the GPU only while they run
+    if not offload:
+        pipe.to(device)
+    encoder = load_subject_encoder(adapter, profile.clip_encoder, profile.dino_encoder, dtype, place)
+    return cls(pipe, encoder=encoder, adapter=adapter, profile=profile, attention=attention, low_vram=low_vram,
+               device=device)
+
+
+def load_controlnets(sources, dtype):
+    """One ControlNetModel, or a list of them (diffusers wraps several in a MultiControlNetModel)."""
+    from diffusers import ControlNetModel
+
+    if isinstance(sources, str):
+        return load_pretrained(ControlNetModel, sources, dtype, part="controlnet")
+    return [load_pretrained(ControlNetModel, source, dtype, part="controlnet") for source in sources]

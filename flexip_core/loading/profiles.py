@@ -38,6 +38,8 @@ class Profile:
     preservation: str | None = None  # IP-Adapter file for the preservation branch (when no native adapter)
     personalization: str | None = None  # IP-Adapter file for the personalization branch
     lora: str | None = None  # optional LoRA (e.g. LCM-LoRA) loaded through diffusers
+    pipeline: str = "StableDiffusionPipeline"  # the diffusers pipeline class: the task is a profile, not code
+    controlnet: str | tuple[str, ...] | None = None  # ControlNet source(s), for StableDiffusionControlNetPipeline
     build: str | None = None  # locally built models ("tiny"), written once into the FlexIP cache
     description: str = ""  # one line for the UI and --help
     defaults: Defaults = field(default_factory=Defaults)  # suggested generation settings
@@ -45,13 +47,12 @@ class Profile:
     dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 elsewhere), "float32", "float16", "bfloat16"
     device: str = "auto"  # where it runs unless the caller names a device: "auto" (CUDA, else Apple MPS, else CPU)
     #   or a torch device ("cpu" for mini: a GPU is no faster for so small a model, and its curve was measured there)
-    identity_metric: str = "clip"  # the score shown with each image: "clip" (cosine of CLIP image embeddings with
-    #   the subject's) or "toyworld" (the oracle: share of the reference's shape, colour and pattern found; mini)
+    world: str | None = None  # a module that plugs a world's own rules in (toyworld.plugin: its identity metric,
+    #   prompt filter and note on reference photos); the core imports it only by this name
 
     def __post_init__(self):
-        if self.identity_metric not in IDENTITY_METRICS:
-            raise ValueError(f"profile {self.name!r}: identity_metric {self.identity_metric!r} unknown; use one of "
-                             f"{', '.join(IDENTITY_METRICS)}")
+        if isinstance(self.controlnet, list):
+            object.__setattr__(self, "controlnet", tuple(self.controlnet))
 
     def with_overrides(self, **overrides) -> Profile:
         known = {k: v for k, v in overrides.items() if v is not None}
@@ -61,8 +62,20 @@ class Profile:
         return replace(self, **known)
 
 
-IDENTITY_METRICS = {"clip": "CLIP cosine with the subject",
-                    "toyworld": "share of the toy's shape, colour and pattern kept, read by the toy-world oracle"}
+def load_world(name: str):
+    """The world plugin a profile names (a module with IDENTITY_METRIC, identity_scores, model_text and
+    reference_notes); imported by name, so no core module imports a world."""
+    import importlib
+
+    try:
+        module = importlib.import_module(name)
+    except ImportError as error:
+        raise ValueError(f"profile world {name!r} cannot be imported ({error})") from None
+    missing = [a for a in ("IDENTITY_METRIC", "identity_scores", "model_text", "reference_notes")
+               if not hasattr(module, a)]
+    if missing:
+        raise ValueError(f"profile world {name!r} lacks {', '.join(missing)}")
+    return module
 
 
 def cache_home() -> Path:

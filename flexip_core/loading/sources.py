@@ -178,23 +178,28 @@ def read_tensors(path: str | Path, label: str | None = None) -> dict:
 
 
 # --- base models ------------------------------------------------------------------------------------------
-def load_base(source: str, dtype: torch.dtype, config: str | None = None, lora: str | None = None) -> dict:
-    """The SD1.5-architecture components (unet, vae, text_encoder, tokenizer, scheduler).
+def load_base(source: str, dtype: torch.dtype, config: str | None = None, lora: str | None = None,
+              pipeline: str = "StableDiffusionPipeline", **components):
+    """The diffusers pipeline `pipeline` (a class name of the SD1.5 family) over an SD1.5-architecture base.
 
     `source` is a diffusers folder, a Hub id, or one .safetensors/.ckpt checkpoint; `config` is where a
     checkpoint's model config and tokenizer come from; `lora`, if given, is loaded through diffusers'
-    load_lora_weights and fused into the weights.
+    load_lora_weights and fused into the weights; `components` are extra ones the class needs (controlnet=).
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
-    common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    cls = getattr(diffusers, pipeline, None)
+    if cls is None or not isinstance(cls, type):
+        raise ValueError(f"pipeline {pipeline!r} is not a diffusers pipeline class")
+    common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components)
     if Path(source).suffix in SINGLE_FILE_SUFFIXES:  # a local file or 'repo/id:file.safetensors'
-        pipe = load_single_file(resolve_file(source, "base"), dtype, config, common)
+        pipe = load_single_file(cls, resolve_file(source, "base"), dtype, config, common)
     else:
-        pipe = load_pretrained(StableDiffusionPipeline, source, dtype, part="base", **common)
+        pipe = load_pretrained(cls, source, dtype, part="base", **common)
     if lora:
         load_lora(pipe, lora)
-    return pipe.components
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def single_file_config(config: str | None) -> Path:
@@ -246,17 +251,14 @@ def check_sd15_checkpoint(path: Path) -> None:
                          "(no model.diffusion_model.* keys); for a diffusers folder give the folder instead")
 
 
-def load_single_file(path: Path, dtype: torch.dtype, config: str | None, common: dict):
-    """StableDiffusionPipeline.from_single_file with a local config folder, so it works offline."""
-    from diffusers import StableDiffusionPipeline
-
+def load_single_file(cls, path: Path, dtype: torch.dtype, config: str | None, common: dict):
+    """`cls.from_single_file` (a diffusers SD1.5-family pipeline) with a local config folder, so it works offline."""
     check_sd15_checkpoint(path)
     folder = single_file_config(config)
     import pickle
 
     try:
-        return StableDiffusionPipeline.from_single_file(str(path), config=str(folder), dtype=dtype,
-                                                        local_files_only=True, **common)
+        return cls.from_single_file(str(path), config=str(folder), dtype=dtype, local_files_only=True, **common)
     except (RuntimeError, KeyError, ValueError, OSError, pickle.UnpicklingError) as error:
         if isinstance(error, WeightsNotFound):
             raise

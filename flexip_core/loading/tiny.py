@@ -5,7 +5,14 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    PNDMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -22,7 +29,7 @@ from flexip_core.loading.weights import save_adapter
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSION = "1"  # bump when the configs below change, so cached builds are rebuilt
+TINY_VERSION = "2"  # bump when the configs below change, so cached builds are rebuilt
 
 UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -66,6 +73,24 @@ def build_tiny_base(seed: int = 0) -> dict:
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=PNDMScheduler(**SCHEDULER))
 
 
+def build_tiny_inpainting_unet(seed: int = 0) -> UNet2DConditionModel:
+    """The tiny UNet of an inpainting model: 9 input channels (latents, mask, masked-image latents)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**dict(UNET, in_channels=9))
+
+
+def build_tiny_controlnet(unet, seed: int = 0) -> ControlNetModel:
+    """A ControlNet copied from `unet` (diffusers' from_unet) whose zero convolutions are made random, so that the
+    control image visibly changes the output."""
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]:
+            block.weight.copy_(torch.randn(block.weight.shape, generator=generator) * 0.3)
+    return controlnet.eval()
+
+
 def build_tiny_encoders(seed: int = 0) -> tuple[CLIPVisionModelWithProjection, Dinov2Model]:
     torch.manual_seed(seed)
     clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VISION))
@@ -99,7 +124,8 @@ def save_base(folder: str | Path, *, unet, vae, text_encoder, tokenizer, schedul
 
 
 def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
-    """Write base (diffusers layout), CLIP, DINOv2 and a native adapter file under `folder`."""
+    """Write base (diffusers layout), CLIP, DINOv2, a native adapter file, a 9-channel inpainting base and a
+    ControlNet under `folder`."""
     folder = Path(folder)
     base = build_tiny_base(seed)
     tokenizer = save_tiny_tokenizer(folder / "tokenizer_tmp")
@@ -108,6 +134,11 @@ def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
     clip.save_pretrained(folder / "image_encoder", safe_serialization=True)
     dino.save_pretrained(folder / "dino", safe_serialization=True)
     save_adapter(build_tiny_adapter(base["unet"], seed=seed), folder / "flexip_adapter.safetensors")
+    inpainting = dict(base, unet=build_tiny_inpainting_unet(seed))
+    StableDiffusionInpaintPipeline(**inpainting, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).save_pretrained(folder / "inpainting",
+                                                                                  safe_serialization=True)
+    build_tiny_controlnet(base["unet"], seed).save_pretrained(folder / "controlnet", safe_serialization=True)
     for leftover in sorted((folder / "tokenizer_tmp").iterdir()):
         leftover.unlink()
     (folder / "tokenizer_tmp").rmdir()

@@ -172,7 +172,7 @@ def load_models(config: TrainConfig, device: torch.device, dtype: torch.dtype) -
     from flexip_core.loading.sources import load_base, load_pretrained
 
     profile = resolve_placeholders(apply_overrides(load_profile(config.profile), config.profile_overrides))
-    parts = load_base(profile.base, dtype, config=profile.base_config, lora=profile.lora)
+    parts = load_base(profile.base, dtype, config=profile.base_config, lora=profile.lora).components
     unet = parts["unet"]
 
     def load_clip():

@@ -2,7 +2,8 @@
 
 Stages: `base` (VAE on renders, then text encoder + UNet on captioned renders), `encoders` (a mini DINOv2, 32 px,
 pretrained on renders, and a random CLIP, 8 px, both frozen afterwards), `adapters` (both adapters with the
-project's trainer, flexip_core.training.train, on invariant and variant pairs), `calibration` (a gate curve calibrated on
+project's trainer, flexip_core.training.train, on invariant and variant pairs), `calibration` (a gate curve
+calibrated on
 training subjects). The weights go to assets/mini and the `mini` profile to assets/profiles/mini.json.
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ def profile_dict(root: str, curve=None) -> dict:
                         "shapes, not photos; for your own subjects use real weights (see the README)."),
         "base": f"{root}/base", "clip_encoder": f"{root}/image_encoder", "dino_encoder": f"{root}/dino",
         "adapter": f"{root}/flexip_adapter.safetensors", "dtype": "float32", "device": "cpu", "defaults": DEFAULTS,
-        "identity_metric": "toyworld",
+        "world": "toyworld.plugin",
     }
     if curve is not None:
         data["gate_curve"] = {"gammas": list(curve.gammas), "pres": list(curve.pres), "pers": list(curve.pers)}

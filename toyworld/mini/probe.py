@@ -70,7 +70,7 @@ def drawn_from_caption(pipe, split: str, n: int = 16, seeds=(0, 1)) -> dict[str,
 
 def load(folder: Path = ASSETS / "base") -> SimpleNamespace:
     """The base's components (unet, vae, text_encoder, tokenizer) as attributes, in float32 (shipped: float16)."""
-    return SimpleNamespace(**load_base(str(folder), torch.float32))
+    return SimpleNamespace(**load_base(str(folder), torch.float32).components)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from flexip_core.generation.gate import GateCurve
-from flexip_core.generation.pipeline import MAX_BATCH
+from flexip_core.generation.settings import MAX_BATCH
 from toyworld import world as tw
 from toyworld.oracle import identity_matches, prompt_fraction, read_attributes
 

@@ -1,0 +1,28 @@
+"""The toy world as a profile's world plugin (profile field `world: "toyworld.plugin"`): its identity metric, its
+prompt filter and its note on reference photos. The core imports this module only by that name."""
+from __future__ import annotations
+
+from PIL import Image
+
+from toyworld.oracle import NOT_A_TOY, identity_kept, read_toy
+from toyworld.world import known_words, unknown_words_note
+
+IDENTITY_METRIC = "toyworld"  # the oracle's share of the reference toy's shape, colour and pattern found
+
+
+def identity_scores(images: list[Image.Image], references: list[Image.Image]) -> list[float | None]:
+    """Per image, the share of the first reference's identity attributes the oracle finds in it (None where the
+    reference is not a toy of this world)."""
+    return identity_kept(images, references[0])
+
+
+def model_text(text: str, what: str) -> tuple[str, str | None]:
+    """The text with only the words the world's captions used (any other word, never trained, makes the model draw
+    noise), and a note naming those left out (None when all were known)."""
+    note = unknown_words_note(text, what)
+    return (text, None) if note is None else (known_words(text), note)
+
+
+def reference_notes(references: list[Image.Image]) -> list[str]:
+    """That the first photo is not one of the world's toys (it then has no identity score)."""
+    return [NOT_A_TOY] if read_toy(references[0]) is None else []
