@@ -85,7 +85,7 @@ def test_generate_command_refuses_outputs_it_must_not_write_before_loading_anyth
     assert "is a folder; give a file in it" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(common + ["--gate", "0,1.5"])
-    assert "values must lie in [0, 1]" in capsys.readouterr().err
+    assert "is outside 0…1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["convert-ip-adapter", "--out", str(tmp_path / "adapter.bin")])
     assert "give a name ending in .safetensors" in capsys.readouterr().err
@@ -96,7 +96,7 @@ def test_generate_command_refuses_outputs_it_must_not_write_before_loading_anyth
 
 def test_generate_command_checks_the_settings_before_loading_a_model(tmp_path, dreambench, capsys, monkeypatch,
                                                                      caplog):
-    from flexip_core import pipeline
+    from flexip_core.generation import pipeline
     from flexip_core.cli import main
 
     def never(*args, **kwargs):
@@ -114,6 +114,6 @@ def test_generate_command_checks_the_settings_before_loading_a_model(tmp_path, d
                            (["--steps", "0"], "num_inference_steps must be a whole number from 1"),
                            (["--guidance", "-1"], "guidance_scale must be a number from 0 to 50"),
                            (["--seed", "-1"], "seed must be a whole number from 0"),
-                           (["--scheduler", "eulr"], "scheduler 'eulr' unknown")):
+                           (["--scheduler", "eulr"], "unknown scheduler 'eulr'")):
         assert main(common + extra) == 2, extra
         assert message in capsys.readouterr().err, extra

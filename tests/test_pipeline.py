@@ -25,11 +25,11 @@ def test_strength_zero_equals_plain_stable_diffusion(tiny_pipe, subject):
     plain = StableDiffusionPipeline.from_pretrained(tiny_pipe.profile.base, safety_checker=None,
                                                     feature_extractor=None, requires_safety_checker=False)
     plain.set_progress_bar_config(disable=True)
-    ours = run(tiny_pipe, subject, strength=0.0, scheduler=None)
+    ours = run(tiny_pipe, subject, strength=0.0, scheduler="pndm")
     theirs = plain(PROMPT, num_inference_steps=4, height=64, width=64, output_type="np",
                    generator=torch.Generator("cpu").manual_seed(0)).images
     assert np.abs(ours - theirs).max() <= 1e-5
-    both_off = run(tiny_pipe, subject, branch_weights=(0.0, 0.0), scheduler=None)
+    both_off = run(tiny_pipe, subject, branch_weights=(0.0, 0.0), scheduler="pndm")
     assert np.abs(both_off - theirs).max() <= 1e-5
 
 

@@ -72,7 +72,7 @@ def test_sd15_branch_equals_diffusers_ip_adapter(sd15, photos, offline_env):
     pipe = sd15 if sd15.dtype == torch.float32 else FlexIPPipeline.from_profile("sd15", dtype="float32")
     subject = pipe.encode_subject([photos["dog"]])
     run = dict(height=256, width=256, num_inference_steps=4)
-    ours = pipe(PROMPT, subject=subject, branch_weights=(0.6, 0.0), scheduler=None, seed=1, output_type="np",
+    ours = pipe(PROMPT, subject=subject, branch_weights=(0.6, 0.0), scheduler="pndm", seed=1, output_type="np",
                 **run).arrays
     reference = StableDiffusionPipeline.from_pretrained(SD15_REPO, safety_checker=None, feature_extractor=None,
                                                         requires_safety_checker=False, local_files_only=True)

@@ -164,7 +164,7 @@ def test_lora_is_fused_and_equals_diffusers(tiny_pipe, subject, lora_file):
 
     pipe = FlexIPPipeline.from_profile("tiny", lora=str(lora_file))
     assert not any("lora" in name for name, _ in pipe.unet.named_modules())  # fused: no LoRA layers left
-    got = pipe(PROMPT, subject=subject, branch_weights=(0.0, 0.0), scheduler=None, **RUN).arrays
+    got = pipe(PROMPT, subject=subject, branch_weights=(0.0, 0.0), scheduler="pndm", **RUN).arrays
     reference = StableDiffusionPipeline.from_pretrained(tiny_pipe.profile.base, safety_checker=None,
                                                         feature_extractor=None, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
@@ -172,7 +172,7 @@ def test_lora_is_fused_and_equals_diffusers(tiny_pipe, subject, lora_file):
     want = reference(PROMPT, num_inference_steps=3, height=64, width=64, output_type="np",
                      generator=torch.Generator("cpu").manual_seed(RUN["seed"])).images
     assert np.abs(got - want).max() <= 1e-4
-    without = tiny_pipe(PROMPT, subject=subject, branch_weights=(0.0, 0.0), scheduler=None, **RUN).arrays
+    without = tiny_pipe(PROMPT, subject=subject, branch_weights=(0.0, 0.0), scheduler="pndm", **RUN).arrays
     assert np.abs(got - without).mean() > 1e-3
 
 

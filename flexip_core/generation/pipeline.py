@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -82,9 +83,11 @@ class FlexIPPipeline:
         self.low_vram = LowVRAM.parse(low_vram)
         adapter.to(self.device, self.dtype).eval().requires_grad_(False)  # small: stays on the device
         self._own_processors = dict(pipe.unet.attn_processors)  # restored by detach()
+        self.scheduler_config = _scheduler_config(pipe.scheduler)  # the base's: what named schedulers are built from
         install_processors(pipe.unet, adapter, self.backend)
         self.offload_hooks = apply_low_vram(self.low_vram, pipe, [encoder.clip, encoder.dino], self.device)
         self.vae_decoder = SafeVaeDecoder(pipe.vae, self.device)  # fp16 VAE kept from NaN/black images
+        self._lock = threading.Lock()  # one call at a time on the wrapped pipeline
 
     # --- building ------------------------------------------------------------------------------------
     @classmethod
@@ -262,6 +265,8 @@ class FlexIPPipeline:
         pipeline_kwargs = self._check_pipeline_kwargs(dict(pipeline_kwargs or {}))
         # 1. One Generation value, checked once
         gates = list(gate) if isinstance(gate, (list, tuple, np.ndarray)) else [gate]
+        if not 1 <= len(gates) <= MAX_BATCH:
+            raise ValueError(f"give from 1 to {MAX_BATCH} gate values per call, got {len(gates)}")
         if generation is None:
             generation = self._generation(prompt, negative_prompt, gates[0], strength, seed, num_inference_steps,
                                           guidance_scale, height, width, scheduler, gate_schedule, pipeline_kwargs)
@@ -318,22 +323,26 @@ class FlexIPPipeline:
         decode_in_pipe = "padding_mask_crop" in pipeline_kwargs  # diffusers pastes the crop back after decoding
         attention_kwargs = {**(pipeline_kwargs.pop("cross_attention_kwargs", None) or {}), "flexip": inputs}
         negative_rows = neg_text.expand(n, -1, -1) if cfg else None
-        own_scheduler = self.pipe.scheduler
-        if generation.scheduler is not None:
-            self.pipe.scheduler = make_scheduler(generation.scheduler, _scheduler_config(own_scheduler))
-        try:
-            result = self.pipe(
-                prompt_embeds=text.expand(n, -1, -1), negative_prompt_embeds=negative_rows,
-                num_inference_steps=generation.num_inference_steps, guidance_scale=generation.guidance_scale,
-                generator=[torch.Generator("cpu").manual_seed(generation.seed) for _ in range(n)],
-                output_type="np" if decode_in_pipe else "latent", return_dict=False,
-                cross_attention_kwargs=attention_kwargs,
-                callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
-                **size, **pipeline_kwargs)[0]
-        finally:
-            self.pipe.scheduler = own_scheduler
+        with self._lock:  # a diffusers pipeline keeps per-call state (guidance, interrupt, scheduler steps)
+            own_scheduler = self.pipe.scheduler
+            if generation.scheduler is not None:  # a fresh scheduler for this call only
+                self.pipe.scheduler = make_scheduler(generation.scheduler, self.scheduler_config)
+            try:
+                result = self.pipe(
+                    prompt_embeds=text.expand(n, -1, -1), negative_prompt_embeds=negative_rows,
+                    num_inference_steps=generation.num_inference_steps, guidance_scale=generation.guidance_scale,
+                    generator=[torch.Generator("cpu").manual_seed(generation.seed) for _ in range(n)],
+                    output_type="np" if decode_in_pipe else "latent", return_dict=False,
+                    cross_attention_kwargs=attention_kwargs,
+                    callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
+                    **size, **pipeline_kwargs)[0]
+            finally:
+                self.pipe.scheduler = own_scheduler
         if cancelled:
             raise cancelled[0]
+
+        if self.profile and self.profile.notice:
+            warnings.append(self.profile.notice)
 
         # 5. Decode (fp16-safe) unless diffusers did
         arrays = result if decode_in_pipe else self._decode(result)  # (N, H, W, 3)

@@ -165,17 +165,17 @@ def _assemble(cls, name, device, dtype, attention, low_vram, overrides):
     extra = {"controlnet": load_controlnets(profile.controlnet, dtype)} if profile.controlnet else {}
     pipe = load_base(profile.base, dtype, config=profile.base_config, lora=profile.lora, pipeline=profile.pipeline,
                      **extra)
-    if profile.defaults.scheduler is not None:  # the profile asks for its scheduler; a call may ask for another
-        pipe.scheduler = make_scheduler(profile.defaults.scheduler, dict(pipe.scheduler.config,
-                                                                         _class_name=type(pipe.scheduler).__name__))
     adapter = load_adapter_for(profile, pipe.unet)
     offload = low_vram is not None and low_vram.cpu_offload and device.type == "cuda"
     place = "cpu" if offload else device  # offloaded models move to the GPU only while they run
     if not offload:
         pipe.to(device)
     encoder = load_subject_encoder(adapter, profile.clip_encoder, profile.dino_encoder, dtype, place)
-    return cls(pipe, encoder=encoder, adapter=adapter, profile=profile, attention=attention, low_vram=low_vram,
-               device=device)
+    flexip = cls(pipe, encoder=encoder, adapter=adapter, profile=profile, attention=attention, low_vram=low_vram,
+                 device=device)
+    if profile.defaults.scheduler is not None:  # the profile asks for its scheduler; a call may ask for another
+        pipe.scheduler = make_scheduler(profile.defaults.scheduler, flexip.scheduler_config)
+    return flexip
 
 
 def load_controlnets(sources, dtype):

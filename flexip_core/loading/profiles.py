@@ -42,6 +42,7 @@ class Profile:
     controlnet: str | tuple[str, ...] | None = None  # ControlNet source(s), for StableDiffusionControlNetPipeline
     build: str | None = None  # locally built models ("tiny"), written once into the FlexIP cache
     description: str = ""  # one line for the UI and --help
+    notice: str | None = None  # a warning every render on this profile carries (tiny: its images are noise)
     defaults: Defaults = field(default_factory=Defaults)  # suggested generation settings
     gate_curve: GateCurve = field(default_factory=GateCurve)  # gamma -> branch weights
     dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 elsewhere), "float32", "float16", "bfloat16"
