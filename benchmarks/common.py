@@ -247,7 +247,7 @@ class Bench:
 
 def sd15_pipeline(mode: Mode):
     """FlexIPPipeline over random SD1.5, OpenCLIP ViT-H/14 and DINOv2-L (configs: flexip_core.loading.architectures)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
         CLIPTextModel,
@@ -258,10 +258,10 @@ def sd15_pipeline(mode: Mode):
     )
 
     from flexip_core import FlexIPPipeline
-    from flexip_core import architectures as arch
     from flexip_core.generation.adapter_config import AdapterConfig, BranchConfig
     from flexip_core.generation.adapters import FlexIPAdapter, cross_attention_layers
     from flexip_core.generation.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SubjectEncoder
+    from flexip_core.loading import architectures as arch
     from flexip_core.loading.assembly import encoder_preprocess
     from flexip_core.loading.profiles import Defaults, Profile
     from flexip_core.loading.tiny_tokenizer import save_tiny_tokenizer
@@ -284,9 +284,11 @@ def sd15_pipeline(mode: Mode):
                       description="benchmark: random weights in the real architectures",
                       defaults=Defaults(height=mode.size, width=mode.size, num_inference_steps=mode.steps,
                                         guidance_scale=7.5, scheduler="dpmpp_2m", max_side=1024), dtype="float32")
-    pipe = FlexIPPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                          scheduler=PNDMScheduler.from_config(arch.SD15_SCHEDULER), encoder=encoder, adapter=adapter,
-                          profile=profile, device=torch.device("cpu"), dtype=torch.float32, attention="sdpa")
+    sd = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                 scheduler=PNDMScheduler.from_config(arch.SD15_SCHEDULER), safety_checker=None,
+                                 feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    pipe = FlexIPPipeline(sd, encoder=encoder, adapter=adapter, profile=profile, attention="sdpa")
     logger.info("built the random sd15-architecture pipeline in %.0f s", time.perf_counter() - started)
     return pipe
 

@@ -30,7 +30,6 @@ from flexip_core.generation.attention import BranchInputs, install_processors, x
 from flexip_core.generation.encoders import CLIP_MEAN, CLIP_STD, Preprocess, SubjectEncoder
 from flexip_core.generation.pipeline import FlexIPPipeline
 from flexip_core.loading.ip_adapter import adapter_from_ip_adapter_files
-from flexip_core.loading.profiles import load_profile
 from flexip_core.loading.tiny import write_lora, write_synthetic_ip_adapter_files
 from flexip_core.loading.tiny_tokenizer import save_tiny_tokenizer
 
@@ -84,7 +83,7 @@ def backend_agreement(pipe: FlexIPPipeline, subject, backends: tuple[str, str], 
     """Max abs difference of one UNet step (CFG batch, both branches at 0.5) between two attention backends."""
     device, dtype, unet = pipe.device, pipe.dtype, pipe.unet
     gen = torch.Generator("cpu").manual_seed(0)
-    side = size // pipe.vae_scale_factor
+    side = size // pipe.pipe.vae_scale_factor
     latents = torch.randn(2, unet.config.in_channels, side, side, generator=gen).to(device, dtype)  # (2, 4, h, w)
     text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen).to(device, dtype)  # (2, 77, C)
     features = subject.features.map(lambda t: t.to(device, dtype))
@@ -161,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     sd.unload_ip_adapter()
 
     # 3. FlexIP, both branches (gate 0.5), the base scheduler as above
-    pipe = FlexIPPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                          encoder=encoder, adapter=adapter, profile=load_profile("sd15"), device=device, dtype=dtype)
+    pipe = FlexIPPipeline(sd, encoder=encoder, adapter=adapter)  # attached to the same diffusers pipeline
     subject = pipe.encode_subject([photo])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -202,9 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. peak memory with the low-VRAM option (model CPU offload, VAE tiling and slicing)
     if device.type == "cuda":
-        low = FlexIPPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                             encoder=encoder, adapter=adapter, profile=load_profile("sd15"), device=device,
-                             dtype=dtype, low_vram=True)
+        pipe.detach()
+        low = FlexIPPipeline(sd, encoder=encoder, adapter=adapter, device=device, low_vram=True)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()

@@ -62,9 +62,10 @@ def step_inputs(pipe, mode: Mode) -> dict:
     from flexip_core.generation.attention import BranchInputs
 
     generator = torch.Generator().manual_seed(0)
-    latent = mode.size // pipe.vae_scale_factor
+    latent = mode.size // pipe.pipe.vae_scale_factor
     latents = torch.randn(2, pipe.unet.config.in_channels, latent, latent, generator=generator)  # (2, 4, h, w)
-    text = torch.cat([pipe.encode_prompt("", []), pipe.encode_prompt(PROMPT, [])])  # (2, 77, C)
+    positive, negative = pipe.pipe.encode_prompt(PROMPT, pipe.device, 1, True, "")  # (1, 77, C) each
+    text = torch.cat([negative, positive])  # (2, 77, C): unconditional row first
     subject = pipe.encode_subject([synthetic_photo(0)])
     adapter = pipe.adapter
 
@@ -130,7 +131,7 @@ def full_size_flops(pipe, mode: Mode, x: dict, variants) -> dict[str, dict[str, 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # real weights, fake activations: shapes only
-    latent = mode.flops_size // pipe.vae_scale_factor
+    latent = mode.flops_size // pipe.pipe.vae_scale_factor
     with fake:
         big = dict(x, latents=torch.zeros(2, x["latents"].shape[1], latent, latent))  # (2, 4, h, w)
         flexip = x["flexip"]
@@ -147,7 +148,7 @@ def run(bench: Bench, mode: Mode, breakdown: bool = False) -> Section:
 
     section = Section(1, "UNet step with CFG (batch 2): FlexIP both branches vs plain SD vs diffusers IP-Adapter Plus")
     pipe = bench.pipe
-    latent = mode.size // pipe.vae_scale_factor
+    latent = mode.size // pipe.pipe.vae_scale_factor
     flexip_unet = pipe.unet  # the pipeline's own gated processors
     plain_unet = shared_copy(flexip_unet)
     plain_unet.set_attn_processor(AttnProcessor2_0())

@@ -117,3 +117,73 @@ def test_generate_command_checks_the_settings_before_loading_a_model(tmp_path, d
                            (["--scheduler", "eulr"], "unknown scheduler 'eulr'")):
         assert main(common + extra) == 2, extra
         assert message in capsys.readouterr().err, extra
+
+
+# --- the one generation value ---------------------------------------------------------------------------
+def test_a_generation_round_trips_through_parameters_and_the_png_chunk(tmp_path):
+    from flexip_core.generation.gate import GateSchedule
+    from flexip_core.generation.metadata import read_generation, save_png
+    from flexip_core.generation.settings import Generation
+
+    generation = Generation(prompt="a red star, flat style", negative_prompt="blurry", gate=0.3, strength=1.2,
+                            seed=2**32 - 1, num_inference_steps=12, guidance_scale=4.5, height=96, width=128,
+                            scheduler="euler_a", windows=GateSchedule(0.1, 0.6, 0.2, 0.9), task="image-to-image",
+                            task_inputs=(("strength", 0.6),))
+    assert Generation.from_parameters(generation.to_parameters()) == generation
+    path = save_png(Image.new("RGB", (8, 8)), tmp_path / "g.png", {**generation.to_parameters(), "profile": "mini"})
+    restored, params = read_generation(Image.open(path))
+    assert restored == generation and params["profile"] == "mini"
+    assert read_generation(Image.new("RGB", (8, 8))) is None
+
+
+def test_a_generation_checks_every_setting_with_one_message_each():
+    from dataclasses import replace
+
+    from flexip_core.generation.gate import GateSchedule
+    from flexip_core.generation.settings import MAX_SEED, Generation
+
+    good = Generation(prompt="x").check()
+    for change, message in ((dict(seed=MAX_SEED + 1), "seed must be a whole number from 0 to 2\\*\\*32-1"),
+                            (dict(seed=True), "seed"), (dict(gate=1.5), "gate"), (dict(strength=-0.1), "strength"),
+                            (dict(num_inference_steps=0), "num_inference_steps"), (dict(height=70), "height"),
+                            (dict(guidance_scale=float("nan")), "guidance_scale"), (dict(scheduler="x"), "scheduler"),
+                            (dict(task="video"), "task"), (dict(prompt=3), "prompt")):
+        with pytest.raises(ValueError, match=message):
+            replace(good, **change).check()
+    with pytest.raises(ValueError, match="pres_from .* must be below pres_until"):
+        GateSchedule(pres_from=0.5, pres_until=0.5)
+    assert good.at(0.9).without_gate() == good.without_gate() != replace(good, seed=1).without_gate()
+
+
+def test_old_png_settings_are_read_into_the_current_names():
+    from flexip_core.generation.metadata import parse_parameters
+    from flexip_core.generation.settings import Generation
+
+    old = "a toy\nSteps: 20, Sampler: dpmpp_2m, CFG scale: 5.0, Seed: 7, Size: 64x64, FlexIP gate: 0.4, " \
+          "FlexIP strength: 1.0, FlexIP identity until: 0.5, Model: mini"
+    generation = Generation.from_parameters(parse_parameters(old))
+    assert (generation.windows.pres_until, generation.num_inference_steps, generation.seed) == (0.5, 20, 7)
+
+
+def test_gamma_lists_have_one_parser():
+    from flexip_core.cli import gate_values
+    from flexip_core.generation.settings import parse_gates
+
+    assert parse_gates("0, .25;0.5 1") == [0.0, 0.25, 0.5, 1.0] == list(gate_values("0,0.25,0.5,1"))
+    for text, message in (("", "empty"), ("0, banana", "'banana' is not a number"), ("2", "outside"),
+                          (",".join(["0.5"] * 17), "at most 16")):
+        with pytest.raises(ValueError, match=message):
+            parse_gates(text)
+
+
+def test_no_core_module_imports_the_toy_world():
+    """The toy world plugs in through a profile's `world`; the core never imports it (nor gradio)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, flexip_core\n"
+            "for m in pkgutil.walk_packages(flexip_core.__path__, 'flexip_core.'):\n"
+            "    if not m.name.endswith('__main__'): importlib.import_module(m.name)\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] in ('toyworld', 'gradio', 'ui')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]"

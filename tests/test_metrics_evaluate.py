@@ -127,14 +127,15 @@ def test_evaluation_refuses_bad_arguments(dreambench, metric_folders, tmp_path, 
     assert "unicorn" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(common + ["--gates", "0,1.5"])
-    assert stop.value.code == 2 and "[0, 1]" in capsys.readouterr().err
+    assert stop.value.code == 2 and "outside 0…1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:  # argparse refuses it before anything loads
         main(common + ["--seeds", "0,x"])
     assert stop.value.code == 2 and "expected comma-separated numbers" in capsys.readouterr().err
 
 
 def test_evaluation_checks_every_setting_before_loading_a_model(dreambench, tmp_path, capsys, monkeypatch):
-    from flexip_core import metrics, pipeline
+    from flexip_core.evaluation import metrics
+    from flexip_core.generation import pipeline
 
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
@@ -152,7 +153,7 @@ def test_evaluation_checks_every_setting_before_loading_a_model(dreambench, tmp_
                            (["--steps", "0"], "num_inference_steps must be a whole number from 1"),
                            (["--strength", "5"], "strength must be a number in \\[0, 2\\]"),
                            (["--seeds", "-1"], "--seeds must be 0 or more"),
-                           (["--scheduler", "eulr"], "scheduler 'eulr' unknown"),
+                           (["--scheduler", "eulr"], "unknown scheduler 'eulr'"),
                            (["--baseline", "sd14"], "unknown profile 'sd14'")):
         assert main(common + extra) == 2, extra
         assert re.search(message, capsys.readouterr().err), extra

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flexip_core import toyworld as tw
+from toyworld import world as tw
 from toyworld.mini import curve as curve_command
 from toyworld.mini import gate_map, slider, world
 from toyworld.mini.build import ASSETS, PROFILE_PATH
@@ -479,7 +479,7 @@ def test_default_profile_is_mini_only_with_its_weights(monkeypatch, tmp_path):
     files are missing)."""
     import torch
 
-    from flexip_core import profiles
+    from flexip_core.loading import profiles
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert profiles.default_profile() == ("mini" if HAVE_WEIGHTS else "tiny")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flexip_core import toyworld as tw
+from toyworld import world as tw
 from toyworld.oracle import identity_kept, identity_score, prompt_score, read_attributes
 from toyworld.oracle_check import REQUIRED_ACCURACY, heldout_accuracy
 

@@ -146,7 +146,7 @@ def evaluate(pipe, metrics, benchmark: Benchmark, subjects: list[tuple[str, list
     jobs = [(name, photos, i) for name, photos in subjects
             for i in range(min(prompts_per_subject or 10**9, len(benchmark.templates_for(name))))]
     total_calls = sum(len(_chunks(sweep, MAX_BATCH)) for _, _, sweep in methods) * len(jobs) * len(settings.seeds)
-    template = settings.generation or _profile_generation(pipe)
+    base_generation = settings.generation or _profile_generation(pipe)
     rows, images_made, generating = [], 0, 0.0
     started = time.perf_counter()
     progress = tqdm(total=total_calls, desc="evaluate", unit="call")
@@ -168,7 +168,7 @@ def evaluate(pipe, metrics, benchmark: Benchmark, subjects: list[tuple[str, list
                 for method, method_pipe, sweep in methods:
                     for chunk in _chunks(sweep, MAX_BATCH):
                         tic = time.perf_counter()
-                        generation = replace(template, prompt=prompt, seed=seed)
+                        generation = replace(base_generation, prompt=prompt, seed=seed)
                         if method == "flexip":
                             out = method_pipe(subject=embedded[id(method_pipe)], generation=generation,
                                               gate=[c["gate"] for c in chunk])

@@ -84,6 +84,8 @@ class FlexIPPipeline:
         adapter.to(self.device, self.dtype).eval().requires_grad_(False)  # small: stays on the device
         self._own_processors = dict(pipe.unet.attn_processors)  # restored by detach()
         self.scheduler_config = _scheduler_config(pipe.scheduler)  # the base's: what named schedulers are built from
+        if profile and profile.defaults.scheduler:  # the profile asks for its scheduler; a call may ask for another
+            pipe.scheduler = make_scheduler(profile.defaults.scheduler, self.scheduler_config)
         install_processors(pipe.unet, adapter, self.backend)
         self.offload_hooks = apply_low_vram(self.low_vram, pipe, [encoder.clip, encoder.dino], self.device)
         self.vae_decoder = SafeVaeDecoder(pipe.vae, self.device)  # fp16 VAE kept from NaN/black images
@@ -139,6 +141,22 @@ class FlexIPPipeline:
         for hook in self.offload_hooks:
             hook.remove()
         return self.pipe
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
 
     @property
     def defaults(self) -> Defaults:

@@ -21,7 +21,6 @@ from flexip_core.generation.devices import (
     pick_dtype,
 )
 from flexip_core.generation.encoders import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess, SubjectEncoder
-from flexip_core.generation.schedulers import make_scheduler
 from flexip_core.loading.profiles import Profile, cache_home, load_profile
 from flexip_core.loading.sources import load_base, load_pretrained, resolve_file
 from flexip_core.loading.weights import load_adapter
@@ -171,11 +170,8 @@ def _assemble(cls, name, device, dtype, attention, low_vram, overrides):
     if not offload:
         pipe.to(device)
     encoder = load_subject_encoder(adapter, profile.clip_encoder, profile.dino_encoder, dtype, place)
-    flexip = cls(pipe, encoder=encoder, adapter=adapter, profile=profile, attention=attention, low_vram=low_vram,
-                 device=device)
-    if profile.defaults.scheduler is not None:  # the profile asks for its scheduler; a call may ask for another
-        pipe.scheduler = make_scheduler(profile.defaults.scheduler, flexip.scheduler_config)
-    return flexip
+    return cls(pipe, encoder=encoder, adapter=adapter, profile=profile, attention=attention, low_vram=low_vram,
+               device=device)
 
 
 def load_controlnets(sources, dtype):
