@@ -17,10 +17,6 @@ from pathlib import Path
 
 logger = logging.getLogger("flexip_studio")
 
-# Command-line flags passed through to FlexIPPipeline.from_profile as profile overrides.
-OVERRIDES = ("base", "base_config", "clip_encoder", "dino_encoder", "preservation", "personalization", "adapter",
-             "lora")
-
 
 def port_number(text: str) -> int:
     """argparse type of --port: 1 to 65535."""
@@ -30,22 +26,17 @@ def port_number(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from flexip_core.cli import add_model_flags  # argparse only: no torch import
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", help="profile name or .json path (default: sd15 on CUDA once its weights are "
-                                          "in the Hugging Face cache, else the best offline profile)")
     parser.add_argument("--port", type=port_number, help="port to serve on (default: first free from 7860)")
     parser.add_argument("--listen", action="store_true", help="serve on all interfaces (0.0.0.0), not only localhost")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
-    parser.add_argument("--device", help="torch device for the models (default: the profile's: cuda if present, "
-                                         "else cpu; cpu for mini)")
-    parser.add_argument("--low-vram", action="store_true",
-                        help="keep idle models in CPU memory and decode in tiles (small GPUs; slower)")
     parser.add_argument("--no-preload", dest="preload", action="store_false",
                         help="load the models on the first render instead of right after the server starts")
-    for name in OVERRIDES:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"override the profile's {name}")
     parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
                         help="logging level")
+    add_model_flags(parser.add_argument_group("model (as for python -m flexip_core generate)"))
     return parser.parse_args(argv)
 
 
@@ -53,26 +44,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from flexip_core.generation.devices import pick_device
+    from flexip_core.cli import model_options
+    from flexip_core.generation.devices import pick_device, pick_dtype
     from flexip_core.generation.images import DEFAULT_LIMITS
     from flexip_core.loading.profiles import default_profile, load_profile
-    from ui.context import Studio
     from ui.engine import CoreEngine
     from ui.layout import build_studio, launch_options
+    from ui.state import Studio
 
     profile = args.profile or default_profile()
-    try:
+    try:  # a bad profile, device or dtype is refused now, not after the server is up
         load_profile(profile)
-        if args.device:
-            pick_device(args.device)  # an unknown device, or CUDA on the CPU build of torch, is refused now
+        device = pick_device(args.device)  # an unknown device, or CUDA on the CPU build of torch
+        pick_dtype(args.dtype, device)
     except ValueError as error:
         raise SystemExit(f"app.py: error: {error}") from None
-    overrides = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name)}
-    if args.device:
-        overrides["device"] = args.device
-    if args.low_vram:
-        overrides["low_vram"] = True
-    engine = CoreEngine(profile, overrides)
+    engine = CoreEngine(profile, model_options(args))  # the same flags as the command line
 
     folder = Path(tempfile.mkdtemp(prefix="flexip-studio-"))  # photos and results of this run; removed on exit
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -97,7 +84,7 @@ def _exit_on_terminate(*_) -> None:
 
 
 def _prune_hourly(folder: Path) -> None:
-    from ui.exports import prune
+    from ui.files import prune
     from ui.layout import FILES_KEPT_S
 
     while True:

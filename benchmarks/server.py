@@ -46,14 +46,15 @@ def run(mode: Mode) -> tuple[Section, dict]:
         return section, {"skipped": section.skipped}
     from gradio_client import Client, handle_file
 
-    from ui.handlers import SETTING_NAMES
+    from ui.handlers import CONTROLS
     from ui.state import MAX_PHOTOS
 
     settings = dict(prompt="a photo of the subject on the beach", negative_prompt="", gate=0.5, strength=1.0, seed=7,
-                    steps=STEPS, guidance=7.5, width=SIZE, height=SIZE, scheduler="dpmpp_2m", identity_early=1.0)
+                    num_inference_steps=STEPS, guidance_scale=7.5, width=SIZE, height=SIZE, scheduler="dpmpp_2m",
+                    pres_until=1.0)
 
     def form(gate: float) -> list:  # the UI's settings in layout order, then one weight per photo slot
-        return [{**settings, "gate": gate}[name] for name in SETTING_NAMES] + [1.0] * MAX_PHOTOS
+        return [{**settings, "gate": gate}[name] for name in CONTROLS] + [1.0] * MAX_PHOTOS
 
     with tempfile.TemporaryDirectory() as folder:
         photo = Path(folder) / "subject.png"

@@ -135,14 +135,20 @@ def generation_from_args(args):
     return name, generation.check(d.max_side), gates
 
 
+def model_options(args) -> dict:
+    """Keyword arguments of FlexIPPipeline.from_profile from the model flags given (shared by the CLI and app.py)."""
+    options = {name: getattr(args, name) for name in (*MODEL_FLAGS, "device", "dtype", "attention")
+               if getattr(args, name, None)}
+    if getattr(args, "low_vram", False):
+        options["low_vram"] = True  # diffusers' model CPU offload plus VAE slicing and tiling
+    return options
+
+
 def pipeline_from_args(args):
     from flexip_core.generation.pipeline import FlexIPPipeline
     from flexip_core.loading.profiles import default_profile
 
-    overrides = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name, None)}
-    return FlexIPPipeline.from_profile(args.profile or default_profile(), device=args.device, dtype=args.dtype,
-                                       attention=args.attention, low_vram=getattr(args, "low_vram", False) or None,
-                                       **overrides)
+    return FlexIPPipeline.from_profile(args.profile or default_profile(), **model_options(args))
 
 
 def _generate(args) -> int:

@@ -96,8 +96,8 @@ def test_generate_command_refuses_outputs_it_must_not_write_before_loading_anyth
 
 def test_generate_command_checks_the_settings_before_loading_a_model(tmp_path, dreambench, capsys, monkeypatch,
                                                                      caplog):
-    from flexip_core.generation import pipeline
     from flexip_core.cli import main
+    from flexip_core.generation import pipeline
 
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded before the settings were checked")

@@ -94,16 +94,17 @@ def test_mini_leaves_out_the_prompt_words_it_has_never_seen_and_says_so():
 def test_studio_on_mini_says_when_the_subject_photo_is_not_a_toy(photos):
     """On the toy-world model a photo gets no identity score (the oracle would read some shape and colour in any
     photo) and a warning that says why; a toy of the world gets its score and no warning."""
+    from flexip_core.generation.settings import Generation
     from toyworld.oracle import NOT_A_TOY
-    from ui.engine import CoreEngine, make_request
-    from ui.settings import Settings
+    from ui.engine import CoreEngine
 
     engine = CoreEngine("mini")
-    settings = Settings(prompt="a small toy on the left, on a sky background", steps=3, width=64, height=64)
-    dog = engine.render(make_request([photos["dog"]], [1.0], settings, [0.5, 1.0]))
+    generation = Generation(prompt="a small toy on the left, on a sky background", num_inference_steps=3, width=64,
+                            height=64)
+    dog = engine.render([photos["dog"]], [1.0], generation, [0.5, 1.0])
     assert [r.identity for r in dog] == [None, None] and all(r.warnings == (NOT_A_TOY,) for r in dog)
     toy = world.sample_cases(1, seed=1, split="heldout")[0].reference_image()
-    kept = engine.render(make_request([toy], [1.0], settings, [1.0]))
+    kept = engine.render([toy], [1.0], generation, [1.0])
     assert kept[0].identity is not None and kept[0].warnings == ()
 
 

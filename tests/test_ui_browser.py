@@ -140,9 +140,9 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
     from PIL import Image
     from playwright.sync_api import expect
 
-    from flexip_core import toyworld
     from toyworld.oracle import identity_score
-    from ui.examples import EXAMPLES
+    from toyworld.world import Subject
+    from ui.files import EXAMPLES
 
     app = AppServer("--profile", "mini")
     try:
@@ -164,7 +164,7 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
             assert clipped == 0  # each γ and its identity score can be read in full
             last = tmp_path / "gamma1.png"
             last.write_bytes(page.request.get(gallery.last.get_attribute("src")).body())
-            assert identity_score(Image.open(last).convert("RGB"), toyworld.Subject(*example.subject)) >= 2 / 3
+            assert identity_score(Image.open(last).convert("RGB"), Subject(*example.subject)) >= 2 / 3
             history = page.locator("#history img")
             for count in range(history.count() + 1, 7):  # six renders: more than Gradio's 100 px columns hold
                 page.locator("#generate").click()

@@ -4,20 +4,21 @@ from __future__ import annotations
 import asyncio
 import re
 import zipfile
+from pathlib import Path
 
 import gradio as gr
 import pytest
 from PIL import Image
 
-from flexip_core.generation.metadata import parse_parameters
+from flexip_core.generation.gate import GateSchedule
+from flexip_core.generation.settings import MAX_SEED, Generation
 from tests.ui_fixtures import FakeEngine, bad_uploads, odd_mode_uploads, png_bytes
-from ui import api, comparison, handlers, subject
-from ui.binding import bind
-from ui.context import Studio, ensure_loaded
-from ui.engine import make_request
-from ui.runner import Done, Step, stream_render
-from ui.settings import Settings, parse_gates, parse_prompts
-from ui.state import Session
+from ui import handlers
+from ui.engine import Done, Step, stream_render
+from ui.files import save_result
+from ui.handlers import API_NAMES, ensure_loaded, parse_prompts, read_form
+from ui.layout import bind
+from ui.state import Session, Studio, read_png_generation
 
 
 def collect(agen) -> list[dict]:
@@ -28,9 +29,20 @@ def collect(agen) -> list[dict]:
 
 
 def form(**changes) -> dict:
-    values = dict(prompt="a toy on the beach", negative_prompt="", gate=0.5, strength=1.0, seed=7, steps=3,
-                  guidance=7.5, width=64, height=64, scheduler="dpmpp_2m", identity_early=1.0)
+    """The generation controls' values, keyed as the UI's handlers get them (ui.handlers.CONTROLS)."""
+    values = dict(prompt="a toy on the beach", negative_prompt="", gate=0.5, strength=1.0, seed=7,
+                  num_inference_steps=3, guidance_scale=7.5, width=64, height=64, scheduler="dpmpp_2m", pres_until=1.0)
     return {**values, **changes}
+
+
+def run_api(endpoint, studio: Studio, **arguments) -> dict:
+    """An API endpoint's function, called as Gradio would (without a progress bar)."""
+    return asyncio.run(endpoint(studio, progress=None, **arguments))
+
+
+def api_form(**changes) -> dict:
+    """The same values under the API's argument names (steps, guidance, identity_early, the rest as named)."""
+    return {API_NAMES.get(name, name): value for name, value in form(**changes).items()}
 
 
 @pytest.fixture
@@ -49,7 +61,7 @@ def photo(tmp_path) -> str:
 @pytest.fixture
 def session(studio, photo) -> Session:
     session = Session()
-    subject.add_photos(studio, session=session, files=[photo])
+    handlers.add_photos(studio, session=session, files=[photo])
     return session
 
 
@@ -61,10 +73,10 @@ def chunk(path: str) -> str:
 # --- subject photos -------------------------------------------------------------------------------
 def test_add_photos_keeps_good_files_and_warns_about_each_bad_one_by_name(studio, photo, tmp_path):
     session = Session()
-    subject.add_photos(studio, session=session, files=[photo])
+    handlers.add_photos(studio, session=session, files=[photo])
     bad = bad_uploads(tmp_path / "bad")
     with pytest.warns(UserWarning) as caught:
-        values = subject.add_photos(studio, session=session, files=[str(path) for path, _ in bad.values()])
+        values = handlers.add_photos(studio, session=session, files=[str(path) for path, _ in bad.values()])
     messages = [str(w.message) for w in caught]
     for name, (_, reason) in bad.items():
         assert any(name in m and reason in m for m in messages), (name, messages)
@@ -79,11 +91,11 @@ def test_a_flat_photo_is_kept_with_a_warning_in_the_panel_and_the_api(studio, ph
     PILImage.new("RGBA", (64, 64), (255, 0, 0, 0)).save(blank)  # fully transparent: white once composited
     session = Session()
     with pytest.warns(UserWarning, match="transparent.png: the photo is one flat colour, so it shows no subject"):
-        subject.add_photos(studio, session=session, files=[str(blank)])
+        handlers.add_photos(studio, session=session, files=[str(blank)])
     assert [p.flat for p in session.photos] == [True]
-    subject.add_photos(studio, session=session, files=[photo])  # a real photo: no warning, not flat
+    handlers.add_photos(studio, session=session, files=[photo])  # a real photo: no warning, not flat
     assert [p.flat for p in session.photos] == [True, False]
-    values = asyncio.run(api.api_generate(studio, photos=[str(blank), photo], weights="", progress=None, **form()))
+    values = run_api(handlers.api_generate, studio, photos=[str(blank), photo], weights="", **api_form())
     assert values["api_parameters"][0]["warnings"] == [
         "transparent.png: the photo is one flat colour, so it shows no subject to keep"]
 
@@ -92,12 +104,12 @@ def test_odd_modes_and_exif_orientation_become_rgb_photos(studio, tmp_path):
     session = Session()
     odd = odd_mode_uploads(tmp_path / "odd")
     with pytest.warns(UserWarning, match="one flat colour") as flat:  # single-colour files: accepted, with a note
-        subject.add_photos(studio, session=session, files=[str(p) for p, _ in list(odd.values())[:4]])
+        handlers.add_photos(studio, session=session, files=[str(p) for p, _ in list(odd.values())[:4]])
     assert len(session.photos) == 4 and len(flat) == 4
     rotated, size = odd["rotated.jpg"]
     session = Session()
     with pytest.warns(UserWarning, match="rotated.jpg: the photo is one flat colour"):
-        subject.add_photos(studio, session=session, files=[str(rotated)])
+        handlers.add_photos(studio, session=session, files=[str(rotated)])
     with Image.open(session.photos[0].path) as stored:
         assert stored.mode == "RGB" and stored.size == size
     with Image.open(session.photos[0].view) as view:
@@ -112,11 +124,11 @@ def test_photo_limit_duplicates_and_remove(studio, photo, tmp_path):
         path.write_bytes(png_bytes(colour=(i * 40, 10, 10)))
         paths.append(str(path))
     with pytest.warns(UserWarning, match="at most"):
-        subject.add_photos(studio, session=session, files=paths)
+        handlers.add_photos(studio, session=session, files=paths)
     assert len(session.photos) == studio.max_photos
     with pytest.warns(UserWarning, match="already in the subject"):
-        subject.add_photos(studio, session=session, files=[paths[0]])
-    values = subject.remove_photo(studio, session=session, index=0)
+        handlers.add_photos(studio, session=session, files=[paths[0]])
+    values = handlers.remove_photo(studio, session=session, index=0)
     assert len(session.photos) == studio.max_photos - 1 and not values[f"slot{studio.max_photos - 1}"]["visible"]
 
 
@@ -124,16 +136,16 @@ def test_weights_are_checked_and_reach_the_engine(studio, session, photo):
     with pytest.raises(gr.Error, match="weight 0"):
         collect(handlers.generate(studio, session=session, lock_seed=True, **form(weight0=0)))
     collect(handlers.generate(studio, session=session, lock_seed=True, **form(weight0=0.5)))
-    assert studio.engine.requests[-1].weights == (0.5,)
+    assert studio.engine.calls[-1].weights == (0.5,)
 
 
 def test_an_example_sets_the_subject_and_prompt(studio, session):
-    from ui.examples import EXAMPLES
+    from ui.files import EXAMPLES
 
-    values = subject.load_example(studio, session=session, name=EXAMPLES[0].name)
+    values = handlers.load_example(studio, session=session, name=EXAMPLES[0].name)
     assert [p.name for p in session.photos] == [f"{EXAMPLES[0].name}.png"] and values["prompt"] == EXAMPLES[0].prompt
     with pytest.raises(gr.Error, match="unknown example"):
-        subject.load_example(studio, session=session, name="nope")
+        handlers.load_example(studio, session=session, name="nope")
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -144,12 +156,13 @@ def test_generate_streams_previews_then_a_png_with_its_settings(studio, session)
     assert previews  # one per step, though stale ones are dropped when the consumer lags
     assert all(re.search(r"step [123]/3", p["info"]) for p in previews)
     final = updates[-1]
-    params = Settings.from_parameters(parse_parameters(chunk(final["result"])))
-    assert (params.seed, params.gate, params.steps, params.prompt) == (7, 0.3, 3, "a toy on the beach")
+    made, params = read_png_generation(final["result"])  # the PNG carries the Generation that made it
+    assert made == session.history[0].generation == read_form(form(gate=0.3)) and params["profile"] == "fake"
+    assert (made.seed, made.gate, made.num_inference_steps, made.prompt) == (7, 0.3, 3, "a toy on the beach")
     assert final["compare"] == (session.photos[0].view, final["result"])
     assert final["history"][0][1].startswith("γ 0.30 · seed 7 · id 0.62")
     assert "identity score **0.620** (CLIP cosine with the subject)" in final["info"]
-    assert len(studio.engine.requests) == 1 and studio.engine.requests[0].gates == (0.3,)
+    assert len(studio.engine.calls) == 1 and studio.engine.calls[0].gates == (0.3,)
 
 
 def test_a_prompt_cut_off_by_the_text_encoder_is_said_in_the_info_line_and_the_api(studio, session, photo):
@@ -162,7 +175,7 @@ def test_a_prompt_cut_off_by_the_text_encoder_is_said_in_the_info_line_and_the_a
     short = collect(handlers.generate(studio, session=session, lock_seed=True, **form()))[-1]
     assert "⚠" not in short["info"]
     with pytest.warns(UserWarning, match="cut off"):
-        values = asyncio.run(api.api_generate(studio, photos=[photo], weights="", progress=None, **form(prompt=long)))
+        values = run_api(handlers.api_generate, studio, photos=[photo], weights="", **api_form(prompt=long))
     assert values["api_parameters"][0]["warnings"] == [
         "prompt is 80 tokens; the text encoder takes 77, so the end was cut off"]
 
@@ -172,18 +185,18 @@ def test_unlocked_seed_is_new_each_run_and_shown(studio, session):
     second = collect(handlers.generate(studio, session=session, lock_seed=False, **form()))
     seeds = [first[0]["seed"], second[0]["seed"]]
     assert seeds[0] != seeds[1]
-    assert [r.seed for r in studio.engine.requests] == seeds
+    assert [c.generation.seed for c in studio.engine.calls] == seeds
     assert f"seed {seeds[1]}" in second[-1]["info"]
 
 
 def test_errors_become_gr_error_and_keep_the_session(studio, session):
     collect(handlers.generate(studio, session=session, lock_seed=True, **form()))
     with pytest.raises(gr.Error, match="num_inference_steps"):
-        collect(handlers.generate(studio, session=session, lock_seed=True, **form(steps=0)))
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(num_inference_steps=0)))
     with pytest.raises(gr.Error, match="prompt is empty"):
         collect(handlers.generate(studio, session=session, lock_seed=True, **form(prompt="  ")))
     with pytest.raises(gr.Error, match="enter a number"):
-        collect(handlers.generate(studio, session=session, lock_seed=True, **form(guidance=None)))
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(guidance_scale=None)))
     with pytest.raises(gr.Error, match="add at least one photo"):
         collect(handlers.generate(studio, session=Session(), lock_seed=True, **form()))
     assert len(session.history) == 1 and len(session.photos) == 1
@@ -205,12 +218,12 @@ def test_old_files_are_pruned_and_reused_photos_kept(studio, session, photo):
     import os
     import time
 
-    from ui.exports import prune
+    from ui.files import prune
 
     old = time.time() - 2 * 86400
     for path in (session.photos[0].path, session.photos[0].view):
         os.utime(path, (old, old))
-    subject.add_photos(studio, session=Session(), files=[photo])  # the same photo again: its files are renewed
+    handlers.add_photos(studio, session=Session(), files=[photo])  # the same photo again: its files are renewed
     assert prune(studio.folder, 86400) == 0
     for path in (session.photos[0].path, session.photos[0].view):
         os.utime(path, (old, old))
@@ -268,32 +281,32 @@ def test_the_offline_default_says_it_draws_toys_without_loading_its_models():
 
 # --- the live slider ------------------------------------------------------------------------------
 def test_peek_shows_the_nearest_render_without_computing(studio, session):
-    collect(comparison.sweep(studio, session=session, gates_text="0, 0.5, 1", **form()))
-    requests = len(studio.engine.requests)
+    collect(handlers.sweep(studio, session=session, gates_text="0, 0.5, 1", **form()))
+    requests = len(studio.engine.calls)
     values = handlers.peek(studio, session=session, **form(gate=0.62, weight0=1.0))
     assert "nearest rendered γ 0.50" in values["info"] and values["result"].endswith(".png")
     assert "FlexIP gate: 0.5," in chunk(values["result"])
     assert handlers.peek(studio, session=session, **form(gate=0.9))["result"] == session.exact(
-        Settings(**{**form(), "gate": 1.0})).path
+        read_form(form(gate=1.0))).path
     assert "result" not in handlers.peek(studio, session=session, **form(gate=0.6, seed=8))  # other seed
     assert "result" not in handlers.peek(studio, session=session, **form(gate=0.6, prompt="other"))
-    assert len(studio.engine.requests) == requests
+    assert len(studio.engine.calls) == requests
 
 
 def test_release_renders_with_the_same_seed_or_reuses_an_exact_render(studio, session):
     collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=11, gate=0.5)))
     collect(handlers.release(studio, session=session, **form(seed=11, gate=0.8)))
-    assert [(r.seed, r.gates) for r in studio.engine.requests] == [(11, (0.5,)), (11, (0.8,))]
+    assert [(c.generation.seed, c.gates) for c in studio.engine.calls] == [(11, (0.5,)), (11, (0.8,))]
     updates = collect(handlers.release(studio, session=session, **form(seed=11, gate=0.5)))
-    assert len(studio.engine.requests) == 2 and len(updates) == 1 and "0.50" in updates[0]["info"]
+    assert len(studio.engine.calls) == 2 and len(updates) == 1 and "0.50" in updates[0]["info"]
 
 
 def test_cancelling_the_consumer_stops_the_render_within_a_step():
     engine = FakeEngine(step_delay=0.05)
-    request = make_request([Image.new("RGB", (32, 32))], [1.0], Settings(prompt="x", steps=200), [0.5])
+    photo = [Image.new("RGB", (32, 32))]
 
     async def consume_two_steps():
-        stream = stream_render(engine, request)
+        stream = stream_render(engine, photo, [1.0], Generation(prompt="x", num_inference_steps=200), [0.5])
         events = [await anext(stream), await anext(stream)]
         await stream.aclose()
         return events
@@ -305,22 +318,22 @@ def test_cancelling_the_consumer_stops_the_render_within_a_step():
 
 def test_stream_render_reports_engine_errors_and_results():
     engine = FakeEngine()
-    good = make_request([Image.new("RGB", (32, 32))], [1.0], Settings(prompt="x", steps=2), [0.2, 0.9])
+    photo = [Image.new("RGB", (32, 32))]
 
-    async def run(request):
-        return [event async for event in stream_render(engine, request)]
+    async def run(generation, gates):
+        return [event async for event in stream_render(engine, photo, [1.0], generation, gates)]
 
-    events = asyncio.run(run(good))
-    assert isinstance(events[-1], Done) and [r.parameters["gate"] for r in events[-1].results] == [0.2, 0.9]
-    bad = make_request([Image.new("RGB", (32, 32))], [1.0], Settings(prompt="x", gate=2.0), [2.0])
+    events = asyncio.run(run(Generation(prompt="x", num_inference_steps=2), [0.2, 0.9]))
+    assert isinstance(events[-1], Done) and [r.generation.gate for r in events[-1].results] == [0.2, 0.9]
+    assert [r.parameters["gate"] for r in events[-1].results] == [0.2, 0.9]
     with pytest.raises(ValueError, match="gate"):
-        asyncio.run(run(bad))
+        asyncio.run(run(Generation(prompt="x"), [2.0]))
 
 
 # --- sweep, grid, export --------------------------------------------------------------------------
 def test_sweep_is_one_batched_call_with_a_zip_of_pngs(studio, session):
-    updates = collect(comparison.sweep(studio, session=session, gates_text="0, .25, .5, .75, 1", **form(gate=0.7)))
-    assert [r.gates for r in studio.engine.requests] == [(0.0, 0.25, 0.5, 0.75, 1.0)]
+    updates = collect(handlers.sweep(studio, session=session, gates_text="0, .25, .5, .75, 1", **form(gate=0.7)))
+    assert [r.gates for r in studio.engine.calls] == [(0.0, 0.25, 0.5, 0.75, 1.0)]
     final = updates[-1]
     captions = [caption for _, caption in final["sweep_gallery"]]
     assert captions[:3] == ["reference", "γ 0.00 · id 0.50", "γ 0.25 · id 0.60"] and len(captions) == 6
@@ -331,82 +344,129 @@ def test_sweep_is_one_batched_call_with_a_zip_of_pngs(studio, session):
         assert b"FlexIP gate: 0.25" in archive.read(names[1])
 
 
-def test_low_vram_sweep_renders_one_image_at_a_time(studio, session):
-    collect(comparison.sweep(studio, session=session, gates_text="0, 0.5, 1", low_vram=True, **form()))
-    assert [r.gates for r in studio.engine.requests] == [(0.0,), (0.5,), (1.0,)]
+def test_a_sequential_sweep_renders_one_image_at_a_time(studio, session):
+    collect(handlers.sweep(studio, session=session, gates_text="0, 0.5, 1", sequential_sweep=True, **form()))
+    assert [r.gates for r in studio.engine.calls] == [(0.0,), (0.5,), (1.0,)]
 
 
 def test_grid_renders_each_prompt_as_one_batch(studio, session):
-    updates = collect(comparison.grid(studio, session=session, prompts_text="a dog\n\na cat in snow",
+    updates = collect(handlers.grid(studio, session=session, prompts_text="a dog\n\na cat in snow",
                                       gates_text="0, 1", **form()))
-    rows = [(r.prompt, r.gates) for r in studio.engine.requests]
+    rows = [(c.generation.prompt, c.gates) for c in studio.engine.calls]
     assert rows == [("a dog", (0.0, 1.0)), ("a cat in snow", (0.0, 1.0))]
     galleries = [u["grid_gallery"] for u in updates if "grid_gallery" in u]
     assert len(galleries[-1]["value"]) == 4 and galleries[-1]["columns"] == 2
     assert [caption for _, caption in galleries[-1]["value"]][:2] == ["γ 0.00 · id 0.50", "γ 1.00 · id 0.90"]
     assert updates[-1]["info"].endswith("row 1: *a dog* · row 2: *a cat in snow*")  # the caption is short: γ and id
     with pytest.raises(gr.Error, match="outside 0"):
-        collect(comparison.grid(studio, session=session, prompts_text="a", gates_text="0, 3", **form()))
+        collect(handlers.grid(studio, session=session, prompts_text="a", gates_text="0, 3", **form()))
 
 
 def test_history_click_and_png_drop_restore_the_settings(studio, session):
-    collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=21, gate=0.25, steps=2)))
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=21, gate=0.25,
+                                                                               num_inference_steps=2)))
     collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=22, gate=0.75)))
     picked = handlers.select_history(studio, gr.SelectData(None, {"index": 1, "value": None}), session=session)
-    assert (picked["seed"], picked["gate"], picked["steps"], picked["lock_seed"]) == (21, 0.25, 2, True)
+    assert (picked["seed"], picked["gate"], picked["num_inference_steps"], picked["lock_seed"]) == (21, 0.25, 2, True)
     png = session.history[1].path
-    restored = handlers.restore_png(studio, file=png, **form())
-    assert (restored["seed"], restored["gate"], restored["steps"], restored["lock_seed"]) == (21, 0.25, 2, True)
+    restored = handlers.restore_png(studio, file=png)
+    assert (restored["seed"], restored["gate"], restored["num_inference_steps"], restored["lock_seed"]) == (
+        21, 0.25, 2, True)
     studio.engine.profile = "sd15"  # a PNG from another profile restores too, with a warning
     with pytest.warns(UserWarning, match="made with profile 'fake'"):
-        handlers.restore_png(studio, file=png, **form())
+        handlers.restore_png(studio, file=png)
 
 
 def test_png_without_settings_is_refused_by_name(studio, tmp_path):
     plain = tmp_path / "plain.png"
     plain.write_bytes(png_bytes())
     with pytest.raises(gr.Error, match="plain.png.*no FlexIP settings"):
-        handlers.restore_png(studio, file=str(plain), **form())
+        handlers.restore_png(studio, file=str(plain))
     text = tmp_path / "notes.png"
     text.write_bytes(b"hello")
     with pytest.raises(gr.Error, match="notes.png"):
-        handlers.restore_png(studio, file=str(text), **form())
+        handlers.restore_png(studio, file=str(text))
 
 
-def test_settings_survive_the_png_chunk_round_trip():
-    from flexip_core.generation.metadata import format_parameters, parse_parameters
+def test_a_generation_survives_the_png_round_trip_into_the_controls(studio, tmp_path):
+    """The value the controls make is the one the PNG carries and the one a dropped PNG puts back."""
+    made = Generation(prompt="a, b", negative_prompt="blur", gate=0.35, strength=1.2, seed=99,
+                      num_inference_steps=12, guidance_scale=5.5, width=96, height=64, scheduler="euler_a",
+                      windows=GateSchedule(pres_until=0.4))
+    path = save_result(Image.new("RGB", (96, 64)), made.to_parameters(), tmp_path)
+    assert read_png_generation(path)[0] == made
+    restored = handlers.restore_png(studio, file=path)
+    controls = {name: value for name, value in restored.items() if name in handlers.CONTROLS}
+    assert controls == {**form(), **dict(prompt="a, b", negative_prompt="blur", gate=0.35, strength=1.2, seed=99,
+                                         num_inference_steps=12, guidance_scale=5.5, width=96, height=64,
+                                         scheduler="euler_a", pres_until=0.4)}
+    assert read_form(controls) == made  # identity_early is the window's pres_until, end to end
 
-    settings = Settings(prompt="a, b", negative_prompt="blur", gate=0.35, strength=1.2, seed=99, steps=12,
-                        guidance=5.5, width=96, height=64, scheduler="euler_a", identity_early=0.4)
-    text = format_parameters(settings.as_core_parameters())
-    assert Settings.from_parameters(parse_parameters(text)) == settings
+
+def test_a_png_with_settings_the_studio_has_no_control_for_says_so(studio, tmp_path):
+    made = Generation(prompt="a toy", windows=GateSchedule(pers_from=0.2))
+    path = save_result(Image.new("RGB", (64, 64)), made.to_parameters(), tmp_path)
+    with pytest.warns(UserWarning, match="no control for pers_from 0.2; those settings were not restored"):
+        restored = handlers.restore_png(studio, file=path)
+    assert restored["prompt"] == "a toy"
 
 
-def test_gate_and_prompt_lists_are_checked():
-    assert parse_gates("0, .25;0.5 1") == [0.0, 0.25, 0.5, 1.0]
-    for text, words in (("", "empty"), ("0, x", "not a number"), ("1.5", "outside"), (",".join("0" * 10), "at most")):
-        with pytest.raises(ValueError, match=words):
-            parse_gates(text)
+def test_gate_and_prompt_lists_are_checked(studio, session):
+    for text, words in (("", "empty"), ("0, x", "not a number"), ("1.5", "outside"), (",".join("0" * 10), "at most 9")):
+        with pytest.raises(gr.Error, match=words):
+            collect(handlers.sweep(studio, session=session, gates_text=text, **form()))
+    collect(handlers.sweep(studio, session=session, gates_text="0, .25;0.5 1", **form()))
+    assert studio.engine.calls[-1].gates == (0.0, 0.25, 0.5, 1.0)
     with pytest.raises(ValueError, match="at most 4"):
         parse_prompts("a\nb\nc\nd\ne")
 
 
+def test_a_negative_or_empty_seed_draws_one_in_the_one_seed_range():
+    seeds = {read_form(form(seed=seed)).seed for seed in (-1, None, "", -1, -1)}
+    assert len(seeds) > 1 and all(0 <= seed <= MAX_SEED for seed in seeds)
+    assert read_form(form(seed=42)).seed == 42
+
+
+def test_a_bad_setting_is_refused_before_the_models_load(studio, session):
+    with pytest.raises(gr.Error, match="height must be a multiple of 8 from 64 to 512, got 1024"):
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(height=1024)))
+    with pytest.raises(gr.Error, match="identity until"):
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(pres_until=0)))
+    assert studio.engine.loads == 0
+
+
 # --- API handlers ----------------------------------------------------------------------------------
 def test_api_generate_returns_pngs_and_parameters(studio, photo):
-    values = asyncio.run(api.api_generate(studio, photos=[photo], weights="", progress=None, **form(gate=0.9)))
+    values = run_api(handlers.api_generate, studio, photos=[photo], weights="", **api_form(gate=0.9))
     assert len(values["api_images"]) == 1 and values["api_parameters"][0]["gate"] == 0.9
     assert values["api_parameters"][0]["identity_score"] == pytest.approx(0.86)
     assert "FlexIP gate: 0.9" in chunk(values["api_images"][0])
 
 
+def test_the_api_keeps_its_argument_names_and_answers_in_the_generation_names(studio, photo):
+    """steps, guidance and identity_early (the API's public names) go straight into the Generation; each result's
+    parameters are Generation.to_parameters() plus identity_score, file and warnings."""
+    values = run_api(handlers.api_sweep, studio, photos=[photo], gates="0, 1",
+                     **api_form(steps=2, guidance=3.5, identity_early=0.4))
+    call = studio.engine.calls[-1]
+    assert (call.gates, call.generation.num_inference_steps, call.generation.guidance_scale,
+            call.generation.windows.pres_until) == ((0.0, 1.0), 2, 3.5, 0.4)
+    first = values["api_parameters"][0]
+    assert first == {**call.generation.at(0.0).to_parameters(), "identity_metric": "clip", "profile": "fake",
+                     "identity_score": 0.5, "file": Path(values["api_images"][0]).name, "warnings": []}
+    assert (first["num_inference_steps"], first["guidance_scale"], first["pres_until"]) == (2, 3.5, 0.4)
+    with zipfile.ZipFile(values["api_zip"]) as archive:
+        assert len(archive.namelist()) == 2
+
+
 def test_api_rejects_bad_photos_and_weights_by_name(studio, photo, tmp_path):
     bad = bad_uploads(tmp_path / "bad")
     with pytest.raises(gr.Error, match="vector.svg: SVG"):
-        asyncio.run(api.api_generate(studio, photos=[photo, str(bad["vector.svg"][0])], progress=None, **form()))
+        run_api(handlers.api_generate, studio, photos=[photo, str(bad["vector.svg"][0])], **api_form())
     with pytest.raises(gr.Error, match="2 weights given for 1 photos"):
-        asyncio.run(api.api_generate(studio, photos=[photo], weights="1, 2", progress=None, **form()))
+        run_api(handlers.api_generate, studio, photos=[photo], weights="1, 2", **api_form())
     with pytest.raises(gr.Error, match="no subject photos"):
-        asyncio.run(api.api_sweep(studio, photos=[], progress=None, **form()))
+        run_api(handlers.api_sweep, studio, photos=[], **api_form())
 
 
 # --- wiring ---------------------------------------------------------------------------------------
@@ -423,6 +483,23 @@ def test_the_app_builds_with_named_api_endpoints(studio):
     demo = build_studio(studio)
     names = {fn.api_name for fn in demo.fns.values()}
     assert {"generate", "sweep", "ui_generate", "ui_release", "add_photos"} <= names
+    endpoints = demo.get_api_info()["named_endpoints"]
+    arguments = ["photos", "weights", "prompt", "negative_prompt", "gate", "strength", "seed", "steps", "guidance",
+                 "width", "height", "scheduler", "identity_early"]
+    assert [p["parameter_name"] for p in endpoints["/generate"]["parameters"]] == arguments
+    assert [p["parameter_name"] for p in endpoints["/sweep"]["parameters"]] == [*arguments, "gates"]
+
+
+def test_app_model_flags_are_the_cores_and_low_vram_is_the_cores_low_vram():
+    import app
+    from flexip_core.cli import MODEL_FLAGS, model_options
+
+    args = app.parse_args(["--low-vram", "--base", "/models/base", "--dtype", "float16", "--attention", "sdpa",
+                           "--profile", "tiny", "--port", "8000"])
+    assert model_options(args) == {"base": "/models/base", "dtype": "float16", "attention": "sdpa",
+                                   "low_vram": True}
+    assert model_options(app.parse_args([])) == {}
+    assert all(hasattr(app.parse_args([]), name) for name in MODEL_FLAGS)  # flags from flexip_core.cli
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -430,6 +507,7 @@ def test_the_app_builds_with_named_api_endpoints(studio):
     (["--log-level", "loud"], "invalid choice: 'LOUD'"),
     (["--profile", "nosuch"], "unknown profile 'nosuch'; available: mini"),
     (["--device", "tpu"], "device 'tpu' unknown; use cuda, cuda:N, mps or cpu"),
+    (["--dtype", "float8"], "dtype 'float8' unknown"),
 ])
 def test_app_refuses_bad_flags_before_serving(argv, message, capsys):
     import app

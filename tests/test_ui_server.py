@@ -13,6 +13,9 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from flexip_core.generation.metadata import read_generation
+from flexip_core.generation.settings import MAX_SEED, Generation
+from flexip_core.loading.profiles import load_profile
 from tests.ui_fixtures import DREAMBENCH, AppServer, bad_uploads, ui_form
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -45,6 +48,12 @@ def chunk(path: str) -> str:
         return image.info["parameters"]
 
 
+def profile_notes() -> list[str]:
+    """The note the tiny profile adds to every result (its images are noise by design), if it has one."""
+    notice = getattr(load_profile("tiny"), "notice", None)
+    return [notice] if notice else []
+
+
 def quick_generate(client: Client, photos, **changes):
     values = dict(photos=photos[:1], prompt="a dog", seed=3, steps=2, gate=0.5, width=64, height=64)
     return client.predict(**{**values, **changes}, api_name="/generate")
@@ -59,14 +68,25 @@ def test_generate_returns_one_png_with_its_settings(client, photos):
     assert "Model: tiny" in text and "Steps: 3" in text
     assert parameters[0]["gate"] == 0.7 and parameters[0]["profile"] == "tiny"
     assert -1.0 <= parameters[0]["identity_score"] <= 1.0
-    assert parameters[0]["warnings"] == []
+    assert parameters[0]["warnings"] == profile_notes()
+    assert parameters[0]["file"] == images[0].rsplit("/", 1)[-1]
+    with Image.open(images[0]) as image:  # the JSON and the PNG chunk carry the same Generation
+        assert read_generation(image)[0] == Generation.from_parameters(parameters[0])
+
+
+def test_the_api_takes_steps_guidance_and_identity_early_and_answers_with_the_generation_names(client, photos):
+    _, parameters = quick_generate(client, photos, steps=3, guidance=4.5, identity_early=0.5, seed=-1)
+    made = Generation.from_parameters(parameters[0])
+    assert (made.num_inference_steps, made.guidance_scale, made.windows.pres_until) == (3, 4.5, 0.5)
+    assert 0 <= made.seed <= MAX_SEED  # -1: a random seed, written into the result
+    assert {"identity_score", "file", "warnings"} <= set(parameters[0])
 
 
 def test_a_prompt_longer_than_the_text_encoder_takes_comes_back_with_a_warning(client, photos):
     _, parameters = quick_generate(client, photos, prompt="a dog in the snow " * 30)
-    assert len(parameters[0]["warnings"]) == 1
-    assert re.fullmatch(r"prompt is \d+ tokens; the text encoder takes 77, so the end was cut off",
-                        parameters[0]["warnings"][0])
+    warnings = [warning for warning in parameters[0]["warnings"] if warning not in profile_notes()]
+    assert len(warnings) == 1
+    assert re.fullmatch(r"prompt is \d+ tokens; the text encoder takes 77, so the end was cut off", warnings[0])
 
 
 def test_sweep_returns_one_png_per_gate_and_a_zip(client, photos):
@@ -138,20 +158,20 @@ def test_two_clients_at_once_each_get_their_own_result(server, photos):
 def test_ui_session_generate_release_and_cancel(server, photos):
     client = Client(server.url, verbose=False)
     client.predict([photos[0]], api_name="/add_photos")
-    first = client.predict(True, *ui_form(seed=9, gate=0.2, steps=3), api_name="/ui_generate")
+    first = client.predict(True, *ui_form(seed=9, gate=0.2, num_inference_steps=3), api_name="/ui_generate")
     assert "seed 9" in first[1] and "γ 0.20" in first[1]
     stranger = Client(server.url, verbose=False)  # another user's session holds none of these photos
     with pytest.raises(Exception, match="add at least one photo"):
         stranger.predict(True, *ui_form(), api_name="/ui_generate")
 
     # Release the slider: same seed, new γ, previews streamed before the final image.
-    job = client.submit(*ui_form(seed=9, gate=0.6, steps=3), api_name="/ui_release")
+    job = client.submit(*ui_form(seed=9, gate=0.6, num_inference_steps=3), api_name="/ui_release")
     job.result(timeout=120)
     infos = [output[1] for output in job.outputs()]
     assert any("step 1/3" in info for info in infos) and "γ 0.60" in infos[-1] and "identity score" in infos[-1]
 
     # A long run, cancelled after its first preview, leaves the server ready for the next request.
-    job = client.submit(True, *ui_form(seed=10, steps=400), api_name="/ui_generate")
+    job = client.submit(True, *ui_form(seed=10, num_inference_steps=400), api_name="/ui_generate")
     deadline = time.time() + 120
     while not any("step" in str(output[1]) for output in job.outputs()) and time.time() < deadline:
         time.sleep(0.1)

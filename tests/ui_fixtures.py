@@ -4,27 +4,41 @@ from __future__ import annotations
 import io
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from benchmarks.app_process import AppServer  # noqa: F401  (the tests' app server)
-from ui.engine import SCHEDULERS, Defaults, Rendered, RenderRequest
+from flexip_core.generation.settings import Generation
+from flexip_core.loading.profiles import Defaults
+from ui.engine import SCHEDULERS, Rendered
 
 REPO = Path(__file__).resolve().parent.parent
 DREAMBENCH = REPO.parent / "shared" / "dreambench"
 
 
+@dataclass(frozen=True)
+class Call:
+    """One FakeEngine.render call, as the engine received it."""
+
+    references: tuple  # PIL images
+    weights: tuple[float, ...]
+    generation: Generation
+    gates: tuple[float, ...]
+
+
 class FakeEngine:
     """Renders flat colours that encode γ and the seed, calling on_step like the core; checks inputs as the
-    core does (ValueError naming the setting). `step_delay` slows each step so cancellation can be tested."""
+    core does (Generation.check: ValueError naming the setting). `step_delay` slows each step so cancellation can
+    be tested."""
 
     profile = "fake"
     schedulers = SCHEDULERS
 
     def __init__(self, step_delay: float = 0.0):
         self.step_delay = step_delay
-        self.requests: list[RenderRequest] = []
+        self.calls: list[Call] = []
         self.loads = 0
         self.cancelled = threading.Event()  # set when a render stopped because on_step raised
         self.load_error: str | None = None  # when set, loading fails with this message
@@ -32,7 +46,8 @@ class FakeEngine:
         self._failure: str | None = None
 
     def defaults(self) -> Defaults:
-        return Defaults(width=64, height=64, steps=4, guidance=7.5, scheduler="dpmpp_2m", max_side=512)
+        return Defaults(height=64, width=64, num_inference_steps=4, guidance_scale=7.5, scheduler="dpmpp_2m",
+                        max_side=512)
 
     def ready(self) -> bool:
         return self._loaded
@@ -51,35 +66,28 @@ class FakeEngine:
     def failure(self) -> str | None:
         return self._failure
 
-    def render(self, request: RenderRequest, on_step=None) -> list[Rendered]:
-        for gate in request.gates:
+    def render(self, references, weights, generation: Generation, gates, on_step=None) -> list[Rendered]:
+        for gate in gates:
             if not 0.0 <= gate <= 1.0:
-                raise ValueError(f"gate must be in [0, 1], got {gate}")
-        if not 1 <= request.steps <= 500:
-            raise ValueError(f"num_inference_steps must be a whole number from 1 to 500, got {request.steps}")
-        if request.width % 8 or request.height % 8:
-            raise ValueError(f"width must be a multiple of 8 from 64 to 512, got {request.width}")
+                raise ValueError(f"gate (γ) must be a number in [0, 1], got {gate}")
+        generation.check(self.defaults().max_side)
         self.load()
-        self.requests.append(request)
-        for step in range(1, request.steps + 1):
+        self.calls.append(Call(tuple(references), tuple(weights), generation, tuple(gates)))
+        steps = generation.num_inference_steps
+        for step in range(1, steps + 1):
             time.sleep(self.step_delay)
             if on_step is not None:
                 try:
-                    on_step(step, request.steps, [Image.new("RGB", (8, 8), _colour(g, step)) for g in request.gates])
+                    on_step(step, steps, [Image.new("RGB", (8, 8), _colour(g, step)) for g in gates])
                 except Exception:
                     self.cancelled.set()
                     raise
+        made = [generation.at(gate) for gate in gates]
         return [
-            Rendered(
-                image=Image.new("RGB", (request.width, request.height), _colour(gate, request.seed)),
-                parameters=dict(prompt=request.prompt, negative_prompt=request.negative_prompt, gate=gate,
-                                strength=request.strength, seed=request.seed, num_inference_steps=request.steps,
-                                guidance_scale=request.guidance, width=request.width, height=request.height,
-                                scheduler=request.scheduler, gate_schedule=request.identity_early, profile="fake"),
-                identity=0.5 + 0.4 * gate,
-                warnings=_cut_off(request.prompt),
-            )
-            for gate in request.gates
+            Rendered(image=Image.new("RGB", (g.width, g.height), _colour(g.gate, g.seed)), generation=g,
+                     parameters={**g.to_parameters(), "identity_metric": "clip", "profile": "fake"},
+                     identity=0.5 + 0.4 * g.gate, warnings=_cut_off(g.prompt))
+            for g in made
         ]
 
 
@@ -170,14 +178,13 @@ def odd_mode_uploads(folder: Path) -> dict[str, tuple[Path, tuple[int, int]]]:
     return made
 
 
-UI_SETTINGS = ("prompt", "negative_prompt", "gate", "strength", "seed", "steps", "guidance", "width", "height",
-               "scheduler", "identity_early")
-
-
 def ui_form(max_photos: int = 4, **values) -> list:
     """Positional inputs of the UI's undocumented endpoints (/ui_generate after lock_seed, /ui_release):
-    the settings in layout order, then one weight per photo slot."""
-    defaults = dict(prompt="a photo of the subject", negative_prompt="", gate=0.5, strength=1.0, seed=1, steps=4,
-                    guidance=7.5, width=64, height=64, scheduler="dpmpp_2m", identity_early=1.0)
+    the generation controls in layout order (ui.handlers.CONTROLS), then one weight per photo slot."""
+    from ui.handlers import CONTROLS
+
+    defaults = dict(prompt="a photo of the subject", negative_prompt="", gate=0.5, strength=1.0, seed=1,
+                    num_inference_steps=4, guidance_scale=7.5, width=64, height=64, scheduler="dpmpp_2m",
+                    pres_until=1.0)
     defaults.update(values)
-    return [defaults[name] for name in UI_SETTINGS] + [1.0] * max_photos
+    return [defaults[name] for name in CONTROLS] + [1.0] * max_photos

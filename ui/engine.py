@@ -1,16 +1,23 @@
-"""The studio's narrow view of the FlexIP core: an Engine protocol the handlers call, and CoreEngine, which
-wraps flexip_core.FlexIPPipeline. Everything crossing this boundary is PIL images, numbers and strings."""
+"""The studio's narrow view of the FlexIP core: the Engine protocol the handlers call, CoreEngine over
+flexip_core.FlexIPPipeline, and stream_render, which runs a blocking render in a worker thread and streams its step
+previews. Everything crossing this boundary is PIL images, numbers, strings and `Generation` values.
+
+Cancelling the task that consumes stream_render (Gradio's Stop button, `cancels=`, a newer slider release) sets a
+stop flag that the next step callback turns into RenderCancelled, so the device is free again within one step."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from PIL import Image
 
 from flexip_core.generation.schedulers import SCHEDULER_NAMES
+from flexip_core.generation.settings import Generation
+from flexip_core.loading.profiles import Defaults
 
 logger = logging.getLogger(__name__)
 
@@ -23,36 +30,10 @@ class RenderCancelled(Exception):
 
 
 @dataclass(frozen=True)
-class Defaults:
-    width: int  # profile's default output width
-    height: int  # profile's default output height
-    steps: int  # profile's default number of denoising steps
-    guidance: float  # profile's default classifier-free guidance scale
-    scheduler: str  # profile's default sampler
-    max_side: int = 1024  # largest width or height the profile accepts
-
-
-@dataclass(frozen=True)
-class RenderRequest:
-    references: tuple[Image.Image, ...]  # validated RGB photos of one subject
-    weights: tuple[float, ...]  # one weight per photo
-    prompt: str
-    negative_prompt: str
-    gates: tuple[float, ...]  # one output image per γ, rendered as one batch
-    strength: float
-    seed: int
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    scheduler: str
-    identity_early: float | None  # None: identity branch on every step
-
-
-@dataclass(frozen=True)
 class Rendered:
     image: Image.Image  # the final image
-    parameters: dict  # the settings used, as the core reports them (written into the PNG chunk)
+    generation: Generation  # what made it, as the core reports it (its γ, and the size and scheduler used)
+    parameters: dict  # the core's parameters entry: generation.to_parameters() plus model names, written to the PNG
     identity: float | None  # its identity score (parameters["identity_metric"] says which), None if unavailable
     warnings: tuple[str, ...] = ()  # non-fatal notes from the core, e.g. that the prompt was cut off
 
@@ -61,7 +42,8 @@ class Engine(Protocol):
     profile: str  # name of the loaded (or to-be-loaded) profile
     schedulers: tuple[str, ...]  # sampler names the engine accepts
 
-    def defaults(self) -> Defaults: ...
+    def defaults(self) -> Defaults:
+        """The profile's suggested settings (size, steps, guidance, scheduler) and its largest side."""
 
     def ready(self) -> bool: ...
 
@@ -74,8 +56,10 @@ class Engine(Protocol):
     def failure(self) -> str | None:
         """Why the last attempt to load failed (None when it did not, or none was made); a later load retries."""
 
-    def render(self, request: RenderRequest, on_step: StepCallback | None = None) -> list[Rendered]:
-        """Render one image per γ of the request; ValueError for bad settings, RenderCancelled when stopped."""
+    def render(self, references: Sequence[Image.Image], weights: Sequence[float], generation: Generation,
+               gates: Sequence[float], on_step: StepCallback | None = None) -> list[Rendered]:
+        """Render `generation` once per γ of `gates` (one batch) for the subject in `references` (validated RGB
+        photos, one weight each); ValueError for bad settings, RenderCancelled when stopped."""
 
 
 @dataclass
@@ -83,7 +67,7 @@ class CoreEngine:
     """Engine over flexip_core: loads the pipeline lazily, once, and runs one render at a time on the device."""
 
     profile: str
-    overrides: dict = field(default_factory=dict)  # keyword overrides passed to FlexIPPipeline.from_profile
+    overrides: dict = field(default_factory=dict)  # keyword arguments of FlexIPPipeline.from_profile
     _pipe: object = field(default=None, init=False, repr=False)
     _failure: str | None = field(default=None, init=False, repr=False)
     _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -122,12 +106,10 @@ class CoreEngine:
     def defaults(self) -> Defaults:
         from flexip_core.loading.profiles import load_profile  # a data file: no torch import, so the page comes up fast
 
-        d = self._pipe.defaults if self._pipe is not None else load_profile(self.profile).defaults
-        return Defaults(width=d.width, height=d.height, steps=d.num_inference_steps,
-                        guidance=d.guidance_scale, scheduler=d.scheduler or SCHEDULERS[0],
-                        max_side=d.max_side)
+        return self._pipe.defaults if self._pipe is not None else load_profile(self.profile).defaults
 
-    def render(self, request: RenderRequest, on_step: StepCallback | None = None) -> list[Rendered]:
+    def render(self, references: Sequence[Image.Image], weights: Sequence[float], generation: Generation,
+               gates: Sequence[float], on_step: StepCallback | None = None) -> list[Rendered]:
         from flexip_core import GenerationCancelled
 
         self.load()
@@ -140,35 +122,71 @@ class CoreEngine:
             except RenderCancelled:
                 raise GenerationCancelled(f"cancelled at step {step}/{total}") from None
 
+        references = list(references)
         with self._device_lock:  # a cancelled run may still be finishing its step; wait for it
             pipe = self._pipe
-            subject = pipe.encode_subject(list(request.references), list(request.weights))  # cached by content
+            subject = pipe.encode_subject(references, [float(w) for w in weights])  # cached by content
             try:
-                out = pipe(
-                    request.prompt, subject=subject, gate=list(request.gates), strength=request.strength,
-                    negative_prompt=request.negative_prompt or None, num_inference_steps=request.steps,
-                    guidance_scale=request.guidance, height=request.height, width=request.width,
-                    seed=request.seed, scheduler=request.scheduler, callback=callback,
-                    gate_schedule=request.identity_early,
-                )
+                out = pipe(subject=subject, gate=[float(g) for g in gates], generation=generation, callback=callback)
             except GenerationCancelled as stop:
                 raise RenderCancelled(str(stop)) from None
-            scores = pipe.identity_score(out.images, subject, list(request.references))
-        metric = pipe.profile.identity_metric
-        warnings = tuple(out.warnings) + tuple(pipe.reference_notes(list(request.references)))
-        return [Rendered(image, {**params, "identity_metric": metric}, None if score is None else float(score),
-                         warnings)
-                for image, params, score in zip(out.images, out.parameters, scores, strict=True)]
+            scores = pipe.identity_score(out.images, subject, references)
+        warnings = tuple(out.warnings) + tuple(pipe.reference_notes(references))
+        return [Rendered(image, made, params, None if score is None else float(score), warnings)
+                for image, made, params, score in zip(out.images, out.generations, out.parameters, scores, strict=True)]
 
 
-def make_request(references: Sequence[Image.Image], weights: Sequence[float], settings, gates: Sequence[float]
-                 ) -> RenderRequest:
-    """A RenderRequest from ui.settings.Settings plus the subject photos and the γ values to render."""
-    early = settings.identity_early
-    return RenderRequest(
-        references=tuple(references), weights=tuple(float(w) for w in weights), prompt=settings.prompt,
-        negative_prompt=settings.negative_prompt, gates=tuple(float(g) for g in gates),
-        strength=settings.strength, seed=settings.seed, steps=settings.steps, guidance=settings.guidance,
-        width=settings.width, height=settings.height, scheduler=settings.scheduler,
-        identity_early=None if early >= 1.0 else early,
-    )
+# --- streaming a render to an async handler -------------------------------------------------------------
+@dataclass(frozen=True)
+class Step:
+    step: int  # steps done so far
+    total: int  # steps in this render
+    previews: list  # cheap preview images, one per γ
+
+
+@dataclass(frozen=True)
+class Done:
+    results: list[Rendered]
+
+
+async def stream_render(engine: Engine, references: Sequence[Image.Image], weights: Sequence[float],
+                        generation: Generation, gates: Sequence[float]) -> AsyncIterator[Step | Done]:
+    """Yield Step for each denoising step (stale ones dropped when the consumer is slower), then one Done.
+    Errors from the engine (ValueError, RenderCancelled, ...) are re-raised in the consumer."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+    stop = threading.Event()
+
+    def post(kind: str, payload) -> None:
+        try:
+            loop.call_soon_threadsafe(inbox.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+            stop.set()
+
+    def on_step(step: int, total: int, previews: list) -> None:
+        if stop.is_set():
+            raise RenderCancelled(f"stopped at step {step}/{total}")
+        post("step", Step(step, total, list(previews)))
+
+    def work() -> None:
+        try:
+            post("done", Done(engine.render(references, weights, generation, gates, on_step=on_step)))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            post("error", error)
+
+    worker = threading.Thread(target=work, name="flexip-render", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, payload = await inbox.get()
+            while kind == "step" and not inbox.empty():  # keep only the newest preview
+                kind, payload = inbox.get_nowait()
+            if kind == "error":
+                raise payload
+            yield payload
+            if kind == "done":
+                return
+    finally:
+        if worker.is_alive():
+            logger.info("render abandoned by its caller; stopping it at the next step")
+        stop.set()

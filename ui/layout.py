@@ -1,16 +1,24 @@
-"""The studio's one-screen layout (subject | controls | result) and the wiring of its events."""
+"""The studio's one-screen layout (subject | controls | result) and the wiring of its events to ui.handlers.
+
+Handlers return {"result": ..., "session": ...}; Gradio wants {component: value}. `bind` translates, so the
+handlers keep names and tests call them without building any component."""
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import gradio as gr
 
-from . import api, comparison, handlers, subject
-from .binding import bind, components
-from .context import Studio
-from .examples import EXAMPLES
-from .state import Session
+from flexip_core.generation.settings import MAX_SEED
+
+from . import handlers
+from .files import EXAMPLES
+from .handlers import API_NAMES, CONTROLS
+from .state import Session, Studio
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +36,47 @@ def launch_options() -> dict:
     """Keyword arguments for Blocks.launch that style the page (Gradio 6 takes these at launch)."""
     return dict(theme=gr.themes.Soft(primary_hue="indigo", radius_size="sm", text_size="sm"),
                 css_paths=[CSS], js=PASTE_JS.read_text())
+
+
+def bind(handler: Callable, outputs: Mapping[str, gr.components.Component], *bound, **bound_kw) -> Callable:
+    """`handler` with leading arguments bound, translating its returned (or yielded) name-keyed dicts to
+    component-keyed ones for `outputs`. The signature Gradio inspects (keyword inputs, gr.Progress) is kept."""
+    fn = functools.partial(handler, *bound, **bound_kw) if bound or bound_kw else handler
+
+    def translate(values: Mapping[str, object]) -> dict:
+        unknown = set(values) - set(outputs)
+        if unknown:
+            raise KeyError(f"{handler.__name__} returned outputs that are not wired: {sorted(unknown)}")
+        return {outputs[name]: value for name, value in values.items()}
+
+    if inspect.isasyncgenfunction(handler):
+        async def wrapper(*args, **kwargs):
+            async for values in fn(*args, **kwargs):
+                yield translate(values)
+    elif inspect.iscoroutinefunction(handler):
+        async def wrapper(*args, **kwargs):
+            return translate(await fn(*args, **kwargs))
+    elif inspect.isgeneratorfunction(handler):
+        def wrapper(*args, **kwargs):
+            for values in fn(*args, **kwargs):
+                yield translate(values)
+    else:
+        def wrapper(*args, **kwargs):
+            return translate(fn(*args, **kwargs))
+
+    wrapper.__name__ = handler.__name__
+    wrapper.__doc__ = handler.__doc__
+    wrapper.__signature__ = inspect.signature(fn)
+    try:  # Gradio finds gr.SelectData / gr.Progress parameters through the type hints
+        wrapper.__annotations__ = typing.get_type_hints(handler)
+    except (NameError, TypeError):
+        wrapper.__annotations__ = dict(getattr(handler, "__annotations__", {}))
+    return wrapper
+
+
+def components(outputs: Mapping[str, gr.components.Component], *names: str) -> list:
+    """The components for `names`, in order, for an event's `outputs=`."""
+    return [outputs[name] for name in names]
 
 
 def _subject_panel(out: dict, max_photos: int) -> dict:
@@ -70,7 +119,8 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
     gr.HTML(GATE_ENDS, padding=False)
     with gr.Row(equal_height=True):
         out["strength"] = gr.Slider(0, 2, 1.0, step=0.05, label="Strength", elem_id="strength-slider", scale=3)
-        out["seed"] = gr.Number(0, label="Seed", precision=0, minimum=0, scale=2, min_width=110, elem_id="seed")
+        out["seed"] = gr.Number(0, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED, scale=2, min_width=110,
+                                elem_id="seed")  # -1: a random one
     with gr.Row(equal_height=True):
         out["lock_seed"] = gr.Checkbox(False, label="Lock seed", scale=1, min_width=90, elem_id="lock-seed")
         buttons["dice"] = gr.Button("Random seed", scale=1, min_width=90, size="sm", elem_id="random-seed")
@@ -78,18 +128,22 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
         buttons["stop"] = gr.Button("Stop", variant="stop", scale=1, min_width=60, elem_id="stop")
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         with gr.Row():
-            out["steps"] = gr.Number(d.steps, label="Steps", precision=0, minimum=1, maximum=500, min_width=70)
-            out["guidance"] = gr.Number(d.guidance, label="Guidance", minimum=0, maximum=50, step=0.5, min_width=70)
+            out["num_inference_steps"] = gr.Number(d.num_inference_steps, label="Steps", precision=0, minimum=1,
+                                                   maximum=500, min_width=70)
+            out["guidance_scale"] = gr.Number(d.guidance_scale, label="Guidance", minimum=0, maximum=50, step=0.5,
+                                              min_width=70)
             out["width"] = gr.Number(d.width, label="Width", precision=0, minimum=64, maximum=d.max_side, step=8,
                                      min_width=70)
             out["height"] = gr.Number(d.height, label="Height", precision=0, minimum=64, maximum=d.max_side, step=8,
                                       min_width=70)
         with gr.Row(equal_height=True):
-            out["scheduler"] = gr.Dropdown(list(studio.engine.schedulers), value=d.scheduler, label="Scheduler",
+            schedulers = list(studio.engine.schedulers)
+            out["scheduler"] = gr.Dropdown(schedulers, value=d.scheduler or schedulers[0], label="Scheduler",
                                            min_width=110)
-            out["identity_early"] = gr.Number(1.0, label="Identity until (0–1)", minimum=0.05,
-                                              maximum=1.0, step=0.05, min_width=110)
-            out["low_vram"] = gr.Checkbox(False, label="Low VRAM: one γ at a time", min_width=90)
+            # Generation.windows.pres_until: the identity branch only in the first part of the steps
+            out["pres_until"] = gr.Number(1.0, label="Identity until (0–1)", minimum=0.05, maximum=1.0, step=0.05,
+                                          min_width=110)
+            out["sequential_sweep"] = gr.Checkbox(False, label="Sweeps one γ at a time (less memory)", min_width=90)
     return buttons
 
 
@@ -162,17 +216,19 @@ def build_studio(studio: Studio) -> gr.Blocks:
 
 def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     max_photos = studio.max_photos
-    slots = components(out, *subject.slot_names(max_photos))
-    settings = {name: out[name] for name in handlers.SETTING_NAMES}
-    form = {**settings, **{f"weight{i}": out[f"weight{i}"] for i in range(max_photos)}}
+    slots = components(out, *handlers.slot_names(max_photos))
+    controls = {name: out[name] for name in CONTROLS}
+    form = {**controls, **{f"weight{i}": out[f"weight{i}"] for i in range(max_photos)}}
     shown = components(out, "seed", "info", "result", "compare", "download", "history", "session")
-    restored = components(out, *handlers.SETTING_NAMES, "lock_seed")
+    restored = components(out, *CONTROLS, "lock_seed")
 
     # API first, so that /generate and /sweep get exactly these names
-    api_inputs = {"photos": out["photos"], "weights": out["weights"], **settings}
-    buttons["api_generate"].click(bind(api.api_generate, out, studio), inputs_kwargs=api_inputs,
+    api_inputs = {"photos": out["photos"], "weights": out["weights"],
+                  **{API_NAMES.get(name, name): control for name, control in controls.items()}}
+    buttons["api_generate"].click(bind(handlers.api_generate, out, studio), inputs_kwargs=api_inputs,
                                   outputs=components(out, "api_images", "api_parameters"), api_name="generate", **GPU)
-    buttons["api_sweep"].click(bind(api.api_sweep, out, studio), inputs_kwargs={**api_inputs, "gates": out["gates"]},
+    buttons["api_sweep"].click(bind(handlers.api_sweep, out, studio),
+                               inputs_kwargs={**api_inputs, "gates": out["gates"]},
                                outputs=components(out, "api_images", "api_parameters", "api_zip"), api_name="sweep",
                                **GPU)
 
@@ -181,15 +237,14 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     out["timer"].tick(bind(handlers.status, out, studio), api_name="status_on_timer", **status)
 
     # Subject panel
-    out["files"].upload(bind(subject.add_photos, out, studio), inputs_kwargs={"session": out["session"],
+    out["files"].upload(bind(handlers.add_photos, out, studio), inputs_kwargs={"session": out["session"],
                         "files": out["files"]}, outputs=[out["session"], out["files"], *slots],
                         api_visibility="undocumented", api_name="add_photos", concurrency_limit=4)
     for i in range(max_photos):
-        buttons[f"remove{i}"].click(bind(subject.remove_photo, out, studio, index=i),
+        buttons[f"remove{i}"].click(bind(handlers.remove_photo, out, studio, index=i),
                                     inputs_kwargs={"session": out["session"]}, outputs=[out["session"], *slots],
                                     api_visibility="private")
-    out["restore_file"].upload(bind(handlers.restore_png, out, studio),
-                               inputs_kwargs={"file": out["restore_file"], **settings},
+    out["restore_file"].upload(bind(handlers.restore_png, out, studio), inputs_kwargs={"file": out["restore_file"]},
                                outputs=[*restored, out["restore_file"], out["info"]], api_visibility="private")
 
     # Generation
@@ -199,22 +254,22 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     gen_submit = out["prompt"].submit(bind(handlers.generate, out, studio), api_name="ui_generate_submit",
                                       **generate_kwargs)
     sweep_kwargs = dict(inputs_kwargs={"session": out["session"], "gates_text": out["gates_text"],
-                                       "low_vram": out["low_vram"], **form},
+                                       "sequential_sweep": out["sequential_sweep"], **form},
                         outputs=components(out, "sweep_gallery", "sweep_zip", "result", "compare", "info",
                                            "session"), api_visibility="undocumented", **GPU)
-    sweep = buttons["sweep"].click(bind(comparison.sweep, out, studio), api_name="ui_sweep", **sweep_kwargs)
+    sweep = buttons["sweep"].click(bind(handlers.sweep, out, studio), api_name="ui_sweep", **sweep_kwargs)
     grid = buttons["grid"].click(
-        bind(comparison.grid, out, studio), api_name="ui_grid", api_visibility="undocumented", **GPU,
+        bind(handlers.grid, out, studio), api_name="ui_grid", api_visibility="undocumented", **GPU,
         inputs_kwargs={"session": out["session"], "prompts_text": out["prompts_text"],
-                       "gates_text": out["gates_text"], "low_vram": out["low_vram"], **form},
+                       "gates_text": out["gates_text"], "sequential_sweep": out["sequential_sweep"], **form},
         outputs=components(out, "grid_gallery", "grid_zip", "info", "session"))
     examples = []
     for example in EXAMPLES:
         load = buttons[f"example_{example.name}"].click(
-            bind(subject.load_example, out, studio, name=example.name), inputs_kwargs={"session": out["session"]},
+            bind(handlers.load_example, out, studio, name=example.name), inputs_kwargs={"session": out["session"]},
             outputs=[out["session"], out["prompt"], *slots], api_visibility="private",
             api_name=f"load_example_{example.name}")
-        examples.append(load.success(bind(comparison.sweep, out, studio), api_name=f"ui_example_{example.name}",
+        examples.append(load.success(bind(handlers.sweep, out, studio), api_name=f"ui_example_{example.name}",
                                      **sweep_kwargs))
     runs = [gen, gen_submit, sweep, grid, *examples]
 

@@ -1,18 +1,44 @@
-"""One user's session, kept in gr.State: subject photos, the results so far, and renders indexed by γ."""
+"""What the studio holds: the app-wide Studio (engine and output folder), each user's Session (kept in gr.State:
+subject photos, results, renders indexed by γ), and the uploaded files those are made from: subject photos
+validated by the core before any pixel is decoded, and the Generation read back from a dropped FlexIP PNG."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from flexip_core.generation.images import flat_photo_note
+from PIL import Image
 
-from .settings import Settings
+from flexip_core.generation.images import DEFAULT_LIMITS, flat_photo_note, is_flat, load_reference_image, square_view
+from flexip_core.generation.metadata import read_generation
+from flexip_core.generation.settings import Generation
+
+from .engine import Engine
 
 logger = logging.getLogger(__name__)
 
 MAX_PHOTOS = 4  # subject photos per session (one slot each in the subject panel)
 MAX_HISTORY = 24  # results kept in the history strip
-MAX_RENDER_KEYS = 16  # settings combinations whose renders are kept for the slider preview
+MAX_RENDER_KEYS = 16  # generations (all but γ) whose renders are kept for the slider preview
+ENCODER_VIEW = 224  # side of the square crop shown as "what the encoders see"
+
+
+@dataclass(frozen=True)
+class Studio:
+    """What every handler shares."""
+
+    engine: Engine  # shared by all users; never mutated per request
+    folder: Path  # where the app writes validated photos and results (the only files it serves back)
+    max_photos: int = MAX_PHOTOS  # subject photos per session
+
+    @property
+    def photos_folder(self) -> Path:
+        return self.folder / "photos"
+
+    @property
+    def results_folder(self) -> Path:
+        return self.folder / "results"
 
 
 @dataclass(frozen=True)
@@ -32,7 +58,7 @@ class Photo:
 @dataclass(frozen=True)
 class Result:
     path: str  # PNG with the parameters chunk
-    settings: Settings  # what produced it
+    generation: Generation  # what produced it, as the core reports it
     identity: float | None  # identity score (parameters['identity_metric'] says which), None if none was given
     subject: str  # subject fingerprint at render time
     parameters: dict = field(default_factory=dict)  # everything written into the PNG chunk (profile, base, ...)
@@ -40,7 +66,7 @@ class Result:
 
     @property
     def caption(self) -> str:
-        return self._caption(f" · seed {self.settings.seed}")
+        return self._caption(f" · seed {self.generation.seed}")
 
     @property
     def gate_caption(self) -> str:
@@ -49,14 +75,14 @@ class Result:
 
     def _caption(self, seed: str) -> str:
         score = "" if self.identity is None else f" · id {self.identity:.2f}"
-        return f"γ {self.settings.gate:.2f}{seed}{score}"
+        return f"γ {self.generation.gate:.2f}{seed}{score}"
 
 
 @dataclass
 class Session:
     photos: list[Photo] = field(default_factory=list)
     history: list[Result] = field(default_factory=list)  # newest first
-    renders: dict[tuple, dict[float, Result]] = field(default_factory=dict)  # Settings.cache_key -> γ -> result
+    renders: dict[tuple, dict[float, Result]] = field(default_factory=dict)  # (subject, all but γ) -> γ -> result
     current: Result | None = None  # the result shown large
     sweep: list[Result] = field(default_factory=list)  # the last sweep (or grid), for the zip download
 
@@ -65,8 +91,8 @@ class Session:
         return fingerprint(self.photos)
 
     def remember(self, result: Result, history: bool = True) -> None:
-        key = result.settings.cache_key(result.subject)
-        self.renders.setdefault(key, {})[round(result.settings.gate, 4)] = result
+        key = (result.subject, result.generation.without_gate())
+        self.renders.setdefault(key, {})[round(result.generation.gate, 4)] = result
         self.renders[key] = self.renders.pop(key)  # most recently used last
         while len(self.renders) > MAX_RENDER_KEYS:
             self.renders.pop(next(iter(self.renders)))
@@ -74,19 +100,93 @@ class Session:
             self.history.insert(0, result)
             del self.history[MAX_HISTORY:]
 
-    def nearest(self, settings: Settings, subject: str | None = None) -> Result | None:
+    def nearest(self, generation: Generation, subject: str | None = None) -> Result | None:
         """The already-rendered result closest in γ for the same subject and all other settings, if any."""
-        renders = self.renders.get(settings.cache_key(self.subject() if subject is None else subject))
+        renders = self.renders.get((self.subject() if subject is None else subject, generation.without_gate()))
         if not renders:
             return None
-        gate = min(renders, key=lambda g: (abs(g - settings.gate), g))
+        gate = min(renders, key=lambda g: (abs(g - generation.gate), g))
         return renders[gate]
 
-    def exact(self, settings: Settings) -> Result | None:
-        renders = self.renders.get(settings.cache_key(self.subject()), {})
-        return renders.get(round(settings.gate, 4))
+    def exact(self, generation: Generation) -> Result | None:
+        renders = self.renders.get((self.subject(), generation.without_gate()), {})
+        return renders.get(round(generation.gate, 4))
 
 
 def fingerprint(photos: list[Photo]) -> str:
     """Identifies a subject: its photos' content and weights."""
     return "|".join(f"{photo.digest}:{photo.weight:g}" for photo in photos)
+
+
+# --- uploaded files -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rejected:
+    name: str  # file name as uploaded
+    reason: str  # the validator's message (already names the file)
+
+
+def file_name(path: str | Path) -> str:
+    return Path(path).name
+
+
+def accept_photos(paths: list[str], folder: Path) -> tuple[list[Photo], list[Rejected]]:
+    """Validate each uploaded file; save the accepted ones (RGB PNG plus encoder view) under `folder`."""
+    accepted, rejected = [], []
+    for path in paths or []:
+        name = file_name(path)
+        try:
+            image = load_reference_image(path, name=name)
+        except ValueError as error:
+            logger.info("rejected upload %s: %s", name, error)
+            rejected.append(Rejected(name, str(error)))
+            continue
+        accepted.append(store_photo(image, name, folder))
+    return accepted, rejected
+
+
+def store_photo(image: Image.Image, name: str, folder: Path) -> Photo:
+    """Save a validated RGB photo and its encoder view under content-addressed names."""
+    digest = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    path, view = folder / f"photo-{digest}.png", folder / f"photo-{digest}-view.png"
+    if path.exists() and view.exists():
+        path.touch()  # in use again: not old enough to prune
+        view.touch()
+    else:
+        image.save(path)
+        square_view(image, ENCODER_VIEW).save(view)
+    return Photo(name=name, path=str(path), view=str(view), digest=digest, flat=is_flat(image))
+
+
+def open_photo(photo: Photo) -> Image.Image:
+    """Re-open a stored photo (already validated and converted to RGB when it was accepted)."""
+    try:
+        with Image.open(photo.path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"{photo.name}: this photo has expired from the server; remove it and add it again") from None
+
+
+def read_png_generation(path: str) -> tuple[Generation, dict]:
+    """The Generation a dropped PNG was made with, and its whole parameters chunk (profile, ...), read from the
+    header without decoding pixels; ValueError naming the file when it has none or it cannot be read."""
+    name = file_name(path)
+    size = Path(path).stat().st_size
+    if size == 0:
+        raise ValueError(f"{name}: file is empty")
+    if size > DEFAULT_LIMITS.max_bytes:
+        raise ValueError(f"{name}: file is {size / 2**20:.1f} MiB; the largest accepted is "
+                         f"{DEFAULT_LIMITS.max_bytes / 2**20:.0f} MiB")
+    try:
+        with Image.open(path) as image:  # reads the header and the text chunks before IDAT; no pixel decoding
+            if image.format != "PNG":
+                raise ValueError(f"{name}: settings can only be restored from a PNG saved by FlexIP Studio")
+            found = read_generation(image)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{name}: not a readable PNG ({error})") from None
+    except ValueError as error:  # not a PNG (said above with the name), or settings that cannot be read
+        message = str(error)
+        raise ValueError(message if message.startswith(f"{name}: ") else f"{name}: {message}") from None
+    if found is None:
+        raise ValueError(f"{name}: this PNG carries no FlexIP settings (no 'parameters' text chunk)")
+    return found

@@ -338,7 +338,8 @@ class FlexIPPipeline:
             return {}
 
         size = {} if self.task == "image-to-image" else {"height": generation.height, "width": generation.width}
-        decode_in_pipe = "padding_mask_crop" in pipeline_kwargs  # diffusers pastes the crop back after decoding
+        # diffusers pastes the crop back after decoding, and only onto PIL output
+        decode_in_pipe = pipeline_kwargs.get("padding_mask_crop") is not None
         attention_kwargs = {**(pipeline_kwargs.pop("cross_attention_kwargs", None) or {}), "flexip": inputs}
         negative_rows = neg_text.expand(n, -1, -1) if cfg else None
         with self._lock:  # a diffusers pipeline keeps per-call state (guidance, interrupt, scheduler steps)
@@ -350,7 +351,7 @@ class FlexIPPipeline:
                     prompt_embeds=text.expand(n, -1, -1), negative_prompt_embeds=negative_rows,
                     num_inference_steps=generation.num_inference_steps, guidance_scale=generation.guidance_scale,
                     generator=[torch.Generator("cpu").manual_seed(generation.seed) for _ in range(n)],
-                    output_type="np" if decode_in_pipe else "latent", return_dict=False,
+                    output_type="pil" if decode_in_pipe else "latent", return_dict=False,
                     cross_attention_kwargs=attention_kwargs,
                     callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
                     **size, **pipeline_kwargs)[0]
@@ -363,7 +364,10 @@ class FlexIPPipeline:
             warnings.append(self.profile.notice)
 
         # 5. Decode (fp16-safe) unless diffusers did
-        arrays = result if decode_in_pipe else self._decode(result)  # (N, H, W, 3)
+        if decode_in_pipe:
+            arrays = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in result])  # (N, H, W, 3)
+        else:
+            arrays = self._decode(result)  # (N, H, W, 3)
         images = self.pipe.image_processor.numpy_to_pil(arrays)
         height_px, width_px = arrays.shape[1:3]
         used = generation.scheduler or scheduler_name(own_scheduler)  # recorded by name where it has one

@@ -185,7 +185,7 @@ def load_models(config: TrainConfig, device: torch.device, dtype: torch.dtype) -
         return load_pretrained(Dinov2Model, profile.dino_encoder, dtype, part="dino_encoder")
 
     adapter, clip, dino = _initial_adapter(config, profile, unet, load_clip, load_dino)
-    check_encoders(profile, adapter, clip, dino)
+    check_encoders(adapter, clip, dino, profile.clip_encoder, profile.dino_encoder)
     for module in (unet, parts["vae"], parts["text_encoder"], clip, dino):
         if module is not None:
             module.to(device, dtype).eval().requires_grad_(False)
