@@ -1,6 +1,6 @@
 """DreamBench evaluation of the gate: CLIP-I, DINO-I and CLIP-T across gamma, with an IP-Adapter scale baseline.
 
-    python -m flexip_core.evaluation --profile sd15 --subjects ../shared/dreambench --gates 0,0.25,0.5,0.75,1 --out eval
+    python -m flexip_core.evaluation --profile sd15 --subjects dreambench/dataset --gates 0,0.25,0.5,0.75,1 --out eval
 
 For every subject, prompt and seed, one batched call generates the whole gamma sweep from the same noise;
 the IP-Adapter baseline sweeps its single scale s (branch weights (s, 0)) on the same seeds. Writes

@@ -1,4 +1,4 @@
-"""Frozen configuration dataclasses of the FlexIP adapters (sizes follow ../shared/FLEXIP_SPEC.md)."""
+"""Frozen configuration dataclasses of the FlexIP adapters (their sizes: docs/method.md, "The two adapters")."""
 from __future__ import annotations
 
 import json

@@ -120,20 +120,22 @@ class FlexIPPipeline:
         return cls(pipe, encoder=encoder, adapter=flexip, gate_curve=curve, attention=attention)
 
     @classmethod
-    def from_profile(cls, name: str = "tiny", *, device=None, dtype=None, attention: str | None = None,
+    def from_profile(cls, name: str | None = None, *, device=None, dtype=None, attention: str | None = None,
                      low_vram: LowVRAM | bool | None = None, **overrides) -> FlexIPPipeline:
         """Build the profile's diffusers pipeline and attach FlexIP to it.
 
         Args:
-            name: a profile name (assets/profiles/NAME.json) or a profile .json path.
+            name: a profile name (assets/profiles/NAME.json) or a profile .json path; None: the best available
+                (sd15 on a GPU with its weights cached, else the offline mini, as the studio and CLI choose).
             device, dtype: where and in what precision to run ("auto": CUDA fp16, else CPU fp32).
             attention: "sdpa", "xformers" or None/"auto".
             low_vram: True for diffusers' model CPU offload plus VAE slicing and tiling (or a LowVRAM).
             **overrides: profile fields replaced for this load (base=, adapter=, preservation=, pipeline=, ...).
         """
         from flexip_core.loading.assembly import assemble
+        from flexip_core.loading.profiles import default_profile
 
-        return assemble(cls, name, device=device, dtype=dtype, attention=attention, low_vram=low_vram, **overrides)
+        return assemble(cls, name or default_profile(), device=device, dtype=dtype, attention=attention, low_vram=low_vram, **overrides)
 
     def detach(self):
         """Give the pipeline back its own attention processors; returns it (this object is then unusable)."""
