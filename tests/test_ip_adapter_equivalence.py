@@ -24,7 +24,7 @@ BRANCH = {"pres": 0, "pers": 1}
 def ip_files(tiny_pipe, tmp_path_factory):
     """{(layout, format): path} for the tiny UNet (CLIP sizes of the tiny image encoder)."""
     return write_synthetic_ip_adapter_files(
-        tiny_pipe.unet, tmp_path_factory.mktemp("ip-adapter"),
+        tiny_pipe.pipe.unet, tmp_path_factory.mktemp("ip-adapter"),
         clip_embed_dim=CLIP_VISION["projection_dim"], clip_hidden_dim=CLIP_VISION["hidden_size"])
 
 
@@ -44,11 +44,15 @@ def ours(ip_files):
     return get
 
 
-def diffusers_pipe(base, path, scale: float):
+def diffusers_pipe(base, path, scale: float, scheduler=None):
+    """diffusers' StableDiffusionPipeline with its own IP-Adapter loaded at `scale`; `scheduler`: a copy of that one
+    (profile-built pipelines sample with the profile's scheduler, not the base folder's)."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
+    if scheduler is not None:
+        pipe.scheduler = type(scheduler).from_config(scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
     pipe.set_ip_adapter_scale(scale)
@@ -75,7 +79,7 @@ def test_one_branch_equals_diffusers_ip_adapter(ours, ip_files, photos, layout, 
     weights = [0.0, 0.0]
     weights[BRANCH[branch]] = scale
     got = pipe(PROMPT, subject=subject, branch_weights=tuple(weights), scheduler=None, **RUN).arrays
-    reference = diffusers_pipe(pipe.profile.base, ip_files[(layout, fmt)], scale)
+    reference = diffusers_pipe(pipe.profile.base, ip_files[(layout, fmt)], scale, pipe.pipe.scheduler)
     want = reference(PROMPT, ip_adapter_image_embeds=[image_embeds(subject, layout)], num_inference_steps=3,
                      height=64, width=64, output_type="np",
                      generator=torch.Generator("cpu").manual_seed(RUN["seed"])).images

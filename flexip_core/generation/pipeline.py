@@ -135,7 +135,8 @@ class FlexIPPipeline:
         from flexip_core.loading.assembly import assemble
         from flexip_core.loading.profiles import default_profile
 
-        return assemble(cls, name or default_profile(), device=device, dtype=dtype, attention=attention, low_vram=low_vram, **overrides)
+        return assemble(cls, name or default_profile(), device=device, dtype=dtype, attention=attention,
+                        low_vram=low_vram, **overrides)
 
     def detach(self):
         """Give the pipeline back its own attention processors; returns it (this object is then unusable)."""
