@@ -218,7 +218,7 @@ def test_mini_scores_identity_with_the_oracle_and_other_profiles_with_clip(tmp_p
     from toyworld.mini.curve import load_mini
 
     pipe = load_mini()
-    assert pipe.profile.identity_metric == "toyworld"
+    assert pipe.profile.world == "toyworld.plugin" and pipe.identity_metric == "toyworld"
     case = world.sample_cases(1, seed=4)[0]
     reference = case.reference_image()
     other = tw.Subject(*(next(v for v in values if v != getattr(case.subject, name))
@@ -227,7 +227,7 @@ def test_mini_scores_identity_with_the_oracle_and_other_profiles_with_clip(tmp_p
     assert pipe.identity_score(images, pipe.encode_subject([reference]), [reference]) == [1.0, 0.0]
     cosines = pipe.identity_score(images, pipe.encode_subject([reference]))
     assert all(-1.0 <= c <= 1.0 for c in cosines) and cosines[0] not in (0.0, 1.0)
-    assert load_profile("tiny").identity_metric == "clip"
+    assert load_profile("tiny").world is None
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "bad", "base": "x", "clip_encoder": "x", "identity_metric": "dino"}))
     with pytest.raises(ValueError, match="identity_metric 'dino' unknown; use one of clip, toyworld"):
