@@ -214,7 +214,7 @@ def test_a_scratch_profile_brings_its_own_gate_curve(tmp_path):
 def test_mini_scores_identity_with_the_oracle_and_other_profiles_with_clip(tmp_path):
     """The studio shows mini's identity score as the oracle's share of the reference's attributes (a CLIP cosine
     from its random 8 px encoder would say nothing); without the reference photos it stays the CLIP cosine."""
-    from flexip_core.loading.profiles import load_profile
+    from flexip_core.loading.profiles import load_profile, load_world
     from toyworld.mini.curve import load_mini
 
     pipe = load_mini()
@@ -230,8 +230,12 @@ def test_mini_scores_identity_with_the_oracle_and_other_profiles_with_clip(tmp_p
     assert load_profile("tiny").world is None
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "bad", "base": "x", "clip_encoder": "x", "identity_metric": "dino"}))
-    with pytest.raises(ValueError, match="identity_metric 'dino' unknown; use one of clip, toyworld"):
+    with pytest.raises(ValueError, match="unknown identity_metric"):  # a world names its metric now
         load_profile(str(bad))
+    with pytest.raises(ValueError, match="world 'no_such_world' cannot be imported"):
+        load_world("no_such_world")
+    with pytest.raises(ValueError, match="world 'json' lacks IDENTITY_METRIC, identity_scores"):
+        load_world("json")
 
 
 def test_calibrated_curve_inverts_a_measured_trade_off():
