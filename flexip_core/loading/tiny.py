@@ -29,7 +29,7 @@ from flexip_core.loading.weights import save_adapter
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSION = "2"  # bump when the configs below change, so cached builds are rebuilt
+TINY_VERSION = "3"  # bump when the configs below change, so cached builds are rebuilt
 
 UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -80,14 +80,19 @@ def build_tiny_inpainting_unet(seed: int = 0) -> UNet2DConditionModel:
 
 
 def build_tiny_controlnet(unet, seed: int = 0) -> ControlNetModel:
-    """A ControlNet copied from `unet` (diffusers' from_unet) whose zero convolutions are made random, so that the
-    control image visibly changes the output."""
+    """A ControlNet copied from `unet` (diffusers' from_unet) that visibly follows its control image: random zero
+    convolutions, and a conditioning embedding with He-initialised convolutions and a 30x output (at its default
+    initialisation a black and a white control image move the tiny output by about 1e-5)."""
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
     generator = torch.Generator().manual_seed(seed)
+    embedding = controlnet.controlnet_cond_embedding
     with torch.no_grad():
-        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                      controlnet.controlnet_cond_embedding.conv_out]:
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, embedding.conv_out]:
             block.weight.copy_(torch.randn(block.weight.shape, generator=generator) * 0.3)
+        for conv in [embedding.conv_in, *embedding.blocks]:
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * (2 / fan_in) ** 0.5)
+        embedding.conv_out.weight.mul_(30.0)
     return controlnet.eval()
 
 
