@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
 
     profile = args.profile or default_profile()
     try:  # a bad profile, device or dtype is refused now, not after the server is up
-        load_profile(profile)
+        if load_profile(profile).pipeline != "StableDiffusionPipeline":
+            raise ValueError(f"profile {profile!r} is for another task ({load_profile(profile).pipeline}); the studio "
+                             "runs text-to-image profiles (use that profile from Python with pipeline_kwargs)")
         device = pick_device(args.device)  # an unknown device, or CUDA on the CPU build of torch
         pick_dtype(args.dtype, device)
     except ValueError as error:

@@ -368,3 +368,26 @@ def test_image_to_image_refuses_a_size(flexip, subject, inputs, size):
     pipe = flexip("image-to-image")
     with pytest.raises(ValueError, match="takes its size from its input image"):
         pipe(PROMPT, subject=subject, num_inference_steps=STEPS, pipeline_kwargs=inputs["image-to-image"][0], **size)
+
+
+@pytest.mark.parametrize("profile, parts, inputs", [
+    ("sd15-inpaint", dict(base="inpainting"), ("image", "mask_image")),
+    ("sd15-canny", dict(base="base", controlnet="controlnet"), ("image",)),
+])
+def test_a_task_is_a_profile(profile, parts, inputs, tiny, ip_files, photos):
+    """The task profiles name their diffusers pipeline class; with their parts swapped for tiny ones they build that
+    class, attach to it and run the task through pipeline_kwargs."""
+    from flexip_core.loading.profiles import load_profile
+
+    flexip = FlexIPPipeline.from_profile(
+        profile, device="cpu", clip_encoder=str(tiny / "image_encoder"), dino_encoder=str(tiny / "dino"),
+        preservation=str(ip_files[("plus", "safetensors")]), personalization=str(ip_files[("plain", "safetensors")]),
+        **{part: str(tiny / folder) for part, folder in parts.items()})
+    assert type(flexip.pipe).__name__ == load_profile(profile).pipeline
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    given = {"image": photos["cat"].resize((64, 64)), "mask_image": mask}
+    out = flexip("a photo", subject=flexip.encode_subject([photos["dog"]]), gate=[0.2, 0.8], num_inference_steps=2,
+                 pipeline_kwargs={name: given[name] for name in inputs})
+    assert [image.size for image in out.images] == [(64, 64)] * 2
+    assert {p["task"] for p in out.parameters} == {flexip.task} != {"text-to-image"}

@@ -515,3 +515,10 @@ def test_app_refuses_bad_flags_before_serving(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         app.main(argv)
     assert message in str(stop.value.code) + capsys.readouterr().err
+
+
+def test_the_studio_refuses_a_profile_of_another_task_at_start():
+    import app
+
+    with pytest.raises(SystemExit, match="profile 'sd15-inpaint' is for another task"):
+        app.main(["--profile", "sd15-inpaint", "--no-preload"])

@@ -310,6 +310,7 @@ CACHE_EVIDENCE = {
     "base": ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
              "text_encoder/model.safetensors"),
     "clip_encoder": ("config.json", "model.safetensors"),
+    "controlnet": ("config.json", "diffusion_pytorch_model.safetensors"),
 }
 
 
@@ -318,8 +319,10 @@ def profile_cached(profile) -> bool:
     adapters load) is a local path or has its weights in the local Hugging Face cache. Reads the cache only."""
     if profile.build:
         return True  # built locally, never downloaded
-    for part in ("base", "base_config", "clip_encoder", "adapter", "preservation", "personalization", "lora"):
-        source = getattr(profile, part)
+    controlnets = (profile.controlnet,) if isinstance(profile.controlnet, str) else profile.controlnet or ()
+    parts = [(part, getattr(profile, part)) for part in ("base", "base_config", "clip_encoder", "adapter",
+                                                          "preservation", "personalization", "lora")]
+    for part, source in parts + [("controlnet", source) for source in controlnets]:
         if not source:
             continue
         files = () if Path(split_source(source)[1] or "").suffix else CACHE_EVIDENCE.get(part, ())
