@@ -23,7 +23,7 @@ SHADOW_INK = 0.15  # min ink fraction of the lower-right halo for a drop shadow
 TOY_MATCH = 20.0  # max mean |difference| (of 255) between an image and the toy re-drawn from what is read in it:
 #   renders 0.2-1.6, FlexIP-mini's own outputs 8-29, DreamBench photos 28-83 (64 px)
 NOT_A_TOY = ("the subject photo is not a toy of the mini's world (FlexIP-mini draws only its own toys), so it has no "
-             "identity score; for photos of your own subjects use real weights (README: Real weights on a GPU)")
+             "identity score; for photos of your own subjects use real weights (docs/real-weights.md)")
 
 def _hue(rgb: np.ndarray) -> np.ndarray:
     """Hue in degrees of (..., 3) RGB values."""

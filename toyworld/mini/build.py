@@ -65,7 +65,7 @@ def profile_dict(root: str, curve=None) -> dict:
     data = {
         "name": "mini",
         "description": ("FlexIP-mini, a miniature model trained on the project's toy world (CPU, 64 px): it draws toy "
-                        "shapes, not photos; for your own subjects use real weights (see the README)."),
+                        "shapes, not photos; for your own subjects use real weights (docs/real-weights.md)."),
         "base": f"{root}/base", "clip_encoder": f"{root}/image_encoder", "dino_encoder": f"{root}/dino",
         "adapter": f"{root}/flexip_adapter.safetensors", "dtype": "float32", "device": "cpu", "defaults": DEFAULTS,
         "world": "toyworld.plugin",
