@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from flexip_core.evaluation.evaluate import curve_quality, main, prompt_text, read_prompts
+from flexip_core.evaluate import main
 from flexip_core.evaluation.metrics import MetricConfig, MetricModels, clip_i, clip_t, dino_i
+from flexip_core.evaluation.run import curve_quality, prompt_text, read_prompts
 
 TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=1000,
             max_position_embeddings=77, bos_token_id=668, eos_token_id=669, pad_token_id=669)

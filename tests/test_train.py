@@ -240,7 +240,7 @@ def test_two_processes_with_torchrun(manifest, tmp_path, tiny_pipe, photos):
     (tmp_path / "run.json").write_text(json.dumps(config))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "flexip_core.training.train", "--config", str(tmp_path / "run.json")]
+               "-m", "flexip_core.train", "--config", str(tmp_path / "run.json")]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "out" / "logs" / "train_log.jsonl").read_text().splitlines()]

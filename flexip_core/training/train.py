@@ -1,7 +1,7 @@
 """Training the FlexIP adapters with Hugging Face accelerate (modality-aware scheme of FlexIP, arXiv 2504.07405).
 
-    accelerate launch -m flexip_core.training.train --config train.toml [--set max_steps=100 ...]
-    torchrun --nproc_per_node 2 -m flexip_core.training.train --config train.toml      # on CPU: gloo
+    accelerate launch -m flexip_core.train --config train.toml [--set max_steps=100 ...]
+    torchrun --nproc_per_node 2 -m flexip_core.train --config train.toml      # on CPU: gloo
 
 Frozen: UNet, VAE, text encoder, CLIP and DINOv2. Trained: both adapters' token providers and every
 cross-attention layer's branch key/value projections. Each sample draws its gate gamma from its modality's
@@ -14,13 +14,11 @@ order is a pure function of (seed, step), so resuming from a checkpoint continue
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from torch.nn import functional as F
 
 from flexip_core.generation.adapter_config import AdapterConfig, BranchConfig
 from flexip_core.generation.adapters import FlexIPAdapter, ImageFeatures, cross_attention_layers
-from flexip_core.training.config import TrainConfig, load_config, parse_overrides
+from flexip_core.training.config import TrainConfig
 from flexip_core.training.data import MODALITIES, PairDataset, StepBatchSampler, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -541,28 +539,3 @@ def _save_checkpoint(accelerator, config: TrainConfig, step: int) -> None:
         for old in checkpoint_dirs(config.output_dir)[:-config.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     logger.info("checkpoint %s", folder)
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m flexip_core.training.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="training config (.json or .toml); fields: TrainConfig")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config field (value parsed as JSON when it is), e.g. --set max_steps=100")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, parse_overrides(args.set))
-        result = train(config)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    logger.info("done: %s (%.3f s per step)", result.adapter_path, result.seconds_per_step)
-    return 0
-
-
-if __name__ == "__main__":
-    # Run the imported module's main, so that loggers are named flexip_core.training.train rather than __main__.
-    from flexip_core.training.train import main as _main
-
-    sys.exit(_main())
