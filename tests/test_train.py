@@ -266,3 +266,28 @@ def test_init_from_ip_adapter_files(manifest, tmp_path, tiny_pipe):
     trained = FlexIPPipeline.from_profile("tiny", adapter=str(result.adapter_path))
     kinds = (trained.adapter.config.preservation.kind, trained.adapter.config.personalization.kind)
     assert kinds == ("ip_adapter_plus", "ip_adapter")
+
+
+def test_an_untrained_adapter_leaves_the_base_model_unchanged(manifest, tmp_path, photos):
+    """`python -m flexip_core.train ... --set max_steps=0` writes the scratch adapter without a step; attached at any γ
+    and strength it draws exactly what the base model draws (each branch's value projection starts at zero), and
+    one training step moves it."""
+    from accelerate.state import AcceleratorState
+
+    from flexip_core.train import main
+
+    config = dataclasses.asdict(tiny_config(manifest, tmp_path / "untrained", init="scratch"))
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert main(["--config", str(tmp_path / "run.json"), "--set", "max_steps=0"]) == 0
+    untrained = FlexIPPipeline.from_profile("tiny", adapter=str(tmp_path / "untrained" / "flexip_adapter.safetensors"))
+    subject = untrained.encode_subject([photos["dog"]])
+    settings = dict(num_inference_steps=3, seed=2, output_type="np")
+    base = untrained("a dog on the beach", subject=subject, branch_weights=(0.0, 0.0), **settings).arrays
+    for gate, strength in ((0.0, 1.0), (0.5, 1.0), (1.0, 1.0), (0.5, 2.0)):
+        out = untrained("a dog on the beach", subject=subject, gate=gate, strength=strength, **settings).arrays
+        assert np.abs(out - base).max() <= 1e-4, (gate, strength)
+    trained = run(tiny_config(manifest, tmp_path / "one-step", init="scratch", max_steps=1, learning_rate=1e-2))
+    moved = FlexIPPipeline.from_profile("tiny", adapter=str(trained.adapter_path))
+    out = moved("a dog on the beach", subject=moved.encode_subject([photos["dog"]]), gate=0.5, **settings).arrays
+    assert np.abs(out - base).max() > 1e-4

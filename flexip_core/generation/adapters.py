@@ -166,7 +166,13 @@ class FlexIPAdapter(nn.Module):
         return self.config.preservation.needs | self.config.personalization.needs
 
     def init_kv_from_unet(self, unet) -> None:
-        """Initialise every branch projection from its layer's own text to_k / to_v (spec: Injection)."""
+        """Start every branch as the identity: keys from its layer's own text to_k, values at zero.
+
+        A zero value projection makes each branch's attention output zero, so an untrained adapter leaves the base
+        model's output unchanged at every γ and strength; its gradient is not zero (the attention weights are
+        not), so training moves it. Copying to_v instead would make the personalization branch, whose untrained
+        tokens equal the text's, an exact copy of the text attention: (1 + w_pers) · Attn(text).
+        """
         modules = dict(unet.named_modules())
         with torch.no_grad():
             for name, _ in self.config.layers:
@@ -174,7 +180,7 @@ class FlexIPAdapter(nn.Module):
                 kv = self.kv[layer_key(name)]
                 for branch in ("pres", "pers"):
                     getattr(kv, f"to_k_{branch}").weight.copy_(attn.to_k.weight)
-                    getattr(kv, f"to_v_{branch}").weight.copy_(attn.to_v.weight)
+                    getattr(kv, f"to_v_{branch}").weight.zero_()
 
 
 def cross_attention_layers(unet) -> tuple[tuple[str, int], ...]:

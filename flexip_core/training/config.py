@@ -30,7 +30,8 @@ class TrainConfig:
     resolution: int = 512  # training images: short side resized to this, centre-cropped square (multiple of 8)
     train_batch_size: int = 4  # samples per process per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
-    max_steps: int = 10_000  # optimizer steps of the whole run (a resumed run counts from its checkpoint)
+    max_steps: int = 10_000  # optimizer steps of the whole run (a resumed run counts from its checkpoint); 0 writes
+    #   the starting adapter without a step (an untrained one from scratch leaves the base model unchanged)
     learning_rate: float = 1e-4  # AdamW learning rate (IP-Adapter trained at 1e-4)
     adam_betas: tuple[float, float] = (0.9, 0.999)  # AdamW beta1, beta2
     adam_weight_decay: float = 1e-2  # AdamW decoupled weight decay
@@ -88,9 +89,12 @@ class TrainConfig:
             raise ValueError(f"drop_text, drop_image and drop_both must be in [0, 1] and sum to at most 1, got {drops}")
         if self.resolution % 8 or self.resolution < 64:
             raise ValueError(f"resolution must be a multiple of 8 of at least 64, got {self.resolution}")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "max_steps", "encode_batch_size"):
+        for name in ("train_batch_size", "gradient_accumulation_steps", "encode_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 0:
+            raise ValueError(f"max_steps must be a whole number >= 0 (0 writes the untrained adapter), "
+                             f"got {self.max_steps!r}")
         if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16', 'bf16' or absent, got {self.mixed_precision!r}")
         if self.report_to not in ("auto", "tensorboard", "none"):
