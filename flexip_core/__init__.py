@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["FlexIPOutput", "FlexIPPipeline", "GenerationCancelled", "SubjectEmbedding"]
+__all__ = ["FlexIPOutput", "FlexIPPipeline", "GateSchedule", "Generation", "GenerationCancelled", "SubjectEmbedding"]
 
 
 class _NoTorchvisionNotice(logging.Filter):
@@ -23,6 +23,14 @@ def __getattr__(name):  # lazy: `import flexip_core.generation.images` must not 
         from flexip_core.generation import pipeline
 
         return getattr(pipeline, name)
+    if name == "GateSchedule":
+        from flexip_core.generation.gate import GateSchedule
+
+        return GateSchedule
+    if name == "Generation":
+        from flexip_core.generation.settings import Generation
+
+        return Generation
     if name == "SubjectEmbedding":
         from flexip_core.generation.encoders import SubjectEmbedding
 

@@ -66,3 +66,28 @@ def test_xformers_matches_sdpa_on_cuda(photos):
         subject = pipe.encode_subject([photos["dog"]])
         results.append(pipe("a dog", subject=subject, gate=[0.2, 0.8], num_inference_steps=4, output_type="np").arrays)
     assert np.abs(results[0] - results[1]).max() <= 2e-3
+
+
+def test_a_zero_weight_keeps_a_sample_finite_when_its_branch_overflows():
+    """In a batched sweep, γ = 0 rows must not turn NaN when the branch overflows (fp16's 0 · inf), by construction:
+    value projections so large that the branch's output is inf."""
+    import torch
+    from diffusers.models.attention_processor import Attention
+
+    from flexip_core.generation.adapters import BranchKV
+    from flexip_core.generation.attention import BranchInputs, GatedCrossAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=32, heads=4, dim_head=8)
+    kv = BranchKV(32, 32)
+    with torch.no_grad():
+        kv.to_v_pres.weight.fill_(3e38)  # every value overflows to inf
+    processor = GatedCrossAttnProcessor(kv)
+    hidden, text = torch.randn(2, 16, 32), torch.randn(2, 77, 32)
+    tokens = torch.randn(2, 4, 32).abs() + 1.0
+    inputs = BranchInputs(tokens, None, torch.tensor([0.0, 1.0]), torch.zeros(2), True, False)
+    with torch.no_grad():
+        out = processor(attn, hidden, text, flexip=inputs)
+        plain = processor(attn, hidden, text)
+    assert torch.isfinite(out[0]).all() and torch.equal(out[0], plain[0])  # γ = 0: exactly the text attention
+    assert not torch.isfinite(out[1]).all()  # the construction does overflow the branch

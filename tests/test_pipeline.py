@@ -156,3 +156,24 @@ def test_loading_says_nothing_about_torchvision_and_other_notices_still_pass():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "torchvision" not in result.stderr and "another notice" in result.stderr
+
+
+def test_branch_windows_act_only_in_their_steps(tiny_pipe, subject):
+    """A late identity window (pres_from 0.5) leaves the first half of the steps as the base model draws them; early
+    and late windows differ; the float shorthand still means identity early."""
+    from flexip_core import GateSchedule
+
+    def run(windows, weights=(1.0, 0.0)):
+        previews = []
+        out = tiny_pipe(PROMPT, subject=subject, branch_weights=weights, gate_schedule=windows, num_inference_steps=4,
+                        seed=3, output_type="np", callback=lambda step, total, p: previews.append(np.asarray(p[0])))
+        return previews, out.arrays
+
+    base_steps, base = run(None, (0.0, 0.0))
+    late_steps, late = run(GateSchedule(pres_from=0.5))
+    early_steps, early = run(GateSchedule(pres_until=0.5))
+    assert all(np.array_equal(a, b) for a, b in zip(late_steps[:2], base_steps[:2]))  # steps 1-2: the base model's
+    assert not np.array_equal(early_steps[0], base_steps[0])  # identity early acts from the first step
+    assert np.abs(late - base).mean() > 1e-3 and np.abs(late - early).mean() > 1e-3
+    shorthand_steps, shorthand = run(0.5)
+    assert np.array_equal(shorthand, early)

@@ -12,17 +12,39 @@ from flexip_core.loading.weights import load_adapter, read_adapter_config, save_
 FAST = dict(num_inference_steps=3, seed=1, output_type="np")
 
 
-def test_several_photos_are_averaged_by_weight(tiny_pipe, photos):
+def test_several_photos_combine_as_a_set(tiny_pipe, photos):
+    """[CLS] embeddings by their weighted mean; patch tokens kept per photo, never averaged position by position."""
     dog, cat = tiny_pipe.encode_subject([photos["dog"]]), tiny_pipe.encode_subject([photos["cat"]])
-    both = tiny_pipe.encode_subject([photos["dog"], photos["cat"]])
-    only_dog = tiny_pipe.encode_subject([photos["dog"], photos["cat"]], weights=[1.0, 0.0])
     mostly_cat = tiny_pipe.encode_subject([photos["dog"], photos["cat"]], weights=[1.0, 3.0])
-    for field in ("clip_embeds", "dino"):
-        a, b = getattr(dog.features, field), getattr(cat.features, field)
-        assert torch.allclose(getattr(both.features, field), (a + b) / 2, atol=1e-6)
-        assert torch.allclose(getattr(only_dog.features, field), a, atol=1e-6)
-        assert torch.allclose(getattr(mostly_cat.features, field), 0.25 * a + 0.75 * b, atol=1e-6)
-    assert len({dog.key, cat.key, both.key, only_dog.key, mostly_cat.key}) == 5
+    assert torch.allclose(mostly_cat.features.clip_embeds, 0.25 * dog.features.clip_embeds
+                          + 0.75 * cat.features.clip_embeds, atol=1e-6)
+    assert sorted(mostly_cat.photo_weights) == [0.25, 0.75]
+    tokens = mostly_cat.features.dino  # (2, S, D): each photo's own patch tokens
+    assert tokens.shape[0] == 2 and {tuple(t.flatten()[:4].tolist()) for t in tokens} == {
+        tuple(dog.features.dino.flatten()[:4].tolist()), tuple(cat.features.dino.flatten()[:4].tolist())}
+    keys = {tiny_pipe.encode_subject([photos["dog"], photos["cat"]]).key,
+            tiny_pipe.encode_subject([photos["cat"], photos["dog"]]).key}
+    assert len(keys) == 1 and len(keys | {dog.key, cat.key, mostly_cat.key}) == 4
+
+
+def test_photo_weights_act_on_the_image_as_a_set(tiny_pipe, photos):
+    """Weight 0 and a duplicate photo change nothing; a second photo at weight 1 does; order does not matter; a
+    small weight changes little (the weights act continuously)."""
+    dog, cat = photos["dog"], photos["cat"]
+
+    def run(images, weights=None):
+        subject = tiny_pipe.encode_subject(images, weights)
+        return tiny_pipe("a photo of it", subject=subject, gate=[0.2, 1.0], num_inference_steps=2, seed=1,
+                         output_type="np").arrays
+
+    alone = run([dog])
+    assert np.abs(run([dog, cat], [1.0, 0.0]) - alone).max() <= 1e-5  # weight 0: the photo is absent
+    assert np.abs(run([dog, dog.copy()]) - alone).max() <= 1e-5  # the same photo twice is once
+    both = run([dog, cat])
+    assert np.abs(both - alone).mean() > 1e-3  # a second photo at weight 1 counts
+    assert np.abs(run([cat, dog]) - both).max() <= 1e-5  # order does not matter
+    nearly_alone = run([dog, cat], [1.0, 1e-3])
+    assert np.abs(nearly_alone - alone).max() < 0.1 * np.abs(both - alone).max()
 
 
 def test_each_photo_is_encoded_once(tiny_pipe, photos):

@@ -91,6 +91,8 @@ class BranchInputs:
     pers_on: bool  # False when w_pers is 0 for the whole batch
     cache: dict | None = field(default_factory=dict)  # per-generation keys/values by layer; None: no reuse (training)
     kv_calls: list = field(default_factory=lambda: [0])  # how many key/value projections ran (tests count them)
+    pres_bias: torch.Tensor | None = None  # (Np,) added to the preservation logits: log of each token's photo share
+    pers_bias: torch.Tensor | None = None  # (Nq,) the same for the personalization branch (None: one photo)
 
 
 def _attend(query, key, value, backend: str, mask=None) -> torch.Tensor:
@@ -156,16 +158,20 @@ class GatedCrossAttnProcessor:
         out = _attend(query, key, value, self.backend, attention_mask).to(query.dtype)  # (B, HW, inner)
 
         if flexip is not None:
-            for branch, on, tokens, weight in (
-                ("pres", flexip.pres_on, flexip.pres_tokens, flexip.w_pres),
-                ("pers", flexip.pers_on, flexip.pers_tokens, flexip.w_pers),
+            for branch, on, tokens, weight, bias in (
+                ("pres", flexip.pres_on, flexip.pres_tokens, flexip.w_pres, flexip.pres_bias),
+                ("pers", flexip.pers_on, flexip.pers_tokens, flexip.w_pers, flexip.pers_bias),
             ):
                 if not on:
                     continue  # zero weight for the whole batch: no projection, no attention
                 k = self._cached(flexip, f"k_{branch}", tokens, getattr(self.kv, f"to_k_{branch}"))
                 v = self._cached(flexip, f"v_{branch}", tokens, getattr(self.kv, f"to_v_{branch}"))
-                branch_out = _attend(query, _heads(k, attn.heads), _heads(v, attn.heads), self.backend)
-                out = out + weight.to(out.dtype).view(-1, 1, 1) * branch_out.to(out.dtype)  # (B, HW, inner)
+                mask = None if bias is None else bias.to(query.dtype).view(1, 1, 1, -1)  # photo shares, in logits
+                backend = self.backend if mask is None else "sdpa"  # SDPA broadcasts the (1, 1, 1, N) bias
+                branch_out = _attend(query, _heads(k, attn.heads), _heads(v, attn.heads), backend, mask)
+                weight = weight.to(out.dtype).view(-1, 1, 1)  # (B, 1, 1)
+                # where a sample's weight is 0 its branch is absent, even if fp16 overflowed it (0 * inf = NaN)
+                out = out + torch.where(weight == 0, 0.0, weight * branch_out.to(out.dtype))  # (B, HW, inner)
 
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:

@@ -41,12 +41,13 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class SubjectEmbedding:
-    """One subject's combined encoder features, plus the unconditional features used by CFG."""
+    """One subject's photos as a set: the [CLS] embedding by their weighted mean, token features kept per photo."""
 
-    features: ImageFeatures  # (1, ...) weighted mean over the subject's photos
+    features: ImageFeatures  # clip_embeds (1, E) weighted mean; clip_hidden (P, 1+S, H) and dino (P, S, D) per photo
     uncond: ImageFeatures  # (1, ...) features standing for "no image"
-    key: str  # content hash of the photos and weights: equal subjects have equal keys
-    num_images: int  # how many photos were combined
+    key: str  # content hash of the photos and weights: equal subjects have equal keys, in any order
+    num_images: int  # how many photos were given
+    photo_weights: tuple[float, ...] = (1.0,)  # per distinct photo kept (P), summing to 1: how much each one counts
 
 
 def content_hash(image: Image.Image) -> str:
@@ -120,26 +121,35 @@ class SubjectEncoder:
             return self._uncond
 
     def encode_subject(self, images: list[Image.Image], weights: list[float] | None = None) -> SubjectEmbedding:
-        """Encode each photo (cached) and combine them by a weighted mean (equal weights by default)."""
+        """Encode each photo (cached) and combine them as a set (spec: Encoders).
+
+        The [CLS] embeddings, which have no positions, are averaged with the weights; patch and hidden-state tokens
+        stay per photo (as diffusers keeps each IP-Adapter image's tokens), and the pipeline weighs each photo's
+        tokens in attention. The same photo twice counts once with the weights added; weight 0 leaves a photo out;
+        the order of the photos does not matter.
+        """
         if images is None or len(images) == 0:
             raise ValueError("no subject photos given; pass at least one PIL image")
         images = [prepare_image(im, f"subject photo {i + 1}") for i, im in enumerate(images)]
         weights = _check_weights(weights, len(images))
-        per_image = [self._encode_one(im) for im in images]
-        w = torch.tensor(weights, dtype=torch.float32)
-        w = w / w.sum()
-
-        def combine(*tensors):
-            stacked = torch.stack(tensors)  # (n_images, 1, ...)
-            return (stacked * w.view(-1, *([1] * (stacked.dim() - 1)))).sum(0)
-
-        fields = zip(*((f.clip_embeds, f.clip_hidden, f.dino) for f in per_image))
-        features = ImageFeatures(*(None if parts[0] is None else combine(*parts) for parts in fields))
-        digest = hashlib.sha256()
+        distinct: dict[str, tuple[Image.Image, float]] = {}
         for image, weight in zip(images, weights):
-            digest.update(content_hash(image).encode())
-            digest.update(f"{weight:.6g}".encode())
-        return SubjectEmbedding(features, self.uncond(), digest.hexdigest()[:16], len(images))
+            if weight > 0:
+                key = content_hash(image)
+                distinct[key] = (image, distinct.get(key, (image, 0.0))[1] + weight)
+        keys = sorted(distinct)  # a fixed order: permutations of the photos give the same subject
+        total = sum(distinct[k][1] for k in keys)
+        shares = tuple(distinct[k][1] / total for k in keys)
+        per_photo = [self._encode_one(distinct[k][0]) for k in keys]
+        w = torch.tensor(shares, dtype=torch.float32).view(-1, 1)  # (P, 1)
+        embeds = (torch.cat([f.clip_embeds for f in per_photo]) * w).sum(0, keepdim=True)  # (1, E)
+        hidden = torch.cat([f.clip_hidden for f in per_photo]) if per_photo[0].clip_hidden is not None else None
+        dino = torch.cat([f.dino for f in per_photo]) if per_photo[0].dino is not None else None
+        digest = hashlib.sha256()
+        for key, share in zip(keys, shares):
+            digest.update(f"{key}:{share:.6g}".encode())
+        return SubjectEmbedding(ImageFeatures(embeds, hidden, dino), self.uncond(), digest.hexdigest()[:16],
+                                len(images), shares)
 
     @torch.no_grad()
     def image_embeds(self, images: list[Image.Image]) -> torch.Tensor:

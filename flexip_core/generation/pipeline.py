@@ -244,14 +244,32 @@ class FlexIPPipeline:
             raise ValueError(f"{type(self.pipe).__name__} takes no {', '.join(unknown)}")
         return pipeline_kwargs
 
-    def _branch_tokens(self, provider, features: ImageFeatures, uncond: ImageFeatures, text, neg_text, n, cfg):
-        """(2N or N, tokens, C) for one branch: unconditional rows first when CFG is on (diffusers' order)."""
-        to_device = lambda f: f.map(lambda t: t.to(self.device, self.dtype))
-        cond = provider(to_device(features), text)  # (1, T, C)
-        rows = [cond.expand(n, -1, -1)]
+    def _branch_tokens(self, branch: str, subject: SubjectEmbedding, text, neg_text, n: int, cfg: bool):
+        """(tokens (2N or N, T, C), bias (T,) or None) of one branch: unconditional rows first when CFG is on
+        (diffusers' order). A branch that reads per-photo tokens gets each photo's tokens side by side, with the
+        log of the photo's share as an attention bias: the photos act as a weighted set."""
+        provider = getattr(self.adapter, branch)
+        photos = len(subject.photo_weights)
+        per_photo = photos > 1 and bool(getattr(self.adapter.config, branch).needs & {"clip_hidden", "dino"})
+        to_device = lambda t: t.to(self.device, self.dtype)
+
+        def tokens(features: ImageFeatures, words) -> torch.Tensor:
+            if not per_photo:
+                return provider(features.map(to_device), words)  # (1, T, C)
+            rows = ImageFeatures(*(None if t is None else to_device(t).expand(photos, *t.shape[1:])
+                                   for t in (features.clip_embeds, features.clip_hidden, features.dino)))
+            out = provider(rows, words.expand(photos, -1, -1))  # (P, T, C)
+            return out.reshape(1, -1, out.shape[-1])  # (1, P*T, C): each photo's tokens side by side
+
+        rows = [tokens(subject.features, text).expand(n, -1, -1)]
         if cfg:
-            rows.insert(0, provider(to_device(uncond), neg_text).expand(n, -1, -1))
-        return torch.cat(rows)
+            rows.insert(0, tokens(subject.uncond, neg_text).expand(n, -1, -1))
+        stacked = torch.cat(rows)
+        if not per_photo:
+            return stacked, None
+        shares = torch.tensor(subject.photo_weights, device=self.device, dtype=torch.float32)
+        bias = shares.log().repeat_interleave(stacked.shape[1] // photos)  # (P*T,)
+        return stacked, bias
 
     # --- generation ----------------------------------------------------------------------------------
     @reports_out_of_memory("generate these images")
@@ -316,14 +334,10 @@ class FlexIPPipeline:
 
         # 3. Branch tokens (computed once per generation, only for branches that act) and the step gate
         gate_steps = _StepGate(np.array(weights), generation.windows, cfg, self.device, self.dtype)
-        pres = pers = None
-        if gate_steps.ever_on(0):
-            pres = self._branch_tokens(self.adapter.preservation, subject.features, subject.uncond, text, neg_text,
-                                       n, cfg)
-        if gate_steps.ever_on(1):
-            pers = self._branch_tokens(self.adapter.personalization, subject.features, subject.uncond, text,
-                                       neg_text, n, cfg)
-        inputs = BranchInputs(pres, pers, *gate_steps.at(0, 1))
+        (pres, pres_bias), (pers, pers_bias) = (
+            self._branch_tokens(name, subject, text, neg_text, n, cfg) if gate_steps.ever_on(i) else (None, None)
+            for i, name in enumerate(("preservation", "personalization")))
+        inputs = BranchInputs(pres, pers, *gate_steps.at(0, 1), pres_bias=pres_bias, pers_bias=pers_bias)
 
         # 4. Run the wrapped pipeline: its own timesteps, latents, guidance and scheduler steps
         cancelled: list[GenerationCancelled] = []
