@@ -1,12 +1,14 @@
 """DreamBench evaluation of the gate: CLIP-I, DINO-I and CLIP-T across gamma, with an IP-Adapter scale baseline.
 
     python -m flexip_core.evaluate --profile sd15 --subjects dreambench/dataset --gates 0,0.25,0.5,0.75,1 --out eval
+    torchrun --nproc_per_node 4 -m flexip_core.evaluate ...   # or: accelerate launch -m flexip_core.evaluate ...
 
-For every subject, prompt and seed, one batched call generates the whole gamma sweep from the same noise;
-the IP-Adapter baseline sweeps its single scale s (branch weights (s, 0)) on the same seeds. Writes
+For every subject, prompt and seed (4 seeds by default), one batched call generates the whole gamma sweep from
+the same noise; the IP-Adapter baseline sweeps its single scale s (branch weights (s, 0)) on the same seeds.
+Several processes split the (subject, prompt, seed) jobs and write the same scores.csv as one. Writes
 OUT/scores.csv (one row per image), OUT/summary.csv and OUT/summary.json (means per method and setting,
-monotonicity and smoothness of each curve, throughput), OUT/tradeoff.png (identity against prompt score)
-and, unless --no-images, the images under OUT/images/.
+monotonicity and smoothness of each curve, Spearman correlations of the setting with each score, throughput),
+OUT/tradeoff.png (identity against prompt score) and, unless --no-images, the images under OUT/images/.
 """
 from __future__ import annotations
 
@@ -25,7 +27,16 @@ from flexip_core.cli import (
     output_folder,
     whole_number,
 )
-from flexip_core.evaluation.run import EvalSettings, evaluate, find_subjects, is_ip_adapter, read_prompts
+from flexip_core.evaluation.run import (
+    DEFAULT_SEEDS,
+    EvalSettings,
+    evaluate,
+    find_subjects,
+    is_ip_adapter,
+    plan,
+    process_state,
+    read_prompts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for scores.csv, summary.*, tradeoff.png and images/")
     parser.add_argument("--gates", type=gate_values, default=(0.0, 0.25, 0.5, 0.75, 1.0),
                         help="gamma values, e.g. 0,0.5,1")
-    parser.add_argument("--seeds", type=comma_ints, default=(0,), help="comma-separated seeds shared by every sweep")
+    parser.add_argument("--seeds", type=comma_ints, default=DEFAULT_SEEDS,
+                        help="comma-separated seeds shared by every sweep (default "
+                             f"{','.join(map(str, DEFAULT_SEEDS))})")
     parser.add_argument("--subject", action="append", default=None, help="evaluate only this subject (repeatable)")
     parser.add_argument("--max-subjects", type=whole_number(1), default=None, help="first N subjects only (quick runs)")
     parser.add_argument("--max-prompts", type=whole_number(1), default=None, help="first N prompts per subject only")
     parser.add_argument("--token", default="", help="DreamBench's unique token for {0} in the prompts (default none)")
     parser.add_argument("--condition-images", type=whole_number(1), default=1,
-                        help="subject photos given to the adapters")
+                        help="subject photos given to the adapters (the first ones, by name)")
+    parser.add_argument("--exclude-reference", action="store_true",
+                        help="score identity only against the photos the adapters did not see")
     add_generation_flags(parser, per_image=False)
     parser.add_argument("--baseline", default="auto",
                         help="'auto' (the profile itself when its preservation branch is an IP-Adapter), 'none', "
@@ -88,6 +103,14 @@ def _baseline(args, pipe):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation from command-line arguments (see `python -m flexip_core.evaluate --help`).
+
+    Args:
+        argv: the arguments (None: sys.argv).
+
+    Returns:
+        0 on success, 2 when an argument or an input is wrong (the message goes to stderr).
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
@@ -108,15 +131,22 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"unknown subject(s) {', '.join(unknown)} in {args.subjects}")
             subjects = [s for s in subjects if s[0] in args.subject]
         subjects = subjects[:args.max_subjects] if args.max_subjects else subjects
+        for seed in args.seeds:
+            replace(generation, seed=seed).check()
+        settings = EvalSettings(gates=args.gates, baseline_scales=args.baseline_scales or args.gates, seeds=args.seeds,
+                                token=args.token, condition_images=args.condition_images,
+                                exclude_reference=args.exclude_reference, generation=generation,
+                                save_images=not args.no_images)
+        plan(benchmark, subjects, args.max_prompts, settings)  # refuses a subject left without references now
+        state = process_state()
+        if state.num_processes > 1:
+            if not state.is_main_process:
+                logging.getLogger("flexip_core").setLevel(logging.WARNING)  # one copy of each progress message
+            args.device = args.device or str(state.device)  # each process on its own GPU
         defaults = MetricConfig()
         metrics_config = MetricConfig(clip=args.clip_metric or defaults.clip, dino=args.dino_metric or defaults.dino)
         pipe = pipeline_from_args(args)
         metrics = MetricModels.load(metrics_config, device=pipe.device)
-        for seed in args.seeds:
-            replace(generation, seed=seed).check()
-        settings = EvalSettings(gates=args.gates, baseline_scales=args.baseline_scales or args.gates, seeds=args.seeds,
-                                token=args.token, condition_images=args.condition_images, generation=generation,
-                                save_images=not args.no_images)
         evaluate(pipe, metrics, benchmark, subjects, args.max_prompts, settings, args.out, _baseline(args, pipe))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

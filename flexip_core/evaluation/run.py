@@ -2,13 +2,17 @@
 
 The command is `python -m flexip_core.evaluate` (flexip_core/evaluate.py). For every subject, prompt and seed,
 one batched call generates the whole gamma sweep from the same noise; the IP-Adapter baseline sweeps its single
-scale s (branch weights (s, 0)) on the same seeds.
+scale s (branch weights (s, 0)) on the same seeds. Processes started by torchrun or `accelerate launch` split the
+(subject, prompt, seed) jobs (accelerate's `PartialState`) and the main process writes the same scores.csv as one.
+The summary adds Spearman's rank correlation of the setting with each score and the spread of the DINO distances
+between neighbouring settings (the smoothness figure).
 """
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, replace
@@ -25,7 +29,7 @@ LIVE_CLASSES = frozenset({"cat", "dog"})  # DreamBench's live subjects get the "
 METRICS = ("clip_i", "dino_i", "clip_t")
 IDENTITY_METRICS = ("clip_i", "dino_i")
 COLUMNS = ("method", "subject", "class", "prompt_index", "prompt", "seed", "setting", "gate", "scale", "w_pres",
-           "w_pers", *METRICS, "image")
+           "w_pers", *METRICS, "dino_step", "image")  # dino_step: DINO distance to the sweep's next lower setting
 
 
 # --- the benchmark ------------------------------------------------------------------------------
@@ -88,15 +92,64 @@ def find_subjects(folder: str | Path) -> list[tuple[str, list[Path]]]:
 
 
 # --- the run ------------------------------------------------------------------------------------
+DEFAULT_SEEDS = (0, 1, 2, 3)  # four images per prompt and setting, as DreamBench papers draw
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     gates: tuple[float, ...]  # gamma values of the FlexIP sweep
     baseline_scales: tuple[float, ...]  # IP-Adapter scales of the baseline sweep
-    seeds: tuple[int, ...]  # seeds shared by both sweeps
+    seeds: tuple[int, ...] = DEFAULT_SEEDS  # seeds shared by both sweeps
     token: str = ""  # DreamBench's unique token ({0}); encoder-based methods use none
-    condition_images: int = 1  # photos of the subject the adapters see (metrics use all of them)
+    condition_images: int = 1  # photos of the subject the adapters see (the first ones, by name)
+    exclude_reference: bool = False  # score identity only against the photos the adapters did not see
     generation: Generation | None = None  # strength, steps, guidance, size, scheduler, windows (None: the profile's)
     save_images: bool = True  # write every image (PNG with its parameters) under OUT/images/
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work, the unit the processes split: every sweep of one subject, prompt and seed."""
+
+    subject: str
+    photos: tuple[Path, ...]  # all the subject's photos; the first `condition_images` go to the adapters
+    prompt_index: int
+    seed: int
+
+
+def identity_photos(name: str, photos, settings: EvalSettings) -> list[Path]:
+    """The photos identity is scored against: all of the subject's, or with `exclude_reference` the ones the
+    adapters did not see."""
+    if not settings.exclude_reference:
+        return list(photos)
+    rest = list(photos[settings.condition_images:])
+    if not rest:
+        raise ValueError(f"subject {name} has {len(photos)} photo(s) and --condition-images "
+                         f"{settings.condition_images} gives them all to the adapters, so --exclude-reference leaves "
+                         f"none to score identity against; lower --condition-images or drop --exclude-reference")
+    return rest
+
+
+def plan(benchmark: Benchmark, subjects: list[tuple[str, list[Path]]], prompts_per_subject: int | None,
+         settings: EvalSettings) -> list[Job]:
+    """Every (subject, prompt, seed) in a fixed order (subject, then prompt, then seed); refuses, before anything
+    is drawn, a subject that would be left without a photo to score against."""
+    jobs = []
+    for name, photos in subjects:
+        identity_photos(name, photos, settings)
+        prompts = min(prompts_per_subject or 10**9, len(benchmark.templates_for(name)))
+        jobs += [Job(name, tuple(photos), i, seed) for i in range(prompts) for seed in settings.seeds]
+    return jobs
+
+
+def process_state():
+    """accelerate's view of the processes that torchrun or `accelerate launch` started (one without either).
+    Without CUDA, accelerate only forms a (gloo) process group when told to use the CPU."""
+    import torch
+    from accelerate import PartialState
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return PartialState(cpu=not torch.cuda.is_available() and world > 1)
 
 
 def _profile_generation(pipe) -> Generation:
@@ -114,89 +167,149 @@ def _chunks(values, size):
     return [values[i:i + size] for i in range(0, len(values), size)]
 
 
+def neighbour_distances(settings: list[float], features) -> list[float | str]:
+    """Cosine distance of each image's features (N, D) to those of the image at the next lower setting of its
+    sweep ("" for the lowest): the steps the smoothness figure measures."""
+    vectors = np.asarray(features, dtype=np.float64)
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    order = sorted(range(len(settings)), key=lambda k: settings[k])
+    distances: list[float | str] = [""] * len(settings)
+    for lower, upper in zip(order, order[1:]):
+        distances[upper] = float(1.0 - vectors[lower] @ vectors[upper])
+    return distances
+
+
 def evaluate(pipe, metrics, benchmark: Benchmark, subjects: list[tuple[str, list[Path]]],
-             prompts_per_subject: int | None, settings: EvalSettings, out_dir: str | Path, baseline_pipe=None) -> dict:
-    """Generate and score every (subject, prompt, seed); returns the summary also written to OUT/summary.json."""
+             prompts_per_subject: int | None, settings: EvalSettings, out_dir: str | Path,
+             baseline_pipe=None) -> dict | None:
+    """Generate and score every (subject, prompt, seed); returns the summary also written to OUT/summary.json.
+
+    Under torchrun or `accelerate launch` every process takes a contiguous share of the (subject, prompt, seed)
+    jobs, streams its rows to OUT/scores.partN.csv and saves its images; the main process gathers the rows and
+    writes scores.csv in the order of a one-process run (each call is seeded, so the scores are the same), then
+    the summaries and the plot, and returns the summary (the other processes return None).
+
+    Args:
+        pipe: the FlexIP pipeline whose gamma sweep is measured.
+        metrics: `MetricModels` (CLIP and DINO).
+        benchmark: subject classes and prompt templates (`read_prompts`).
+        subjects: (name, photos) of each subject (`find_subjects`).
+        prompts_per_subject: the first N prompts of each subject (None: all).
+        settings: sweeps, seeds, references and generation settings.
+        out_dir: folder for scores.csv, summary.csv/json, tradeoff.png and images/.
+        baseline_pipe: a pipeline whose preservation branch is an IP-Adapter, swept over its scale (None: no
+            baseline).
+    """
+    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from flexip_core.generation.images import load_reference_image
     from flexip_core.generation.metadata import save_png
     from flexip_core.generation.settings import MAX_BATCH
 
+    state = process_state()
+    jobs = plan(benchmark, subjects, prompts_per_subject, settings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = [("flexip", pipe, [dict(gate=g) for g in settings.gates])]
     if baseline_pipe is not None:
         methods.append(("ip_adapter", baseline_pipe, [dict(scale=s) for s in settings.baseline_scales]))
-    jobs = [(name, photos, i) for name, photos in subjects
-            for i in range(min(prompts_per_subject or 10**9, len(benchmark.templates_for(name))))]
-    total_calls = sum(len(_chunks(sweep, MAX_BATCH)) for _, _, sweep in methods) * len(jobs) * len(settings.seeds)
+    with state.split_between_processes(list(enumerate(jobs))) as share:
+        mine = list(share)  # contiguous, so a subject's photos are embedded once per process
+    calls_per_job = sum(len(_chunks(sweep, MAX_BATCH)) for _, _, sweep in methods)
     base_generation = settings.generation or _profile_generation(pipe)
-    rows, images_made, generating = [], 0, 0.0
+    rows, images_made, generating = [], 0, 0.0  # rows: (job index, row)
     started = time.perf_counter()
-    progress = tqdm(total=total_calls, desc="evaluate", unit="call")
-    with (out_dir / "scores.csv").open("w", newline="") as handle:
+    progress = tqdm(total=calls_per_job * len(mine), desc="evaluate", unit="call", disable=not state.is_main_process)
+    part = out_dir / ("scores.csv" if state.num_processes == 1 else f"scores.part{state.process_index}.csv")
+    with part.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         current, references, embedded = None, None, {}
-        for name, photos, prompt_index in jobs:
+        for index, job in mine:
+            name = job.subject
             if name != current:  # photos are decoded and embedded once per subject
                 current = name
-                loaded = [load_reference_image(p) for p in photos]
-                references = metrics.references(loaded)
-                embedded = {id(p): p.encode_subject(loaded[:settings.condition_images]) for _, p, _ in methods}
+                loaded = {p: load_reference_image(p) for p in job.photos}
+                references = metrics.references([loaded[p] for p in identity_photos(name, job.photos, settings)])
+                condition = [loaded[p] for p in job.photos[:settings.condition_images]]
+                embedded = {id(p): p.encode_subject(condition) for _, p, _ in methods}
             cls = benchmark.class_of(name)
-            template = benchmark.templates_for(name)[prompt_index]
+            template = benchmark.templates_for(name)[job.prompt_index]
             prompt = prompt_text(template, settings.token, cls)
             scored_prompt = prompt_text(template, "", cls)  # CLIP-T ignores the unique token
-            for seed in settings.seeds:
-                for method, method_pipe, sweep in methods:
-                    for chunk in _chunks(sweep, MAX_BATCH):
-                        tic = time.perf_counter()
-                        generation = replace(base_generation, prompt=prompt, seed=seed)
-                        if method == "flexip":
-                            out = method_pipe(subject=embedded[id(method_pipe)], generation=generation,
-                                              gate=[c["gate"] for c in chunk])
-                        else:
-                            out = method_pipe(subject=embedded[id(method_pipe)], generation=generation,
-                                              branch_weights=[(c["scale"], 0.0) for c in chunk])
-                        generating += time.perf_counter() - tic
-                        images_made += len(out.images)
-                        scores = metrics.score(out.images, references, scored_prompt)
-                        for k, (image, params, point) in enumerate(zip(out.images, out.parameters, chunk)):
-                            setting = point.get("gate", point.get("scale"))
-                            path = ""
-                            if settings.save_images:
-                                file = f"p{prompt_index:02d}_s{seed}_{setting:.3f}.png"
-                                relative = Path("images") / method / name / file
-                                save_png(image, out_dir / relative, params)
-                                path = relative.as_posix()
-                            row = dict(method=method, subject=name, prompt_index=prompt_index, prompt=prompt, seed=seed,
-                                       setting=setting, gate=point.get("gate", ""), scale=point.get("scale", ""),
-                                       w_pres=params["w_pres"], w_pers=params["w_pers"], image=path,
-                                       **{"class": cls}, **{m: scores[m][k] for m in METRICS})
-                            writer.writerow(row)
-                            rows.append(row)
-                        handle.flush()
-                        progress.update(1)
+            generation = replace(base_generation, prompt=prompt, seed=job.seed)
+            for method, method_pipe, sweep in methods:
+                drawn = []  # (point, image, parameters, scores, DINO features) of the whole sweep
+                for chunk in _chunks(sweep, MAX_BATCH):
+                    tic = time.perf_counter()
+                    if method == "flexip":
+                        out = method_pipe(subject=embedded[id(method_pipe)], generation=generation,
+                                          gate=[c["gate"] for c in chunk])
+                    else:
+                        out = method_pipe(subject=embedded[id(method_pipe)], generation=generation,
+                                          branch_weights=[(c["scale"], 0.0) for c in chunk])
+                    generating += time.perf_counter() - tic
+                    images_made += len(out.images)
+                    features = metrics.embed(out.images)
+                    scores = metrics.score_embedded(features, references, scored_prompt)
+                    drawn += [(point, image, params, {m: scores[m][k] for m in METRICS}, features.dino[k])
+                              for k, (point, image, params) in enumerate(zip(chunk, out.images, out.parameters))]
+                    progress.update(1)
+                values = [point.get("gate", point.get("scale")) for point, *_ in drawn]
+                steps = neighbour_distances(values, [d[-1].numpy() for d in drawn])
+                for (point, image, params, scores, _), setting, step in zip(drawn, values, steps):
+                    path = ""
+                    if settings.save_images:
+                        file = f"p{job.prompt_index:02d}_s{job.seed}_{setting:.3f}.png"
+                        relative = Path("images") / method / name / file
+                        save_png(image, out_dir / relative, params)
+                        path = relative.as_posix()
+                    row = dict(method=method, subject=name, prompt_index=job.prompt_index, prompt=prompt, seed=job.seed,
+                               setting=setting, gate=point.get("gate", ""), scale=point.get("scale", ""),
+                               w_pres=params["w_pres"], w_pers=params["w_pers"], image=path, dino_step=step,
+                               **{"class": cls}, **scores)
+                    writer.writerow(row)
+                    rows.append((index, row))
+                handle.flush()
     progress.close()
+    counts = [(images_made, generating)]
+    if state.num_processes > 1:
+        rows, counts = gather_object(rows), gather_object(counts)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    rows = [row for _, row in sorted(rows, key=lambda pair: pair[0])]  # stable: a job's rows keep their order
+    if state.num_processes > 1:
+        with (out_dir / "scores.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        for rank in range(state.num_processes):
+            (out_dir / f"scores.part{rank}.csv").unlink(missing_ok=True)
     elapsed = time.perf_counter() - started
+    images_made = sum(n for n, _ in counts)
     summary = summarize(rows)
     result = {
         "summary": summary,
         "curves": {method: curve_quality([s for s in summary if s["method"] == method]) for method, _, _ in methods},
+        "spearman": rank_correlations(rows),
+        "smoothness": smoothness(rows),
         "images": images_made,
         "seconds": round(elapsed, 3),
         "images_per_second": images_made / elapsed if elapsed else None,
-        "generation_images_per_second": images_made / generating if generating else None,
+        "generation_images_per_second": sum(n / s for n, s in counts if s) or None,
+        "processes": state.num_processes,
+        "seeds": list(settings.seeds),
+        "exclude_reference": settings.exclude_reference,
         "baseline": "ip_adapter" if baseline_pipe is not None else None,
     }
     write_summary(summary, out_dir / "summary.csv")
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
     plot_tradeoff(summary, out_dir / "tradeoff.png")
-    logger.info("%d images in %.1f s (%.2f images/s overall, %.2f images/s generating); results in %s",
-                images_made, elapsed, result["images_per_second"] or 0.0, result["generation_images_per_second"] or 0.0,
-                out_dir)
+    logger.info("%d images in %.1f s on %d process(es) (%.2f images/s overall, %.2f images/s generating); results "
+                "in %s", images_made, elapsed, state.num_processes, result["images_per_second"] or 0.0,
+                result["generation_images_per_second"] or 0.0, out_dir)
     return result
 
 
@@ -231,6 +344,60 @@ def curve_quality(points: list[dict]) -> dict:
             "max_step_over_mean": float(np.abs(steps).max() / mean_step) if mean_step > 0 else None,
         }
     return quality
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rank correlation: Pearson's correlation of the ranks, tied values sharing their mean rank
+    (as scipy.stats.spearmanr); None when either side is constant."""
+    rx, ry = _ranks(x), _ranks(y)
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _ranks(values) -> np.ndarray:
+    """1-based ranks, ties averaged."""
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, tie, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.bincount(tie, weights=ranks) / counts)[tie]
+
+
+def rank_correlations(rows: list[dict]) -> dict:
+    """Per method and metric: Spearman's correlation of the setting (gamma or s) with the score over every image
+    (identity should correlate positively, CLIP-T negatively)."""
+    out = {}
+    for method in dict.fromkeys(row["method"] for row in rows):
+        members = [row for row in rows if row["method"] == method]
+        settings = [float(row["setting"]) for row in members]
+        out[method] = {metric: spearman(settings, [float(row[metric]) for row in members]) for metric in METRICS}
+    return out
+
+
+def smoothness(rows: list[dict]) -> dict:
+    """Per method: how evenly the images move along each sweep (one subject, prompt and seed), from the DINO
+    distances between neighbouring settings (`dino_step`): the mean step, the largest step over the sweep's mean
+    step (1 = even; the mean over sweeps and the worst), and the coefficient of variation of the steps (0 = even;
+    the mean over sweeps)."""
+    sweeps: dict[tuple, list[float]] = {}
+    for row in rows:
+        if row["dino_step"] != "":
+            key = (row["method"], row["subject"], row["prompt_index"], row["seed"])
+            sweeps.setdefault(key, []).append(float(row["dino_step"]))
+    out = {}
+    for method in dict.fromkeys(row["method"] for row in rows):
+        steps = [np.array(v) for k, v in sweeps.items() if k[0] == method]
+        spread = [(s.max() / s.mean(), s.std() / s.mean()) for s in steps if s.mean() > 0]
+        out[method] = {
+            "sweeps": len(steps),
+            "mean_step": float(np.concatenate(steps).mean()) if steps else None,
+            "max_step_over_mean": float(np.mean([m for m, _ in spread])) if spread else None,
+            "worst_max_step_over_mean": float(max(m for m, _ in spread)) if spread else None,
+            "step_cv": float(np.mean([c for _, c in spread])) if spread else None,
+        }
+    return out
 
 
 def write_summary(summary: list[dict], path: Path) -> None:
