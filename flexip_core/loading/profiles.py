@@ -50,6 +50,8 @@ class Profile:
     #   or a torch device ("cpu" for mini: a GPU is no faster for so small a model, and its curve was measured there)
     world: str | None = None  # a module that plugs a world's own rules in (toyworld.plugin: its identity metric,
     #   prompt filter and note on reference photos); the core imports it only by this name
+    calibration: dict | None = None  # what `python -m flexip_core.calibrate` measured to draw gate_curve (a record:
+    #   command, subjects, prompts, seeds, steps, the measured path and its scores); never read to generate
 
     def __post_init__(self):
         if isinstance(self.controlnet, list):

@@ -1,18 +1,25 @@
 """Measuring the slider on the toy world: identity and prompt scores (toyworld.oracle) across gate values,
-and the calibrated gate curve that spaces them evenly."""
+and the calibrated gate curve that spaces them evenly.
+
+`python -m toyworld.mini.slider DIR` writes the cases the build calibrates on as a subjects folder and prompts file
+for `python -m flexip_core.calibrate` (docs/calibration.md).
+"""
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from flexip_core.evaluation.calibration import Measurement, WeightPath, calibrate, jump_ratio
 from flexip_core.generation.gate import GateCurve
 from flexip_core.generation.settings import MAX_BATCH
 from toyworld import world as tw
 from toyworld.oracle import identity_matches, prompt_fraction, read_attributes
 
-from .world import Case
+from .world import Case, noun, sample_cases
 
 logger = logging.getLogger(__name__)
 
@@ -72,46 +79,20 @@ CALIBRATION_GAMMAS = (0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0
                       0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 
-def jump_ratio(values) -> float:
-    """Largest step between neighbours over the mean step from one end to the other (1: even steps)."""
-    values = np.asarray(values, dtype=float)
-    mean_step = abs(values[-1] - values[0]) / (len(values) - 1)
-    return float(np.abs(np.diff(values)).max() / mean_step) if mean_step > 0 else float("inf")
-
-
 def calibrated_curve(measured: Curve, points: int = 11, min_change: float = 0.05) -> GateCurve:
     """A gate curve whose equal steps of gamma move identity and prompt scores as evenly as the measurement allows.
 
-    `measured` was taken with the linear curve (w_pres = g, w_pers = 1 - g). Each score's progress is its normalised
-    identity rise or prompt fall, made monotone; the slider advances, between two measured g, by the larger of the
-    two progresses there, so that each slider step moves whichever score changes faster by the same share of its
-    whole change (the largest jump of both at once as small as it can be: the issue's "no jump larger than twice
-    the mean step"). The new curve maps evenly
-    spaced gamma to the linear-curve g where that progress is reached (inverse-CDF reparametrisation). Without a
-    measurable trade-off (either score moving by less than `min_change`) the linear curve is kept."""
-    g = np.array(measured.gammas)
-    if min(measured.identity[-1] - measured.identity[0], measured.prompt[0] - measured.prompt[-1]) < min_change:
-        logger.warning("no trade-off measured (identity %.3f -> %.3f, prompt %.3f -> %.3f): keeping the linear gate",
-                       measured.identity[0], measured.identity[-1], measured.prompt[0], measured.prompt[-1])
-        return GateCurve()
-    rise = _progress(measured.identity - measured.identity[0])
-    fall = _progress(measured.prompt[0] - measured.prompt)
-    progress = np.concatenate([[0.0], np.cumsum(np.maximum(np.diff(rise), np.diff(fall)))])
-    progress = progress / progress[-1]
-    progress = 0.98 * progress + 0.02 * g  # strictly increasing, so that it can be inverted
-    u = np.linspace(0.0, 1.0, points)
-    source = np.interp(u, progress, g)  # (points,) linear-curve g at which each share of the slider is reached
-    source[0], source[-1] = 0.0, 1.0
-    logger.info("calibrated gate: jump ratios the measurement predicts, identity %.2f, prompt %.2f",
-                jump_ratio(np.interp(source, g, measured.identity)), jump_ratio(np.interp(source, g, measured.prompt)))
-    return GateCurve(tuple(float(x) for x in u), tuple(round(float(x), 4) for x in source),
-                     tuple(round(float(1 - x), 4) for x in source))
-
-
-def _progress(change: np.ndarray) -> np.ndarray:
-    """A score's change from the first gate value as a monotone share in [0, 1] of its largest change."""
-    running = np.maximum.accumulate(np.clip(change, 0.0, None))
-    return running / max(running[-1], 1e-6)
+    `measured` was taken with the linear curve (w_pres = g, w_pers = 1 - g). The inversion is the shared one,
+    flexip_core.evaluation.calibration.calibrate: each score's progress is its normalised identity rise or prompt
+    fall, made monotone; the slider advances, between two measured g, by the larger of the two, so that each slider
+    step moves whichever score changes faster by the same share of its whole change (the largest jump of both at
+    once as small as it can be: the issue's "no jump larger than twice the mean step"). Here the curve spans the
+    whole linear gate (no saturation ends) and is resampled at `points` evenly spaced gamma. A score moving by less
+    than `min_change` is left out; when neither moves, the linear curve is kept."""
+    as_measured = Measurement(tuple(float(g) for g in measured.gammas), WeightPath(),
+                              {"identity": np.asarray(measured.identity, float)[None]},
+                              {"prompt": np.asarray(measured.prompt, float)[None]})
+    return calibrate(as_measured, saturation=0.0, min_change=min_change, points=points).curve
 
 
 def check_slider(curve: Curve, min_end: float = 0.8, min_change: float = 0.2, max_jump_ratio: float = 2.0,
@@ -134,3 +115,36 @@ def check_slider(curve: Curve, min_end: float = 0.8, min_change: float = 0.2, ma
             problems.append(f"{name} jumps by {np.abs(np.diff(values)).max():.3f} between neighbours "
                             f"({ratio:.2f} x the mean step, > {max_jump_ratio})")
     return problems
+
+
+def write_cases(cases: list[Case], folder: str | Path) -> tuple[Path, Path]:
+    """The cases as `python -m flexip_core.calibrate` reads them: FOLDER/subjects/ with one sub-folder per case
+    holding its reference render, and FOLDER/prompts.txt with case i's prompt on line i (so that
+    `--prompts-per-subject 1` gives each subject its own case's prompt, as the build's calibration measures)."""
+    folder = Path(folder)
+    subjects = folder / "subjects"
+    for i, case in enumerate(cases):
+        sub = subjects / f"{i:02d}-{noun(case.subject).replace(' ', '-')}"
+        sub.mkdir(parents=True, exist_ok=True)
+        case.reference_image().save(sub / "reference.png")
+    prompts = folder / "prompts.txt"
+    prompts.write_text("".join(f"{case.prompt}\n" for case in cases))
+    return subjects, prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m toyworld.mini.slider", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="where to write subjects/ and prompts.txt")
+    parser.add_argument("--cases", type=int, default=16, help="cases (default 16, as the build calibrates on)")
+    parser.add_argument("--split", choices=("train", "heldout"), default="train", help="subjects and prompt scenes")
+    parser.add_argument("--case-seed", type=int, default=100, help="seed drawing the cases (the build's: 100)")
+    args = parser.parse_args(argv)
+    subjects, prompts = write_cases(sample_cases(args.cases, args.case_seed, split=args.split), args.folder)
+    print(f"--subjects {subjects} --prompts {prompts} --prompts-per-subject 1")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
