@@ -2,8 +2,9 @@
 
     python -m flexip_core.calibrate --profile sd15 --subjects my-subjects --prompts prompts.txt --out sd15-mine.json
 
-Renders every subject with every prompt and seed at a fine grid of positions along the branch-weight path
-w_pres = t, w_pers = 1 - t (one batched call per subject, prompt and seed, from the same noise), scores identity
+Renders every subject with every prompt and seed at a fine grid of positions t along a straight path through the
+branch weights, by default from the profile's γ = 0 weights to its γ = 1 weights (w_pres = t, w_pers = 1 - t on
+a linear curve; one batched call per subject, prompt and seed, from the same noise), scores identity
 (CLIP-I and DINO-I; a profile world's own score, such as the toy world's oracle on mini) and prompt following
 (CLIP-T; the world's own score), finds where the scores saturate at both ends, and writes OUT.json: the profile
 with a gate curve on which equal steps of γ move the trade-off by equal shares between those ends, and a
@@ -39,6 +40,29 @@ def grid_points(text: str) -> tuple[float, ...] | int:
     return values
 
 
+def weight_pair(text: str) -> tuple[float, float]:
+    """argparse type: 'W_PRES,W_PERS', each in [0, 2]."""
+    values = comma_numbers(text)
+    if len(values) != 2 or any(not 0.0 <= v <= 2.0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected W_PRES,W_PERS, each in [0, 2], got {text!r}")
+    return values
+
+
+def measured_path(profile, start=None, end=None):
+    """The path to measure: the flags' ends, else the path an earlier calibration of this profile measured (its
+    curve's ends were cut at saturation, and a second calibration must not shrink the range again), else the ends
+    of the profile's curve (w_pres = t, w_pers = 1 - t for the linear one)."""
+    from flexip_core.evaluation.calibration import WeightPath
+
+    earlier = (profile.calibration or {}).get("path") or {}
+    start = start or earlier.get("start") or profile.gate_curve.weights(0.0)
+    end = end or earlier.get("end") or profile.gate_curve.weights(1.0)
+    if tuple(start) == tuple(end):
+        raise ValueError(f"the path starts and ends at the same branch weights {tuple(start)}; give --path-start and "
+                         "--path-end")
+    return WeightPath(tuple(float(w) for w in start), tuple(float(w) for w in end))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m flexip_core.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=None,
                         help="guidance scale (default: the profile's)")
     parser.add_argument("--size", type=int, default=None, help="square size in pixels (default: the profile's)")
+    parser.add_argument("--path-start", type=weight_pair, default=None,
+                        help="W_PRES,W_PERS at the prompt end of the measured path (default: the profile's weights at "
+                             "γ = 0, or the path an earlier calibration of it measured)")
+    parser.add_argument("--path-end", type=weight_pair, default=None,
+                        help="W_PRES,W_PERS at the identity end (default: the profile's weights at γ = 1, or the path "
+                             "an earlier calibration measured)")
     parser.add_argument("--saturation", type=float, default=0.02,
                         help="share of the whole trade-off below which an end counts as saturated (default 0.02; "
                              "0 keeps the path's own ends at γ = 0 and 1)")
@@ -156,6 +186,7 @@ def _run(args, argv: list[str]) -> int:
         height=args.size or d.height, width=args.size or d.width, scheduler=d.scheduler).check(d.max_side)
     for seed in args.seeds:
         Generation(seed=seed).check()
+    path = measured_path(profile, args.path_start, args.path_end)
     positions = calibration.check_grid(calibration.grid(args.gates) if isinstance(args.gates, int) else args.gates)
     benchmark = read_prompts(args.prompts or Path(args.subjects) / "prompts_and_classes.txt")
     subjects = find_subjects(args.subjects)
@@ -184,7 +215,7 @@ def _run(args, argv: list[str]) -> int:
     batches = -(-len(positions) // calibration.MAX_BATCH)
     bar = tqdm(total=len(jobs) * len(args.seeds) * batches, desc="calibrate", unit="call")
     started = time.perf_counter()
-    measured = calibration.measure(pipe, scorer, jobs, positions, args.seeds, generation,
+    measured = calibration.measure(pipe, scorer, jobs, positions, args.seeds, generation, path,
                                    condition_images=args.condition_images, progress=lambda n: bar.update(1))
     bar.close()
     seconds = time.perf_counter() - started

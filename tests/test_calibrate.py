@@ -169,3 +169,21 @@ def test_calibrate_on_mini_measures_with_the_toy_world_oracle(tmp_path):
     assert profile.calibration["scores"] == {"identity": ["toyworld"], "prompt": ["toyworld_prompt"]}
     assert rows[-1]["toyworld"] > rows[0]["toyworld"] and rows[-1]["toyworld_prompt"] < rows[0]["toyworld_prompt"]
     assert profile.calibration["prompts"] == prompts.read_text().splitlines()
+
+
+def test_the_path_runs_between_the_profiles_own_ends_and_a_recalibration_keeps_the_measured_range(tmp_path):
+    """sd15's hand-set curve passes the photo at 0.6 through the prompt branch at γ = 0: its path keeps those ends.
+    A calibrated copy's curve was cut at saturation, so calibrating it again measures the path it recorded."""
+    from dataclasses import replace
+
+    from flexip_core.calibrate import measured_path
+    from flexip_core.generation.gate import GateCurve
+
+    assert measured_path(load_profile("tiny")) == WeightPath((0.0, 1.0), (1.0, 0.0))
+    assert measured_path(load_profile("sd15")) == WeightPath((0.0, 0.6), (0.75, 0.0))
+    calibrated = replace(load_profile("tiny"), gate_curve=GateCurve((0.0, 1.0), (0.1, 0.9), (0.9, 0.1)),
+                         calibration={"path": {"start": [0.0, 1.0], "end": [1.0, 0.0]}})
+    assert measured_path(calibrated) == WeightPath((0.0, 1.0), (1.0, 0.0))
+    assert measured_path(calibrated, (0.0, 0.5), (0.5, 0.0)) == WeightPath((0.0, 0.5), (0.5, 0.0))
+    with pytest.raises(ValueError, match="same branch weights"):
+        measured_path(calibrated, (0.5, 0.5), (0.5, 0.5))
