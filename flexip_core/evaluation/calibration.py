@@ -94,8 +94,8 @@ class Calibration:
     """The calibrated curve and what decided it."""
 
     curve: GateCurve  # γ -> branch weights
-    low: float  # path position at γ = 0: below it no score moves by more than the saturation share
-    high: float  # path position at γ = 1: above it no score moves by more than the saturation share
+    low: float  # path position at γ = 0: below it no score moves by more than the saturation share of its change
+    high: float  # path position at γ = 1: above it no score moves by more than the saturation share of its change
     moved: dict[str, bool]  # metric -> whether it changed by more than its noise (only those that did count)
     predicted: dict[str, float] = field(default_factory=dict)  # metric -> jump ratio the measurement predicts at
     #   evenly spaced γ on the new curve (largest step over mean step; 1 = even)
@@ -214,9 +214,9 @@ def calibrate(measured: Measurement, saturation: float = 0.02, min_change: float
 
     Args:
         measured: scores along the path (`Measurement`).
-        saturation: the share of the whole change below which a score counts as saturated: γ = 0 and γ = 1 sit at
-            the last position before the trade-off has moved by this share and the first after it has moved by all
-            but this share (0: at the path's own ends).
+        saturation: the share of its whole change below which a score counts as saturated: γ = 0 sits at the last
+            position before any score has moved by this share, γ = 1 at the first after which every score moves by
+            less than it (0: at the path's own ends).
         min_change: a metric counts only when its mean changes from one end of the path to the other, the expected
             way, by at least this much (in its own units) and by `noise_sigmas` standard errors of that difference;
             when none does, the path itself is the curve.
@@ -233,7 +233,7 @@ def calibrate(measured: Measurement, saturation: float = 0.02, min_change: float
     if len(x) < 2 or x[0] != 0.0 or x[-1] != 1.0 or np.any(np.diff(x) <= 0):
         raise ValueError("path positions must increase from 0 to 1")
     means, noise = measured.means(), measured.noise()
-    moved, sides = {}, []
+    moved, sides, every = {}, [], []
     for names, sign in ((measured.identity, 1.0), (measured.prompt, -1.0)):
         shares = []
         for name in names:
@@ -247,6 +247,7 @@ def calibrate(measured: Measurement, saturation: float = 0.02, min_change: float
                                "needed): left out of the calibration", name, change[-1], noise[name], needed)
         if shares:
             sides.append(np.mean(shares, axis=0))
+            every += shares
     path = measured.path
     if not sides:
         logger.warning("no score moved beyond its noise along the path: the curve is the path itself")
@@ -255,8 +256,9 @@ def calibrate(measured: Measurement, saturation: float = 0.02, min_change: float
     progress = np.concatenate([[0.0], np.cumsum(np.max([np.diff(s) for s in sides], axis=0))])
     progress /= progress[-1]
     lo, hi = 0, len(x) - 1
-    if saturation > 0:
-        lo, hi = int(np.flatnonzero(progress <= saturation)[-1]), int(np.flatnonzero(progress >= 1.0 - saturation)[0])
+    if saturation > 0:  # every score within `saturation` of its own start below lo, of its own end above hi
+        lo = min(int(np.flatnonzero(s <= saturation)[-1]) for s in every)
+        hi = max(int(np.flatnonzero(s >= 1.0 - saturation)[0]) for s in every)
     kept = slice(lo, hi + 1)
     span = (progress[kept] - progress[lo]) / (progress[hi] - progress[lo])
     gammas = (1 - MIX) * span + MIX * (x[kept] - x[lo]) / (x[hi] - x[lo])  # strictly increasing, 0 to 1
