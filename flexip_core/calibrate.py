@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="W_PRES,W_PERS at the identity end (default: the profile's weights at γ = 1, or the path "
                              "an earlier calibration measured)")
     parser.add_argument("--saturation", type=float, default=0.02,
-                        help="share of the whole trade-off below which an end counts as saturated (default 0.02; "
-                             "0 keeps the path's own ends at γ = 0 and 1)")
+                        help="share of its whole change below which a score counts as saturated; γ = 0 and 1 go "
+                             "where every score is (default 0.02; 0 keeps the path's own ends)")
     parser.add_argument("--points", type=whole_number(2), default=None,
                         help="write the curve at N evenly spaced γ (default: through the measured positions)")
     parser.add_argument("--clip-metric", default=None, help="CLIPModel for CLIP-I/CLIP-T (default: the evaluator's)")
