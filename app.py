@@ -10,7 +10,6 @@ import logging
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     from flexip_core.generation.images import DEFAULT_LIMITS
     from flexip_core.loading.profiles import default_profile, load_profile
     from ui.engine import CoreEngine
-    from ui.layout import build_studio, launch_options
+    from ui.layout import build_studio, launch_options, studio_folder
     from ui.state import Studio
 
     profile = args.profile or default_profile()
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"app.py: error: {error}") from None
     engine = CoreEngine(profile, model_options(args))  # the same flags as the command line
 
-    folder = Path(tempfile.mkdtemp(prefix="flexip-studio-"))  # photos and results of this run; removed on exit
+    folder = studio_folder()  # photos and results of this run, served as they are; removed on exit
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     signal.signal(signal.SIGTERM, _exit_on_terminate)
     demo = build_studio(Studio(engine=engine, folder=folder))

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 TARGETS = ("unet_flexip_vs_plain", "unet_flexip_vs_ip_adapter_plus", "slider_move_encoder_calls",
-           "sweep_batched_vs_sequential")
+           "sweep_batched_vs_sequential", "studio_vs_api")
 TARGET_LINE = re.compile(r"^TARGET (\w+): (ratio|count) \d+(\.\d+)? \(<= \d+(\.\d+)?\) (PASS|FAIL)$")
 
 

@@ -1,9 +1,10 @@
 """Headless Chromium (Debian's, through Playwright) against a real `app.py`. With `--profile tiny`: upload a photo,
 type a prompt, generate, drag the γ slider (the nearest render shows while dragging), release it and see a new
 result; the page fits 1440x900 without scrolling. With `--profile mini` (the offline default): one click on an
-example subject renders a γ sweep in which the oracle finds the subject's identity at γ = 1; takes the page's
-screenshot, into docs/screenshot.png for the README when FLEXIP_UPDATE_SCREENSHOT=1 (a plain run leaves the
-working tree untouched)."""
+example subject renders a γ sweep in which the oracle finds the subject's identity at γ = 1; Stop shows the stopped
+state; a foreign PNG on Restore and a bad sweep value are one message each, with no error badge, and leave the
+screen as it was; arrow keys and Enter render the γ they set. The screenshots go into docs/ (screenshot.png,
+stopped.png, error.png) when FLEXIP_UPDATE_SCREENSHOT=1 (a plain run leaves the working tree untouched)."""
 from __future__ import annotations
 
 import contextlib
@@ -19,6 +20,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = REPO / "docs" / "screenshot.png"
+MINI = REPO / "assets" / "mini" / "flexip_adapter.safetensors"
 
 pytestmark = [
     pytest.mark.browser, pytest.mark.server, pytest.mark.slow,
@@ -58,6 +60,61 @@ def open_page(url: str):
 def page(server):
     with open_page(server.url) as page:
         yield page
+
+
+@pytest.fixture(scope="module")
+def mini_server():
+    if not MINI.is_file():
+        pytest.skip("assets/mini is absent; build it with `python -m toyworld.mini.build`")
+    app = AppServer("--profile", "mini")
+    try:
+        app.wait_for_log("profile 'mini' loaded", timeout=240)
+        yield app
+    finally:
+        app.stop()
+
+
+@pytest.fixture
+def mini_page(mini_server):
+    """A page on the offline default with the Red star example's sweep rendered; server errors are collected in
+    `page.server_errors`."""
+    from playwright.sync_api import expect
+
+    from ui.files import EXAMPLES
+
+    with open_page(mini_server.url) as page:
+        page.server_errors = []
+        page.on("response", lambda response: response.status >= 500 and page.server_errors.append(response.url))
+        page.get_by_role("button", name=EXAMPLES[0].label).click()
+        expect(page.locator("#sweep-gallery img")).to_have_count(6)
+        expect(page.locator("#info")).to_contain_text("identity score")
+        yield page
+
+
+def screenshot(page, name: str, tmp_path: Path) -> Path:
+    """The page's screenshot, into docs/ when FLEXIP_UPDATE_SCREENSHOT=1."""
+    path = REPO / "docs" / name if os.environ.get("FLEXIP_UPDATE_SCREENSHOT") == "1" else tmp_path / name
+    page.mouse.move(0, 0)
+    page.screenshot(path=str(path))
+    return path
+
+
+def no_error_badges(page) -> None:
+    """Gradio marks the outputs of a failed event with "Error" badges; the studio never lets one fail."""
+    assert page.locator("[data-testid=status-tracker] .error").count() == 0
+    assert page.get_by_text("Error", exact=True).count() == 0
+
+
+def set_steps(page, steps: int) -> None:
+    from playwright.sync_api import expect
+
+    if not page.get_by_label("Steps").is_visible():
+        page.get_by_text("Advanced").click()
+    box = page.get_by_label("Steps")
+    expect(box).to_be_visible()
+    box.fill(str(steps))
+    box.press("Tab")
+    expect(box).to_have_value(str(steps))
 
 
 def drag_gate(page, start: float, end: float, release: bool = True) -> None:
@@ -133,9 +190,7 @@ def assert_tiles_whole(page, gallery: str) -> None:
         assert tile["y"] >= label["y"] + label["height"], (label, tile)
 
 
-@pytest.mark.skipif(not (REPO / "assets" / "mini" / "flexip_adapter.safetensors").is_file(),
-                    reason="assets/mini is absent; build it with `python -m toyworld.mini.build`")
-def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_path):
+def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(mini_server, tmp_path):
     """The offline default as a first-time user meets it: one click on an example, and the γ sweep shows the toy."""
     from PIL import Image
     from playwright.sync_api import expect
@@ -144,48 +199,141 @@ def test_mini_example_subject_renders_a_sweep_that_keeps_it_at_gamma_one(tmp_pat
     from toyworld.world import Subject
     from ui.files import EXAMPLES
 
-    app = AppServer("--profile", "mini")
-    try:
-        app.wait_for_log("profile 'mini' loaded", timeout=240)
-        with open_page(app.url) as page:
-            example = EXAMPLES[0]
-            page.get_by_role("button", name=example.label).click()
-            expect(page.locator(".slot img")).to_have_count(1)
-            expect(page.get_by_label("Prompt", exact=True)).to_have_value(example.prompt)
-            expect(page.locator("#info")).to_contain_text("read by the toy-world oracle")
-            expect(page.locator("#status")).to_contain_text("it draws toy shapes, not photos")
-            page.get_by_role("tab", name="γ sweep").click()
-            gallery = page.locator("#sweep-gallery img")
-            expect(gallery).to_have_count(6)  # the reference, then γ 0, 0.25, 0.5, 0.75, 1
-            assert_tiles_whole(page, "#sweep-gallery")
-            captions = page.locator("#sweep-gallery .caption-label")
-            expect(captions.nth(1)).to_have_text(re.compile(r"^γ 0\.00 · id [01]\.\d\d$"))
-            clipped = captions.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth).length")
-            assert clipped == 0  # each γ and its identity score can be read in full
-            last = tmp_path / "gamma1.png"
-            last.write_bytes(page.request.get(gallery.last.get_attribute("src")).body())
-            assert identity_score(Image.open(last).convert("RGB"), Subject(*example.subject)) >= 2 / 3
-            history = page.locator("#history img")
-            for count in range(history.count() + 1, 7):  # six renders: more than Gradio's 100 px columns hold
-                page.locator("#generate").click()
-                expect(history).to_have_count(count)
-            assert_tiles_whole(page, "#history")
-            caption = page.locator("#history .caption-label").first
-            expect(caption).to_be_hidden()  # small tiles: the caption shows on hover, not over the image
-            page.locator("#history .gallery-item").first.hover()
-            expect(caption).to_be_visible()
-            expect(caption).to_contain_text("γ")
-            page.mouse.move(0, 0)
-            shot = SCREENSHOT if os.environ.get("FLEXIP_UPDATE_SCREENSHOT") == "1" else tmp_path / "screenshot.png"
-            page.screenshot(path=str(shot))
-            assert Image.open(shot).size == (1440, 900)
-            page.get_by_role("tab", name="Prompt × γ grid").click()  # two prompts x the sweep's five γ
-            page.get_by_label("Prompts, one per line (up to 4)").fill(
-                "a large toy on a sand background\na small toy on the right, on a gray background")
-            page.get_by_role("button", name="Run grid").click()
-            expect(page.locator("#grid-gallery img")).to_have_count(10, timeout=60_000)
-            expect(page.locator("#info")).to_contain_text("row 2: a small toy on the right", timeout=30_000)
-            cells = page.locator("#grid-gallery .caption-label")
-            assert cells.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth).length") == 0
-    finally:
-        app.stop()
+    with open_page(mini_server.url) as page:
+        example = EXAMPLES[0]
+        page.get_by_role("button", name=example.label).click()
+        expect(page.locator(".slot img")).to_have_count(1)
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value(example.prompt)
+        expect(page.locator("#info")).to_contain_text("read by the toy-world oracle")
+        expect(page.locator("#status")).to_contain_text("it draws toy shapes, not photos")
+        expect(page.get_by_role("tab", name="γ sweep")).to_have_attribute("aria-selected", "true")  # in front
+        gallery = page.locator("#sweep-gallery img")
+        expect(gallery).to_have_count(6)  # the reference, then γ 0, 0.25, 0.5, 0.75, 1
+        assert_tiles_whole(page, "#sweep-gallery")
+        captions = page.locator("#sweep-gallery .caption-label")
+        expect(captions.nth(1)).to_have_text(re.compile(r"^γ 0\.00 · id [01]\.\d\d$"))
+        clipped = captions.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth).length")
+        assert clipped == 0  # each γ and its identity score can be read in full
+        last = tmp_path / "gamma1.png"
+        last.write_bytes(page.request.get(gallery.last.get_attribute("src")).body())
+        assert identity_score(Image.open(last).convert("RGB"), Subject(*example.subject)) >= 2 / 3
+        history = page.locator("#history img")
+        for count in range(history.count() + 1, 7):  # six renders: more than Gradio's 100 px columns hold
+            page.locator("#generate").click()
+            expect(history).to_have_count(count)
+        assert_tiles_whole(page, "#history")
+        caption = page.locator("#history .caption-label").first
+        expect(caption).to_be_hidden()  # small tiles: the caption shows on hover, not over the image
+        page.locator("#history .gallery-item").first.hover()
+        expect(caption).to_be_visible()
+        expect(caption).to_contain_text("γ")
+        page.mouse.move(0, 0)
+        shot = SCREENSHOT if os.environ.get("FLEXIP_UPDATE_SCREENSHOT") == "1" else tmp_path / "screenshot.png"
+        page.screenshot(path=str(shot))
+        assert Image.open(shot).size == (1440, 900)
+        page.get_by_role("tab", name="Prompt × γ grid").click()  # two prompts x the sweep's five γ
+        page.get_by_label("Prompts, one per line (up to 4)").fill(
+            "a large toy on a sand background\na small toy on the right, on a gray background")
+        page.get_by_role("button", name="Run grid").click()
+        expect(page.locator("#grid-view img")).to_have_count(10, timeout=60_000)
+        expect(page.locator("#info")).to_contain_text("row 2: a small toy on the right", timeout=30_000)
+        columns = page.locator("#grid-view thead th").all_inner_texts()
+        rows = page.locator("#grid-view tbody th").all_inner_texts()
+        assert columns == ["prompt", "γ 0.00", "γ 0.25", "γ 0.50", "γ 0.75", "γ 1.00"]
+        assert rows == ["1 a large toy on a sand background", "2 a small toy on the right, on a gray background"]
+        panel = page.locator("#grid-view").bounding_box()
+        for tile in (img.bounding_box() for img in page.locator("#grid-view img").all()):  # none cut off
+            assert tile["y"] + tile["height"] <= panel["y"] + panel["height"] + 1, (panel, tile)
+        assert page.evaluate("document.scrollingElement.scrollHeight") <= 900
+
+
+def test_stop_puts_the_last_image_or_sweep_back_and_says_where_it_stopped(mini_page, tmp_path):
+    from playwright.sync_api import expect
+
+    page, info = mini_page, mini_page.locator("#info")
+    sweep = page.locator("#sweep-gallery img").evaluate_all("els => els.map(e => e.src)")
+    page.get_by_role("tab", name="Result").click()
+    finished = result_src(page)
+    set_steps(page, 300)  # long enough to stop half way on any machine
+    page.locator("#generate").click()
+    expect(info).to_contain_text(re.compile(r"step \d+ of 300"))
+    page.locator("#stop").click()
+    expect(info).to_contain_text(re.compile(r"stopped\s+at step \d+ of 300 · showing the last finished image"))
+    expect(page.locator("#result img")).to_have_attribute("src", finished)  # the noisy preview is gone
+    no_error_badges(page)
+    screenshot(page, "stopped.png", tmp_path)
+
+    page.get_by_role("tab", name="γ sweep").click()  # a stopped sweep: the previous sweep and its zip come back
+    page.get_by_role("button", name="Run sweep").click()
+    expect(info).to_contain_text(re.compile(r"γ sweep · seed \d+ · step \d+ of 300"))
+    page.locator("#stop").click()
+    expect(info).to_contain_text("the γ sweep tab shows the previous sweep")
+    expect(page.locator("#sweep-gallery img")).to_have_count(6)
+    assert page.locator("#sweep-gallery img").evaluate_all("els => els.map(e => e.src)") == sweep
+    expect(page.get_by_role("button", name="Download all (zip)").first).to_be_enabled()
+    assert not page.server_errors
+
+
+def test_a_foreign_png_on_restore_is_one_message_and_no_error_badge(mini_page, tmp_path):
+    from playwright.sync_api import expect
+
+    from tests.ui_fixtures import png_bytes
+
+    page, info = mini_page, mini_page.locator("#info")
+    prompt = page.get_by_label("Prompt", exact=True).input_value()
+    foreign = tmp_path / "holiday.png"
+    foreign.write_bytes(png_bytes())  # a PNG with no FlexIP settings
+    page.set_input_files("#restore-png input[type=file]", str(foreign))
+    expect(info).to_contain_text("settings not restored: holiday.png: this PNG carries no FlexIP settings")
+    expect(page.locator(".toast-body")).to_have_count(1)
+    expect(page.locator(".toast-body")).to_contain_text("holiday.png")
+    no_error_badges(page)
+    assert page.get_by_label("Prompt", exact=True).input_value() == prompt  # the controls are as they were
+    box = page.locator(".toast-body").bounding_box()
+    tabs = page.locator("#tabs [role=tablist]").bounding_box()
+    assert box["y"] > tabs["y"] + tabs["height"]  # the message does not cover the tabs
+    screenshot(page, "error.png", tmp_path)
+    page.locator("#generate").click()  # a later render leaves no badge behind either
+    expect(info).to_contain_text(re.compile(r"seed \d+ · γ 0.50 · strength"))
+    no_error_badges(page)
+    assert not page.server_errors
+
+
+def test_a_bad_sweep_value_keeps_the_previous_sweep(mini_page):
+    from playwright.sync_api import expect
+
+    page, info = mini_page, mini_page.locator("#info")
+    tiles = page.locator("#sweep-gallery img").evaluate_all("els => els.map(e => e.src)")
+    page.get_by_label("γ values (same seed, one batch)").fill("0, 0.5, banana, 2")
+    page.get_by_role("button", name="Run sweep").click()
+    expect(info).to_contain_text("not rendered: γ value 'banana' is not a number")
+    expect(page.locator(".toast-body")).to_have_count(1)
+    assert page.locator("#sweep-gallery img").evaluate_all("els => els.map(e => e.src)") == tiles
+    no_error_badges(page)
+    assert not page.server_errors
+
+
+def test_arrow_keys_and_enter_render_the_gamma_they_set(mini_page):
+    from playwright.sync_api import expect
+
+    page, info = mini_page, mini_page.locator("#info")
+    page.get_by_role("tab", name="Result").click()
+    number = page.locator("#gate-slider input[type=number]")
+    page.locator("#gate-slider input[type=range]").focus()
+    for _ in range(3):
+        page.keyboard.press("ArrowRight")  # 0.50 -> 0.53; rendered once, after a short pause
+    expect(info).to_contain_text(re.compile(r"γ 0.53 · strength .* identity score"))
+    assert number.input_value() == "0.53" and "-s" in result_src(page)
+
+    number.fill("0.9")
+    number.press("Enter")  # Enter renders (the box keeps the focus)
+    expect(info).to_contain_text(re.compile(r"γ 0.90 · strength .* identity score"))
+    number.fill("")  # an empty box or an impossible value never reaches the server ...
+    number.press("Enter")
+    expect(number).to_have_value("0.9")
+    number.fill("5")  # ... a number out of range becomes the nearest in range
+    number.press("Enter")
+    expect(number).to_have_value("1")
+    expect(info).to_contain_text(re.compile(r"γ 1.00 · strength .* identity score"))  # made by the sweep: at once
+    no_error_badges(page)
+    assert not page.server_errors

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import zipfile
 from pathlib import Path
@@ -33,6 +34,17 @@ def form(**changes) -> dict:
     values = dict(prompt="a toy on the beach", negative_prompt="", gate=0.5, strength=1.0, seed=7,
                   num_inference_steps=3, guidance_scale=7.5, width=64, height=64, scheduler="dpmpp_2m", pres_until=1.0)
     return {**values, **changes}
+
+
+def refusal(agen, match: str) -> list[dict]:
+    """The updates of a UI handler that refuses: one toast (a warning outside a server) and a line saying why,
+    never gr.Error (whose badges would cover the controls)."""
+    with pytest.warns(UserWarning) as caught:
+        updates = collect(agen)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and re.search(match, messages[0]), messages
+    assert re.search(f"not rendered: .*{match}", updates[-1]["info"]), updates[-1]
+    return updates
 
 
 def run_api(endpoint, studio: Studio, **arguments) -> dict:
@@ -133,8 +145,7 @@ def test_photo_limit_duplicates_and_remove(studio, photo, tmp_path):
 
 
 def test_weights_are_checked_and_reach_the_engine(studio, session, photo):
-    with pytest.raises(gr.Error, match="weight 0"):
-        collect(handlers.generate(studio, session=session, lock_seed=True, **form(weight0=0)))
+    refusal(handlers.generate(studio, session=session, lock_seed=True, **form(weight0=0)), "weight 0")
     collect(handlers.generate(studio, session=session, lock_seed=True, **form(weight0=0.5)))
     assert studio.engine.calls[-1].weights == (0.5,)
 
@@ -142,10 +153,13 @@ def test_weights_are_checked_and_reach_the_engine(studio, session, photo):
 def test_an_example_sets_the_subject_and_prompt(studio, session):
     from ui.files import EXAMPLES
 
-    values = handlers.load_example(studio, session=session, name=EXAMPLES[0].name)
-    assert [p.name for p in session.photos] == [f"{EXAMPLES[0].name}.png"] and values["prompt"] == EXAMPLES[0].prompt
-    with pytest.raises(gr.Error, match="unknown example"):
-        handlers.load_example(studio, session=session, name="nope")
+    updates = collect(handlers.example(studio, session=session, name=EXAMPLES[0].name, gates_text="0, 1",
+                                       **form(prompt="other", weight0=0.3)))
+    assert [p.name for p in session.photos] == [f"{EXAMPLES[0].name}.png"] and session.photos[0].weight == 1.0
+    assert updates[0]["prompt"] == EXAMPLES[0].prompt and updates[0]["tabs"]["selected"] == "sweep"
+    call = studio.engine.calls[-1]  # its sweep renders with its prompt, in the sweep tab brought to the front
+    assert call.generation.prompt == EXAMPLES[0].prompt and call.gates == (0.0, 1.0)
+    assert [caption for _, caption in updates[-1]["sweep_gallery"]][0] == "reference"
 
 
 # --- generation -----------------------------------------------------------------------------------
@@ -153,8 +167,8 @@ def test_generate_streams_previews_then_a_png_with_its_settings(studio, session)
     studio.engine.step_delay = 0.2  # time to read each preview; an instant render goes straight to its final image
     updates = collect(handlers.generate(studio, session=session, lock_seed=True, **form(gate=0.3)))
     previews = [u for u in updates if isinstance(u.get("result"), Image.Image)]
-    assert previews  # one per step, though stale ones are dropped when the consumer lags
-    assert all(re.search(r"step [123]/3", p["info"]) for p in previews)
+    assert previews  # at most four a second, the newest step each time
+    assert all(re.search(r"step [123] of 3", p["info"]) for p in previews)
     final = updates[-1]
     made, params = read_png_generation(final["result"])  # the PNG carries the Generation that made it
     assert made == session.history[0].generation == read_form(form(gate=0.3)) and params["profile"] == "fake"
@@ -174,10 +188,28 @@ def test_a_prompt_cut_off_by_the_text_encoder_is_said_in_the_info_line_and_the_a
     assert "cut off" in handlers.describe(session.history[0])
     short = collect(handlers.generate(studio, session=session, lock_seed=True, **form()))[-1]
     assert "⚠" not in short["info"]
-    with pytest.warns(UserWarning, match="cut off"):
-        values = run_api(handlers.api_generate, studio, photos=[photo], weights="", **api_form(prompt=long))
-    assert values["api_parameters"][0]["warnings"] == [
+    values = run_api(handlers.api_generate, studio, photos=[photo], weights="", **api_form(prompt=long))
+    assert values["api_parameters"][0]["warnings"] == [  # the API says it in the result, with no toast
         "prompt is 80 tokens; the text encoder takes 77, so the end was cut off"]
+
+
+def test_a_warning_every_render_repeats_is_a_toast_once_per_subject_and_stays_in_the_line(studio, session, tmp_path):
+    import warnings
+
+    long = "a toy " * 40
+    with pytest.warns(UserWarning, match="cut off"):
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(prompt=long)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second toast would raise here
+        again = collect(handlers.release(studio, session=session, **form(prompt=long, gate=0.9)))
+        grid = collect(handlers.grid(studio, session=session, prompts_text=f"{long}\n{'a cat ' * 40}",
+                                     gates_text="0, 1", **form()))
+    assert "cut off" in again[-1]["info"] and "row 2" in grid[-1]["info"]
+    other = tmp_path / "blue.png"
+    other.write_bytes(png_bytes(colour=(20, 20, 200)))
+    handlers.add_photos(studio, session=session, files=[str(other)])  # another subject: told once more
+    with pytest.warns(UserWarning, match="cut off"):
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(prompt=long)))
 
 
 def test_unlocked_seed_is_new_each_run_and_shown(studio, session):
@@ -189,29 +221,37 @@ def test_unlocked_seed_is_new_each_run_and_shown(studio, session):
     assert f"seed {seeds[1]}" in second[-1]["info"]
 
 
-def test_errors_become_gr_error_and_keep_the_session(studio, session):
-    collect(handlers.generate(studio, session=session, lock_seed=True, **form()))
-    with pytest.raises(gr.Error, match="num_inference_steps"):
-        collect(handlers.generate(studio, session=session, lock_seed=True, **form(num_inference_steps=0)))
-    with pytest.raises(gr.Error, match="prompt is empty"):
-        collect(handlers.generate(studio, session=session, lock_seed=True, **form(prompt="  ")))
-    with pytest.raises(gr.Error, match="enter a number"):
-        collect(handlers.generate(studio, session=session, lock_seed=True, **form(guidance_scale=None)))
-    with pytest.raises(gr.Error, match="add at least one photo"):
-        collect(handlers.generate(studio, session=Session(), lock_seed=True, **form()))
+def test_errors_are_a_toast_and_the_line_and_leave_the_screen_and_the_session(studio, session):
+    first = collect(handlers.generate(studio, session=session, lock_seed=True, **form()))[-1]
+    for changes, words in ((dict(num_inference_steps=0), "num_inference_steps"), (dict(prompt="  "), "prompt is empty"),
+                           (dict(guidance_scale=None), "enter a number"), (dict(width=100), "multiple of 8")):
+        updates = refusal(handlers.generate(studio, session=session, lock_seed=True, **form(**changes)), words)
+        shown = {name for update in updates for name in update}
+        assert shown <= {"seed", "info", "result", "compare"}, shown  # nothing else is touched
+        assert updates[-1].get("result", first["result"]) == first["result"]  # the last image stays (or goes back)
+        assert updates[-1]["info"].endswith("showing **seed 7** · γ 0.50")
+    refusal(handlers.generate(studio, session=Session(), lock_seed=True, **form()), "add at least one photo")
     assert len(session.history) == 1 and len(session.photos) == 1
 
 
-def test_a_failed_render_says_so_in_the_info_line(studio, session):
-    updates = []
+def test_a_render_that_fails_half_way_puts_the_last_image_back(studio, session):
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form(gate=0.2)))
+    before = session.current.path
+    studio.engine.step_delay = 0.3
+    original = studio.engine.render
 
-    async def run():
-        async for values in handlers.generate(studio, session=session, lock_seed=True, **form(width=100)):
-            updates.append(values)
+    def fails_after_a_step(*args, on_step=None, **kwargs):
+        def step(done, *values):
+            on_step(done, *values)
+            if done == 2:
+                raise RuntimeError("out of device memory")
+        return original(*args, on_step=step, **kwargs)
 
-    with pytest.raises(gr.Error, match="multiple of 8"):
-        asyncio.run(run())
-    assert "not rendered: width must be a multiple of 8" in updates[-1]["info"]
+    studio.engine.render = fails_after_a_step
+    updates = refusal(handlers.generate(studio, session=session, lock_seed=True, **form(gate=0.9)),
+                      "RuntimeError: out of device memory")
+    assert isinstance(updates[1]["result"], Image.Image)  # a preview was on screen ...
+    assert updates[-1]["result"] == before and session.current.path == before  # ... and the last image is back
 
 
 def test_old_files_are_pruned_and_reused_photos_kept(studio, session, photo):
@@ -228,8 +268,7 @@ def test_old_files_are_pruned_and_reused_photos_kept(studio, session, photo):
     for path in (session.photos[0].path, session.photos[0].view):
         os.utime(path, (old, old))
     assert prune(studio.folder, 86400) == 2
-    with pytest.raises(gr.Error, match="red_toy.png: this photo has expired"):
-        collect(handlers.generate(studio, session=session, lock_seed=True, **form()))
+    refusal(handlers.generate(studio, session=session, lock_seed=True, **form()), "red_toy.png: this photo has expired")
 
 
 def test_models_load_once_even_when_asked_concurrently(studio):
@@ -250,9 +289,12 @@ def test_header_says_what_the_profile_draws_before_and_after_loading(studio):
     assert not after["timer"].active
 
 
-def test_a_failed_load_is_said_in_the_header_which_stops_polling_and_a_later_render_retries(studio, tmp_path):
+def test_a_failed_load_is_said_in_the_header_which_stops_polling_and_a_later_render_retries(studio, session):
     studio.engine.load_error = "base: the folder /x does not hold a StableDiffusionPipeline"
-    with pytest.raises(gr.Error, match="could not be loaded: base: the folder /x"):
+    updates = refusal(handlers.generate(studio, session=session, lock_seed=True, **form()),
+                      "could not be loaded: base: the folder /x")
+    assert "loading the fake models (first run only)" in updates[0]["info"]  # the line says what it waits for
+    with pytest.raises(handlers.NotLoaded, match="could not be loaded"):
         asyncio.run(ensure_loaded(studio))
     failed = handlers.status(studio)
     assert "models could not be loaded: base: the folder /x" in failed["status"] and not failed["timer"].active
@@ -288,8 +330,11 @@ def test_peek_shows_the_nearest_render_without_computing(studio, session):
     assert "FlexIP gate: 0.5," in chunk(values["result"])
     assert handlers.peek(studio, session=session, **form(gate=0.9))["result"] == session.exact(
         read_form(form(gate=1.0))).path
-    assert "result" not in handlers.peek(studio, session=session, **form(gate=0.6, seed=8))  # other seed
-    assert "result" not in handlers.peek(studio, session=session, **form(gate=0.6, prompt="other"))
+    for other in (dict(seed=8), dict(prompt="other")):  # nothing rendered with these: the last image, said so
+        values = handlers.peek(studio, session=session, **form(gate=0.6, **other))
+        assert values["result"] == session.current.path and values["info"] == (
+            "let go of the slider to render γ 0.60 · showing **seed 7** · γ 0.50 (other settings)")
+    assert handlers.peek(studio, session=session, **form(gate=None)) == {}  # an empty box: nothing to show yet
     assert len(studio.engine.calls) == requests
 
 
@@ -299,6 +344,126 @@ def test_release_renders_with_the_same_seed_or_reuses_an_exact_render(studio, se
     assert [(c.generation.seed, c.gates) for c in studio.engine.calls] == [(11, (0.5,)), (11, (0.8,))]
     updates = collect(handlers.release(studio, session=session, **form(seed=11, gate=0.5)))
     assert len(studio.engine.calls) == 2 and len(updates) == 1 and "0.50" in updates[0]["info"]
+
+
+async def stop_half_way(handler, studio: Studio, session: Session, when=lambda run: "step 3 of" in run.progress,
+                        **arguments):
+    """Run a UI handler as Gradio does and press Stop once `when(run)` holds (the page sends Gradio's cancel of the
+    handler's task first, then runs Stop's own handler): the handler's updates, then Stop's."""
+    updates: list[dict] = []
+    reached = asyncio.Event()
+
+    async def consume():
+        async for values in handler(studio, session=session, **arguments):
+            updates.append(values)
+            if session.run is not None and when(session.run):
+                reached.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(reached.wait(), 30)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    shown = await handlers.stop(studio, session=session)
+    assert task.cancelled() and session.run is None and session.cancelled is None
+    return updates, shown
+
+
+def test_stop_puts_the_last_image_back_and_says_where_the_render_stopped(studio, session):
+    first = collect(handlers.generate(studio, session=session, lock_seed=True, **form(gate=0.2)))[-1]
+    studio.engine.step_delay = 0.1
+    updates, shown = asyncio.run(stop_half_way(handlers.generate, studio, session, lock_seed=True,
+                                               **form(gate=0.8, num_inference_steps=50)))
+    assert any(isinstance(update.get("result"), Image.Image) for update in updates)  # previews were on screen
+    assert studio.engine.cancelled.wait(2.0)  # the engine stopped within a step
+    assert shown["result"] == first["result"] and shown["compare"] == first["compare"]
+    assert re.match(r"\*\*seed 7\*\* · γ 0.80 · \*\*stopped\*\* at step \d+ of 50 · showing the last finished image: "
+                    r"\*\*seed 7\*\* · γ 0.20", shown["info"]), shown["info"]
+    assert len(session.history) == 1 and session.current.generation.gate == 0.2
+    nothing = asyncio.run(handlers.stop(studio, session=session))  # Stop with nothing rendering says so
+    assert nothing == {"info": "nothing was rendering · showing **seed 7** · γ 0.20"}
+
+
+def test_a_stopped_sweep_puts_the_previous_sweep_and_its_zip_back(studio, session):
+    before = collect(handlers.sweep(studio, session=session, gates_text="0, 1", **form()))[-1]
+    studio.engine.step_delay = 0.1
+    updates, shown = asyncio.run(stop_half_way(handlers.sweep, studio, session, gates_text="0, 0.5, 1",
+                                               **form(num_inference_steps=50)))
+    assert [caption for _, caption in updates[-1]["sweep_gallery"]] == ["γ 0.00", "γ 0.50", "γ 1.00"]  # previews
+    assert shown["sweep_gallery"] == before["sweep_gallery"] and shown["sweep_zip"]["interactive"]
+    assert shown["sweep_zip"]["value"] == before["sweep_zip"]["value"]
+    assert re.match(r"γ sweep · \*\*seed 7\*\* · \*\*stopped\*\* at step \d+ of 50 · the γ sweep tab shows the "
+                    "previous sweep", shown["info"])
+
+
+def test_a_stopped_grid_keeps_its_finished_rows_with_their_zip(studio, session):
+    studio.engine.step_delay = 0.05
+    updates, shown = asyncio.run(stop_half_way(handlers.grid, studio, session, when=lambda _: session.grid_rows,
+                                               prompts_text="a dog\na cat\na fox", gates_text="0, 1",
+                                               **form(num_inference_steps=20)))
+    assert shown["grid_view"].count("<img") == 2 * len(session.grid_rows) and shown["grid_zip"]["interactive"]
+    with zipfile.ZipFile(shown["grid_zip"]["value"]) as archive:
+        assert len(archive.namelist()) == 2 * len(session.grid_rows)
+    assert re.search(r"\*\*stopped\*\* at prompt 2 of 3 · step \d+ of 20 · the grid shows its 1 row finished",
+                     shown["info"])
+
+
+def test_a_history_click_during_a_render_shows_that_result_after_the_render_has_ended(studio, session):
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form(gate=0.2)))
+    studio.engine.step_delay = 0.1
+    updates: list[dict] = []
+
+    async def click_during_a_render():
+        async def consume():
+            async for values in handlers.release(studio, session=session, **form(gate=0.92, num_inference_steps=50)):
+                updates.append(values)
+
+        task = asyncio.create_task(consume())
+        while not any(isinstance(update.get("result"), Image.Image) for update in updates):
+            await asyncio.sleep(0.02)
+        click = asyncio.create_task(handlers.select_history(
+            studio, gr.SelectData(None, {"index": 0, "value": None}), session=session))
+        await asyncio.sleep(0.05)
+        task.cancel()  # the click cancels the render (layout: cancels=...)
+        return await click
+
+    picked = asyncio.run(click_during_a_render())
+    assert picked["gate"] == 0.2 and picked["result"] == session.history[0].path and session.run is None
+    assert picked["info"].startswith("**seed 7** · γ 0.20")
+
+
+def test_previews_reach_the_page_at_most_four_times_a_second_and_the_line_counts_every_step():
+    engine = FakeEngine(step_delay=0.01)
+    photo = [Image.new("RGB", (32, 32))]
+    seen: list[int] = []
+
+    async def run():
+        stream = stream_render(engine, photo, [1.0], Generation(prompt="x", num_inference_steps=60), [0.5],
+                               preview_every=handlers.PREVIEW_EVERY_S, on_step=lambda step: seen.append(step.step))
+        started = asyncio.get_running_loop().time()
+        events = [event async for event in stream]
+        return events, asyncio.get_running_loop().time() - started
+
+    events, seconds = asyncio.run(run())
+    previews = [event for event in events if isinstance(event, Step)]
+    assert isinstance(events[-1], Done) and 1 <= len(previews) <= seconds / handlers.PREVIEW_EVERY_S + 1
+    assert seen[-1] == 60 and len(seen) > len(previews)
+
+
+def test_a_photo_is_decoded_once_while_it_is_used(studio, session):
+    from ui.state import open_photo
+
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form()))
+    first = studio.engine.calls[-1].references[0]
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form(gate=0.7)))
+    assert studio.engine.calls[-1].references[0] is first is open_photo(studio, session.photos[0])
+
+
+def test_the_slot_hint_shows_only_with_photos(studio, photo):
+    session = Session()
+    assert not handlers.remove_photo(studio, session=session, index=0)["slots_hint"]["visible"]
+    assert handlers.add_photos(studio, session=session, files=[photo])["slots_hint"]["visible"]
+    assert not handlers.remove_photo(studio, session=session, index=0)["slots_hint"]["visible"]
 
 
 def test_cancelling_the_consumer_stops_the_render_within_a_step():
@@ -354,24 +519,44 @@ def test_grid_renders_each_prompt_as_one_batch(studio, session):
                                       gates_text="0, 1", **form()))
     rows = [(c.generation.prompt, c.gates) for c in studio.engine.calls]
     assert rows == [("a dog", (0.0, 1.0)), ("a cat in snow", (0.0, 1.0))]
-    galleries = [u["grid_gallery"] for u in updates if "grid_gallery" in u]
-    assert len(galleries[-1]["value"]) == 4 and galleries[-1]["columns"] == 2
-    assert [caption for _, caption in galleries[-1]["value"]][:2] == ["γ 0.00 · id 0.50", "γ 1.00 · id 0.90"]
-    assert updates[-1]["info"].endswith("row 1: *a dog* · row 2: *a cat in snow*")  # the caption is short: γ and id
-    with pytest.raises(gr.Error, match="outside 0"):
-        collect(handlers.grid(studio, session=session, prompts_text="a", gates_text="0, 3", **form()))
+    tables = [u["grid_view"] for u in updates if "grid_view" in u]
+    assert len(tables) == 3 and tables[0].count("<img") == 2 and tables[-1].count("<img") == 4  # each row at once
+    table = tables[-1]  # labelled: γ on top, prompts down the left, each tile with its identity score
+    assert re.findall(r"<th>(γ [\d.]+)</th>", table) == ["γ 0.00", "γ 1.00"]
+    assert re.findall(r'<th scope="row"><b>(\d)</b> ([^<]+)</th>', table) == [("1", "a dog"), ("2", "a cat in snow")]
+    assert re.findall(r"<span>(id [\d.]+)</span>", table) == ["id 0.50", "id 0.90"] * 2
+    assert "--rows: 2" in table and updates[-1]["grid_zip"]["interactive"]
+    assert updates[-1]["info"].endswith("row 1: *a dog* · row 2: *a cat in snow*")
+    before = len(studio.engine.calls)
+    updates = refusal(handlers.grid(studio, session=session, prompts_text="a", gates_text="0, 3", **form()),
+                      "outside 0")
+    assert "grid_view" not in updates[-1] and len(studio.engine.calls) == before  # the grid on screen stays
+    refusal(handlers.grid(studio, session=session, prompts_text="a\nb", gates_text="0", **form(width=7)), "width")
+
+
+def test_a_prompt_in_the_grid_is_shown_as_text():
+    from ui.state import Result
+
+    path = save_result(Image.new("RGB", (8, 8)), {"gate": 0.0}, Path(__import__("tempfile").mkdtemp()))
+    cell = Result(path=path, generation=Generation(prompt="x"), identity=None, subject="s")
+    table = handlers.grid_table([("<b>bold</b> & co", [cell])])
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; co" in table and "<span></span>" in table
 
 
 def test_history_click_and_png_drop_restore_the_settings(studio, session):
     collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=21, gate=0.25,
                                                                                num_inference_steps=2)))
     collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=22, gate=0.75)))
-    picked = handlers.select_history(studio, gr.SelectData(None, {"index": 1, "value": None}), session=session)
-    assert (picked["seed"], picked["gate"], picked["num_inference_steps"], picked["lock_seed"]) == (21, 0.25, 2, True)
+    picked = asyncio.run(handlers.select_history(studio, gr.SelectData(None, {"index": 1, "value": None}),
+                                                 session=session))
+    assert (picked["seed"], picked["gate"], picked["num_inference_steps"]) == (21, 0.25, 2)
+    assert "lock_seed" not in picked  # the history restores settings and leaves the lock as it is ...
+    assert picked["info"].endswith("its settings are back in the controls")
     png = session.history[1].path
-    restored = handlers.restore_png(studio, file=png)
+    restored = handlers.restore_png(studio, file=png)  # ... a dropped PNG locks the seed, and says so
     assert (restored["seed"], restored["gate"], restored["num_inference_steps"], restored["lock_seed"]) == (
         21, 0.25, 2, True)
+    assert "seed 21 (locked)" in restored["info"]
     studio.engine.profile = "sd15"  # a PNG from another profile restores too, with a warning
     with pytest.warns(UserWarning, match="made with profile 'fake'"):
         handlers.restore_png(studio, file=png)
@@ -380,12 +565,13 @@ def test_history_click_and_png_drop_restore_the_settings(studio, session):
 def test_png_without_settings_is_refused_by_name(studio, tmp_path):
     plain = tmp_path / "plain.png"
     plain.write_bytes(png_bytes())
-    with pytest.raises(gr.Error, match="plain.png.*no FlexIP settings"):
-        handlers.restore_png(studio, file=str(plain))
     text = tmp_path / "notes.png"
     text.write_bytes(b"hello")
-    with pytest.raises(gr.Error, match="notes.png"):
-        handlers.restore_png(studio, file=str(text))
+    for path, words in ((plain, "plain.png: this PNG carries no FlexIP settings"), (text, "notes.png")):
+        with pytest.warns(UserWarning) as caught:  # one toast, and the line; the controls are left alone
+            values = handlers.restore_png(studio, file=str(path))
+        assert len(caught) == 1 and str(caught[0].message).startswith(words)
+        assert values == {"restore_file": None, "info": f"✕ settings not restored: {caught[0].message}"}
 
 
 def test_a_generation_survives_the_png_round_trip_into_the_controls(studio, tmp_path):
@@ -412,11 +598,13 @@ def test_a_png_with_settings_the_studio_has_no_control_for_says_so(studio, tmp_p
 
 
 def test_gate_and_prompt_lists_are_checked(studio, session):
-    for text, words in (("", "empty"), ("0, x", "not a number"), ("1.5", "outside"), (",".join("0" * 10), "at most 9")):
-        with pytest.raises(gr.Error, match=words):
-            collect(handlers.sweep(studio, session=session, gates_text=text, **form()))
     collect(handlers.sweep(studio, session=session, gates_text="0, .25;0.5 1", **form()))
     assert studio.engine.calls[-1].gates == (0.0, 0.25, 0.5, 1.0)
+    for text, words in (("", "empty"), ("0, 0.5, banana, 2", "'banana' is not a number"), ("1.5", "outside"),
+                        (",".join("0" * 10), "at most 9")):
+        updates = refusal(handlers.sweep(studio, session=session, gates_text=text, **form()), words)
+        assert [set(update) for update in updates] == [{"info"}]  # the previous sweep stays on screen
+    assert len(studio.engine.calls) == 1
     with pytest.raises(ValueError, match="at most 4"):
         parse_prompts("a\nb\nc\nd\ne")
 
@@ -428,10 +616,9 @@ def test_a_negative_or_empty_seed_draws_one_in_the_one_seed_range():
 
 
 def test_a_bad_setting_is_refused_before_the_models_load(studio, session):
-    with pytest.raises(gr.Error, match="height must be a multiple of 8 from 64 to 512, got 1024"):
-        collect(handlers.generate(studio, session=session, lock_seed=True, **form(height=1024)))
-    with pytest.raises(gr.Error, match="identity until"):
-        collect(handlers.generate(studio, session=session, lock_seed=True, **form(pres_until=0)))
+    refusal(handlers.generate(studio, session=session, lock_seed=True, **form(height=1024)),
+            "height must be a multiple of 8 from 64 to 512, got 1024")
+    refusal(handlers.generate(studio, session=session, lock_seed=True, **form(pres_until=0)), "identity until")
     assert studio.engine.loads == 0
 
 
@@ -475,6 +662,21 @@ def test_bind_translates_names_and_refuses_unwired_outputs():
     assert bind(lambda: {"a": 1}, {"a": box})() == {box: 1}
     with pytest.raises(KeyError, match="not wired"):
         bind(lambda: {"b": 1}, {"a": box})()
+
+
+def test_the_prompt_placeholders_use_words_the_model_knows(studio):
+    from ui.files import EXAMPLES
+    from ui.layout import build_studio
+
+    def placeholders(world):
+        studio.engine.world = world
+        boxes = {block.label: block for block in build_studio(studio).blocks.values()
+                 if isinstance(block, gr.Textbox)}
+        return boxes["Prompt"].placeholder, boxes["Negative prompt"].placeholder
+
+    toy = placeholders("toyworld.plugin")
+    assert toy == (f"e.g. {EXAMPLES[0].prompt}", "optional: what to leave out, e.g. striped")
+    assert placeholders(None) == ("e.g. a photo of the subject on a beach", "optional: what to leave out, e.g. blurry")
 
 
 def test_the_app_builds_with_named_api_endpoints(studio):

@@ -35,6 +35,7 @@ class FakeEngine:
 
     profile = "fake"
     schedulers = SCHEDULERS
+    world = None  # no world of its own: any prompt word goes
 
     def __init__(self, step_delay: float = 0.0):
         self.step_delay = step_delay

@@ -2,8 +2,10 @@
 flexip_core.FlexIPPipeline, and stream_render, which runs a blocking render in a worker thread and streams its step
 previews. Everything crossing this boundary is PIL images, numbers, strings and `Generation` values.
 
-Cancelling the task that consumes stream_render (Gradio's Stop button, `cancels=`, a newer slider release) sets a
-stop flag that the next step callback turns into RenderCancelled, so the device is free again within one step."""
+stream_render passes on at most one preview per `preview_every` seconds (the newest): the denoising loop makes one
+per step, far more than a browser can fetch and draw. Cancelling the task that consumes it (Gradio's Stop button,
+`cancels=`, a newer slider release) sets a stop flag that the next step callback turns into RenderCancelled, so the
+device is free again within one step."""
 from __future__ import annotations
 
 import asyncio
@@ -41,6 +43,7 @@ class Rendered:
 class Engine(Protocol):
     profile: str  # name of the loaded (or to-be-loaded) profile
     schedulers: tuple[str, ...]  # sampler names the engine accepts
+    world: str | None  # the profile's world plugin when its model knows only that world (mini: toyworld.plugin)
 
     def defaults(self) -> Defaults:
         """The profile's suggested settings (size, steps, guidance, scheduler) and its largest side."""
@@ -72,10 +75,17 @@ class CoreEngine:
     _failure: str | None = field(default=None, init=False, repr=False)
     _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _device_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _notes: dict = field(default_factory=dict, init=False, repr=False)  # subject key -> the model's notes on its photos
 
     @property
     def schedulers(self) -> tuple[str, ...]:
         return SCHEDULERS
+
+    @property
+    def world(self) -> str | None:
+        from flexip_core.loading.profiles import load_profile  # a data file: no torch import
+
+        return load_profile(self.profile).world
 
     def ready(self) -> bool:
         return self._pipe is not None
@@ -131,7 +141,9 @@ class CoreEngine:
             except GenerationCancelled as stop:
                 raise RenderCancelled(str(stop)) from None
             scores = pipe.identity_score(out.images, subject, references)
-        warnings = tuple(out.warnings) + tuple(pipe.reference_notes(references))
+            if subject.key not in self._notes:  # the same photos give the same notes: read them once
+                self._notes[subject.key] = tuple(pipe.reference_notes(references))
+        warnings = tuple(out.warnings) + self._notes[subject.key]
         return [Rendered(image, made, params, None if score is None else float(score), warnings)
                 for image, made, params, score in zip(out.images, out.generations, out.parameters, scores, strict=True)]
 
@@ -150,9 +162,11 @@ class Done:
 
 
 async def stream_render(engine: Engine, references: Sequence[Image.Image], weights: Sequence[float],
-                        generation: Generation, gates: Sequence[float]) -> AsyncIterator[Step | Done]:
-    """Yield Step for each denoising step (stale ones dropped when the consumer is slower), then one Done.
-    Errors from the engine (ValueError, RenderCancelled, ...) are re-raised in the consumer."""
+                        generation: Generation, gates: Sequence[float], preview_every: float = 0.0,
+                        on_step: Callable[[Step], None] | None = None) -> AsyncIterator[Step | Done]:
+    """Yield the newest Step at most once per `preview_every` seconds (and none that a slower consumer has not
+    taken in time), then one Done; `on_step` sees every step that arrives (a progress count). Errors from the engine
+    (ValueError, RenderCancelled, ...) are re-raised in the consumer."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
@@ -163,30 +177,48 @@ async def stream_render(engine: Engine, references: Sequence[Image.Image], weigh
         except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
             stop.set()
 
-    def on_step(step: int, total: int, previews: list) -> None:
+    def report(step: int, total: int, previews: list) -> None:  # in the worker thread
         if stop.is_set():
             raise RenderCancelled(f"stopped at step {step}/{total}")
         post("step", Step(step, total, list(previews)))
 
     def work() -> None:
         try:
-            post("done", Done(engine.render(references, weights, generation, gates, on_step=on_step)))
+            post("done", Done(engine.render(references, weights, generation, gates, on_step=report)))
         except BaseException as error:  # handed to the consumer, which re-raises it
             post("error", error)
 
     worker = threading.Thread(target=work, name="flexip-render", daemon=True)
     worker.start()
+    finished = False  # the engine's result (or error) has arrived
+    due = 0.0  # when the next preview may be passed on (loop time)
+    pending: Step | None = None  # the newest step not passed on yet
     try:
         while True:
-            kind, payload = await inbox.get()
-            while kind == "step" and not inbox.empty():  # keep only the newest preview
-                kind, payload = inbox.get_nowait()
+            wait = None if pending is None else max(0.0, due - loop.time())
+            try:
+                kind, payload = await asyncio.wait_for(inbox.get(), wait)
+            except TimeoutError:  # no newer step came before the preview was due: pass this one on
+                kind, payload = "step", pending
+            else:
+                while kind == "step":  # count every step, keep only the newest preview
+                    if on_step is not None:
+                        on_step(payload)
+                    if inbox.empty():
+                        break
+                    kind, payload = inbox.get_nowait()
+            if kind == "step":
+                if loop.time() < due:
+                    pending = payload
+                    continue
+                pending, due = None, loop.time() + preview_every
+            finished = kind in ("done", "error")
             if kind == "error":
                 raise payload
             yield payload
             if kind == "done":
                 return
     finally:
-        if worker.is_alive():
+        if not finished:
             logger.info("render abandoned by its caller; stopping it at the next step")
         stop.set()

@@ -1,13 +1,22 @@
 """Every event handler of the studio: the subject panel (photos, weights, examples), Generate, the live γ slider
-(peek while dragging, render on release), history, seeds, restoring settings, the γ sweep and the prompt × γ grid,
-the header, and the `/generate` and `/sweep` API endpoints.
+(peek while dragging, render on release), Stop, history, seeds, restoring settings, the γ sweep and the prompt × γ
+grid, the header, and the `/generate` and `/sweep` API endpoints.
 
 Each handler returns (or yields) a dict keyed by output name (ui.layout binds the names to components), so tests
 call them with a fake engine and no server. Every render is one `Generation` (flexip_core.generation.settings) plus
-the subject photos and the γ values to render; the core's ValueErrors become gr.Error so the user sees the message
-and the app keeps serving."""
+the subject photos and the γ values to render.
+
+How the page answers: a long action says in the status line (`info`) what it is doing (step n of N); Stop ends it
+within a step and puts back the last finished image or sweep, saying where it stopped; a refused or failed action
+leaves the screen as it was and says what and why in one toast and the line. The page never gets gr.Error, whose
+badges cover the controls; the API endpoints do (a client needs an error). A warning that every render of a subject
+repeats (the model's note on its photo, words it left out) is a toast once per subject and stays in the line."""
 # No `from __future__ import annotations`: Gradio reads the gr.SelectData annotation as a class.
 import asyncio
+import base64
+import contextlib
+import html
+import io
 import logging
 import random
 import re
@@ -23,7 +32,7 @@ from flexip_core.generation.settings import MAX_SEED, Generation, parse_gates
 
 from .engine import Done, RenderCancelled, Step, stream_render
 from .files import EXAMPLES, ensure_examples, example_path, save_result, zip_results
-from .state import Photo, Result, Session, Studio, accept_photos, fingerprint, open_photo, read_png_generation
+from .state import Photo, Result, Run, Session, Studio, accept_photos, fingerprint, open_photo, read_png_generation
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +44,15 @@ API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "pres
 MAX_SWEEP = 9  # γ values in one sweep or grid row
 MAX_GRID_PROMPTS = 4  # rows of the prompt × γ grid
 PREVIEW_SIDE = 256  # previews are upscaled to about this size so the browser shows blocks, not a blur
+PREVIEW_EVERY_S = 0.25  # at most four previews a second: each is an encode, a message and a fetch for the browser
+STOP_WAIT_S = 10.0  # how long Stop waits for the render it cancelled to end before showing the stopped state
+GRID_TILE = 128  # grid tiles are sent inline, at most this many pixels a side (the zip has the full images)
 METRICS = {"clip": "CLIP cosine with the subject",  # what each identity metric (parameters["identity_metric"]) reads
            "toyworld": "share of the toy's shape, colour and pattern kept, read by the toy-world oracle"}
+
+
+class NotLoaded(RuntimeError):
+    """The profile's models could not be loaded; the message says why (a missing file, a bad path)."""
 
 
 # --- the form ------------------------------------------------------------------------------------------
@@ -45,21 +61,21 @@ def random_seed() -> int:
 
 
 def read_form(form: dict) -> Generation:
-    """The Generation the controls describe (keys: CONTROLS; seed empty or negative: a random one); gr.Error
+    """The Generation the controls describe (keys: CONTROLS; seed empty or negative: a random one); ValueError
     naming the first value that is not a number. Ranges are checked by Generation.check when rendering."""
     def number(key, kind):
         value = form.get(key)
         try:
             return float(value) if kind is float else int(round(float(value)))
         except (TypeError, ValueError, OverflowError):
-            raise gr.Error(f"{key.replace('_', ' ')} is {value!r}; enter a number") from None
+            raise ValueError(f"{key.replace('_', ' ')} is {value!r}; enter a number") from None
 
     seed = form.get("seed")
     draw = seed is None or seed == "" or (isinstance(seed, (int, float)) and seed < 0)  # -1 or empty: a random one
     try:
         windows = GateSchedule(pres_until=number("pres_until", float))
     except ValueError as error:
-        raise gr.Error(f"identity until: {error}") from None
+        raise ValueError(f"identity until: {error}") from None
     return Generation(
         prompt=str(form.get("prompt") or "").strip(), negative_prompt=str(form.get("negative_prompt") or "").strip(),
         gate=number("gate", float), strength=number("strength", float),
@@ -71,7 +87,8 @@ def read_form(form: dict) -> Generation:
 
 
 def weighted_photos(photos: list[Photo], form: dict) -> list[Photo]:
-    """The photos with the slot weights (`weight0`, `weight1`, ... popped from `form`) applied."""
+    """The photos with the slot weights (`weight0`, `weight1`, ... popped from `form`) applied; ValueError for a
+    weight that is not a number from 0 to 10, or when none is above 0."""
     slots = {key: form.pop(key) for key in [k for k in form if k.startswith("weight") and k[6:].isdigit()]}
     result = []
     for i, photo in enumerate(photos):
@@ -79,12 +96,12 @@ def weighted_photos(photos: list[Photo], form: dict) -> list[Photo]:
         try:
             weight = photo.weight if value is None else float(value)
         except (TypeError, ValueError):
-            raise gr.Error(f"weight of {photo.name} is {value!r}; use a number from 0 to 10") from None
+            raise ValueError(f"weight of {photo.name} is {value!r}; use a number from 0 to 10") from None
         if not 0.0 <= weight <= 10.0:
-            raise gr.Error(f"weight of {photo.name} is {weight:g}; use a value from 0 to 10")
+            raise ValueError(f"weight of {photo.name} is {weight:g}; use a value from 0 to 10")
         result.append(replace(photo, weight=weight))
     if result and not any(photo.weight > 0 for photo in result):
-        raise gr.Error("every photo has weight 0; give at least one photo a weight above 0")
+        raise ValueError("every photo has weight 0; give at least one photo a weight above 0")
     return result
 
 
@@ -98,16 +115,18 @@ def parse_prompts(text: str, limit: int = MAX_GRID_PROMPTS) -> list[str]:
     return prompts
 
 
-def _gates(text: str) -> list[float]:
-    try:
-        return parse_gates(text, limit=MAX_SWEEP)
-    except ValueError as error:
-        raise gr.Error(str(error)) from None
+def read_request(session: Session, form: dict) -> tuple[list[Photo], Generation]:
+    """The weighted subject photos and the Generation of the controls (ValueError says which value is wrong);
+    the session keeps its photos until the request is known to be readable."""
+    form = dict(form)
+    photos = weighted_photos(session.photos, form)
+    return photos, read_form(form)
 
 
 # --- the engine: loading, the header, one render -------------------------------------------------------
 async def ensure_loaded(studio: Studio, progress: gr.Progress | None = None) -> None:
-    """Load the models on first use (once, in a worker thread), showing progress meanwhile."""
+    """Load the models on first use (once, in a worker thread), showing progress meanwhile; NotLoaded says why
+    they could not be."""
     if studio.engine.ready():
         return
     if progress is not None:
@@ -116,7 +135,7 @@ async def ensure_loaded(studio: Studio, progress: gr.Progress | None = None) -> 
         await asyncio.to_thread(studio.engine.load)
     except Exception as error:
         logger.exception("loading profile %s failed", studio.engine.profile)
-        raise gr.Error(f"The {studio.engine.profile} models could not be loaded: {error}") from error
+        raise NotLoaded(f"The {studio.engine.profile} models could not be loaded: {error}") from error
 
 
 def status(studio: Studio) -> dict:
@@ -148,42 +167,46 @@ def _upscale(image: Image.Image) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.NEAREST) if factor > 1 else image
 
 
-async def render(studio: Studio, photos: Sequence[Photo], generation: Generation, gates: Sequence[float],
-                 progress: gr.Progress | None = None, one_at_a_time: bool = False
-                 ) -> AsyncIterator[Preview | list[Result]]:
-    """Yield a Preview per step, then the list of saved Results (one per γ). `one_at_a_time` renders the γ
-    values as separate batches of one (less device memory, more time)."""
+def check_request(studio: Studio, photos: Sequence[Photo], generation: Generation) -> None:
+    """ValueError for a request that cannot render, before the models are waited for."""
     if not photos:
-        raise gr.Error("add at least one photo of the subject first (drop, paste or upload it in the Subject panel)")
+        raise ValueError("add at least one photo of the subject first (drop, paste or upload it in the Subject panel)")
     if not generation.prompt:
-        raise gr.Error("the prompt is empty; describe what to make of the subject")
-    try:
-        generation.check(studio.engine.defaults().max_side)  # before loading: a bad size must not wait for the models
-    except ValueError as error:
-        raise gr.Error(str(error)) from None
+        raise ValueError("the prompt is empty; describe what to make of the subject")
+    generation.check(studio.engine.defaults().max_side)
+
+
+async def render(studio: Studio, photos: Sequence[Photo], generation: Generation, gates: Sequence[float],
+                 run: Run | None = None, progress: gr.Progress | None = None, one_at_a_time: bool = False
+                 ) -> AsyncIterator[Preview | list[Result]]:
+    """Yield a Preview at most every PREVIEW_EVERY_S, then the list of saved Results (one per γ); `run` follows
+    the step count. `one_at_a_time` renders the γ values as separate batches of one (less device memory, more
+    time). ValueError for a refused request (before anything renders) or a setting the engine refuses; NotLoaded."""
+    check_request(studio, photos, generation)
     await ensure_loaded(studio, progress)
-    try:
-        references = [open_photo(photo) for photo in photos]
-    except ValueError as error:
-        raise gr.Error(str(error)) from None
+    references = [open_photo(studio, photo) for photo in photos]
     weights = [photo.weight for photo in photos]
     subject = fingerprint(list(photos))
     batches = [[gate] for gate in gates] if one_at_a_time else [list(gates)]
     results: list[Result] = []
-    for batch in batches:
+    for number, batch in enumerate(batches, start=1):
+        stage = f"γ {number} of {len(batches)} · " if len(batches) > 1 else ""
+
+        def track(step: Step, stage=stage) -> None:
+            if run is not None:
+                run.progress = f"{run.stage}{stage}step {step.step} of {step.total}"
+
+        track(Step(0, generation.num_inference_steps, []))
         try:
-            async for event in stream_render(studio.engine, references, weights, generation, batch):
+            async for event in stream_render(studio.engine, references, weights, generation, batch,
+                                             preview_every=PREVIEW_EVERY_S, on_step=track):
                 if isinstance(event, Step):
                     yield Preview(event.step, event.total, [_upscale(image) for image in event.previews], batch)
                 elif isinstance(event, Done):
                     results.extend(_save(studio, subject, event))
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
-        except RenderCancelled:
+        except RenderCancelled:  # only when this consumer has gone away: nothing to show it to
             logger.info("render cancelled")
             return
-    for warning in dict.fromkeys(w for result in results for w in result.warnings):  # each once, in order
-        gr.Warning(warning)
     yield results
 
 
@@ -191,6 +214,78 @@ def _save(studio: Studio, subject: str, done: Done) -> list[Result]:
     return [Result(path=save_result(r.image, r.parameters, studio.results_folder), generation=r.generation,
                    identity=r.identity, subject=subject, parameters=r.parameters, warnings=r.warnings)
             for r in done.results]
+
+
+# --- how the page answers: runs, messages, the stopped state -------------------------------------------
+@contextlib.asynccontextmanager
+async def running(session: Session, kind: str, label: str):
+    """The session's render in flight for the duration of a handler, however it ends (done, failed, cancelled); a
+    cancelled one is kept as `session.cancelled` for Stop, whose own handler runs once the cancel has been done."""
+    run = Run(kind, label)
+    session.run, session.cancelled = run, None
+    try:
+        yield run
+    except (asyncio.CancelledError, GeneratorExit):
+        session.cancelled = run
+        raise
+    finally:
+        if session.run is run:
+            session.run = None
+        run.finished.set()
+
+
+async def settled(session: Session) -> Run | None:
+    """The render the same click cancelled, once it has ended (waiting at most STOP_WAIT_S), so that what the
+    caller shows comes after its last preview; None when nothing was rendering."""
+    run = session.run
+    if run is not None:
+        try:
+            await asyncio.wait_for(run.finished.wait(), STOP_WAIT_S)
+        except TimeoutError:
+            logger.warning("the %s render did not end within %.0f s of being stopped", run.kind, STOP_WAIT_S)
+    else:
+        run = session.cancelled
+    session.cancelled = None
+    return run
+
+
+def starting(studio: Studio) -> str:
+    engine = studio.engine
+    return "starting…" if engine.ready() else f"loading the {engine.profile} models (first run only)…"
+
+
+def still_showing(session: Session) -> str:
+    """What the large image is, for a line that is about something else."""
+    if session.current is None:
+        return ""
+    g = session.current.generation
+    return f" · showing **seed {g.seed}** · γ {g.gate:.2f}"
+
+
+def refused(session: Session, error: Exception, label: str = "") -> dict:
+    """A toast and the line for an action that did not happen; every other output stays as it was."""
+    if isinstance(error, (ValueError, NotLoaded)):
+        why = str(error)
+        logger.info("not rendered: %s", why)
+    else:  # unexpected: with its traceback in the log, and said on the page
+        why = f"{type(error).__name__}: {error}"
+        logger.error("render failed", exc_info=error)
+    toast(why)
+    return {"info": f"{label + ' · ' if label else ''}✕ not rendered: {why}{still_showing(session)}"}
+
+
+def toast(message: str) -> None:
+    """A warning toast (Gradio renders its message as HTML: file names and prompts are escaped)."""
+    gr.Warning(html.escape(message, quote=False))
+
+
+def warn_once(session: Session, results: Sequence[Result]) -> None:
+    """A toast for each warning of these results not yet shown for their subject (the line keeps showing them)."""
+    for result in results:
+        for warning in result.warnings:
+            if (result.subject, warning) not in session.told:
+                session.told.add((result.subject, warning))
+                toast(warning)
 
 
 # --- showing results -----------------------------------------------------------------------------------
@@ -207,32 +302,113 @@ def reference_view(session: Session) -> str | None:
     return session.photos[0].view if session.photos else None
 
 
+def large(session: Session, result: Result | None) -> dict:
+    """The large image and its comparison with the reference."""
+    if result is None:
+        return {"result": None, "compare": None}
+    reference = reference_view(session)
+    return {"result": result.path, "compare": (reference, result.path) if reference else None}
+
+
 def show(session: Session, result: Result) -> dict:
     """Outputs that put `result` on screen: large, against the reference, in the history, as a download."""
-    reference = reference_view(session)
     return {
-        "result": result.path, "compare": (reference, result.path) if reference else None,
-        "info": describe(result), "download": gr.update(value=result.path, interactive=True),
+        **large(session, result), "info": describe(result), "download": gr.update(value=result.path, interactive=True),
         "history": [(r.path, r.caption) for r in session.history], "session": session,
     }
 
 
+def sweep_view(session: Session) -> dict:
+    """The γ sweep tab as the last finished sweep left it."""
+    return {"sweep_gallery": list(session.sweep_tiles),
+            "sweep_zip": gr.update(value=session.sweep_zip, interactive=session.sweep_zip is not None)}
+
+
+def grid_view(session: Session) -> dict:
+    """The prompt × γ grid tab as its last finished rows left it."""
+    return {"grid_view": grid_table(session.grid_rows),
+            "grid_zip": gr.update(value=session.grid_zip, interactive=session.grid_zip is not None)}
+
+
+def _tile(path: str) -> str:
+    """An inline image for the grid table: the PNG itself when small, else a WebP at most GRID_TILE a side."""
+    with Image.open(path) as image:
+        if max(image.size) <= GRID_TILE:
+            return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+        image = image.convert("RGB")
+        image.thumbnail((GRID_TILE, GRID_TILE))
+        buffer = io.BytesIO()
+        image.save(buffer, format="WEBP", quality=85)
+    return "data:image/webp;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def grid_table(rows: Sequence[tuple[str, Sequence[Result]]]) -> str:
+    """The prompt × γ grid as a table: one row per prompt (named on its left), one column per γ (named on top),
+    each tile with its identity score."""
+    if not rows:
+        return '<p class="grid-empty">Write up to four prompts above and run the grid: one row per prompt.</p>'
+    gates = [result.generation.gate for result in rows[0][1]]
+    head = "".join(f"<th>γ {gate:.2f}</th>" for gate in gates)
+    body = []
+    for number, (prompt, results) in enumerate(rows, start=1):
+        cells = []
+        for result in results:
+            score = "" if result.identity is None else f"id {result.identity:.2f}"
+            cells.append(f'<td><img src="{_tile(result.path)}" alt="{html.escape(result.caption)}">'
+                         f"<span>{score}</span></td>")
+        body.append(f'<tr><th scope="row"><b>{number}</b> {html.escape(prompt)}</th>{"".join(cells)}</tr>')
+    return (f'<table class="grid-table" style="--rows: {len(rows)}"><thead><tr><th>prompt</th>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
+
+
 def restore_outputs(generation: Generation) -> dict:
-    """Outputs that put `generation` back into the controls (and lock the seed so a rerun reproduces); a value
-    the core left open (the pipeline's own scheduler, the input image's size) leaves its control as it is."""
+    """Outputs that put `generation` back into the controls; a value the core left open (the pipeline's own
+    scheduler, the input image's size) leaves its control as it is."""
     values = generation.to_parameters()
-    return {**{name: gr.update() if values[name] is None else values[name] for name in CONTROLS}, "lock_seed": True}
+    return {name: gr.update() if values[name] is None else values[name] for name in CONTROLS}
+
+
+def rows(count: int) -> str:
+    return f"{count} row" + "s" * (count != 1)
+
+
+def stopped(studio: Studio, session: Session, run: Run | None) -> dict:
+    """The screen after Stop: the last finished image (or sweep, or the grid's finished rows) back, and the line
+    saying where the render stopped."""
+    if run is None:
+        return {"info": f"nothing was rendering{still_showing(session)}"}
+    where = f"{run.label} · **stopped** at {run.progress}"
+    if run.kind == "sweep":
+        kept = "the previous sweep" if session.sweep_tiles else "no sweep yet"
+        return {**sweep_view(session), "info": f"{where} · the γ sweep tab shows {kept}{still_showing(session)}"}
+    if run.kind == "grid":
+        if session.grid_rows and session.grid_zip is None:
+            session.grid_zip = zip_results([r.path for _, row in session.grid_rows for r in row],
+                                           studio.results_folder, "flexip-grid")
+        return {**grid_view(session), "session": session,
+                "info": f"{where} · the grid shows its {rows(len(session.grid_rows))} finished{still_showing(session)}"}
+    if session.current is None:
+        return {**large(session, None), "info": f"{where} · no image finished yet"}
+    return {**show(session, session.current), "info": f"{where} · showing the last finished image: "
+                                                      f"{describe(session.current)}"}
+
+
+async def stop(studio: Studio, *, session: Session) -> dict:
+    """Stop: the render in flight (cancelled by Gradio on the same click) ends within a step; then the screen
+    shows the last finished image or sweep again and the line says where the render stopped."""
+    return stopped(studio, session, await settled(session))
 
 
 # --- subject panel -------------------------------------------------------------------------------------
 def slot_names(count: int) -> list[str]:
-    """Output names of the photo slots: a group, its thumbnail and its weight slider per slot."""
-    return [name for i in range(count) for name in (f"slot{i}", f"thumb{i}", f"weight{i}")]
+    """Output names of the photo slots: a group, its thumbnail and its weight slider per slot, then the hint."""
+    return [name for i in range(count) for name in (f"slot{i}", f"thumb{i}", f"weight{i}")] + ["slots_hint"]
 
 
 def slot_updates(session: Session, count: int) -> dict:
-    """Show one slot per photo (the encoder's square view, the file name, the weight); hide the rest."""
-    values = {}
+    """Show one slot per photo (the encoder's square view, the file name, the weight); hide the rest, and the
+    hint on what a slot shows when there is none."""
+    values = {"slots_hint": gr.update(visible=bool(session.photos))}
     for i in range(count):
         photo = session.photos[i] if i < len(session.photos) else None
         values[f"slot{i}"] = gr.update(visible=photo is not None)
@@ -245,17 +421,17 @@ def add_photos(studio: Studio, *, session: Session, files: list[str] | None) -> 
     """Validate dropped/pasted/uploaded files; keep the good ones, warn about each bad one by name."""
     accepted, rejected = accept_photos(files or [], studio.photos_folder)
     for rejection in rejected:
-        gr.Warning(rejection.reason)
+        toast(rejection.reason)
     known = {photo.digest for photo in session.photos}
     for photo in accepted:
         if photo.digest in known:
-            gr.Warning(f"{photo.name}: this photo is already in the subject")
+            toast(f"{photo.name}: this photo is already in the subject")
             continue
         if len(session.photos) >= studio.max_photos:
-            gr.Warning(f"{photo.name}: the subject holds at most {studio.max_photos} photos; remove one first")
+            toast(f"{photo.name}: the subject holds at most {studio.max_photos} photos; remove one first")
             continue
         if photo.flat:
-            gr.Warning(photo.flat_warning)
+            toast(photo.flat_warning)
         session.photos.append(photo)
         known.add(photo.digest)
     logger.info("subject now has %d photo(s); %d rejected", len(session.photos), len(rejected))
@@ -270,111 +446,138 @@ def remove_photo(studio: Studio, *, session: Session, index: int) -> dict:
     return {"session": session, **slot_updates(session, studio.max_photos)}
 
 
-def load_example(studio: Studio, *, session: Session, name: str) -> dict:
-    """Replace the subject with one of the drawn example subjects and put its prompt in place."""
-    example = next((e for e in EXAMPLES if e.name == name), None)
-    if example is None:
-        raise gr.Error(f"unknown example {name!r}")
+async def example(studio: Studio, *, session: Session, name: str, gates_text: str, sequential_sweep: bool = False,
+                  **form):
+    """An example: its drawn subject replaces the photos, its prompt goes in place, and a γ sweep of it renders
+    in the γ sweep tab, which is brought to the front."""
+    chosen = next(e for e in EXAMPLES if e.name == name)
     ensure_examples()
-    accepted, rejected = accept_photos([str(example_path(example))], studio.photos_folder)
-    if rejected:
-        raise gr.Error(rejected[0].reason)
+    accepted, rejected = accept_photos([str(example_path(chosen))], studio.photos_folder)
+    if rejected:  # the shipped file is damaged: say so, change nothing
+        yield refused(session, ValueError(rejected[0].reason))
+        return
     session.photos = accepted
-    return {"session": session, "prompt": example.prompt, **slot_updates(session, studio.max_photos)}
-
-
-# --- generation: Generate, the γ slider, history, seed, PNG restore -------------------------------------
-async def _render_one(studio: Studio, session: Session, generation: Generation, progress):
-    label = f"**seed {generation.seed}** · γ {generation.gate:.2f}"
-    yield {"seed": generation.seed, "info": f"{label} · starting…"}
-    try:
-        async for event in render(studio, session.photos, generation, [generation.gate], progress):
-            if isinstance(event, Preview):
-                yield {"result": event.images[0], "info": f"{label} · step {event.step}/{event.total}"}
-            elif event:
-                result = event[0]
-                session.remember(result)
-                session.current = result
-                yield show(session, result)
-    except gr.Error as error:
-        yield {"info": f"{label} · not rendered: {error.message}"}
-        raise
-
-
-async def generate(studio: Studio, *, session: Session, lock_seed: bool, progress=gr.Progress(), **form):
-    """Generate one image with the current settings; a new random seed unless the seed is locked."""
-    session.photos = weighted_photos(session.photos, form)
-    generation = read_form(form)
-    if not lock_seed:
-        generation = replace(generation, seed=random_seed())
-    async for values in _render_one(studio, session, generation, progress):
+    yield {"session": session, "prompt": chosen.prompt, "tabs": gr.update(selected="sweep"),
+           **slot_updates(session, studio.max_photos)}
+    weights = {key: 1.0 for key in form if key.startswith("weight")}  # the new photo's weight, not the old slot's
+    async for values in sweep(studio, session=session, gates_text=gates_text, sequential_sweep=sequential_sweep,
+                              **{**form, **weights, "prompt": chosen.prompt}):
         yield values
 
 
-async def release(studio: Studio, *, session: Session, progress=gr.Progress(), **form):
-    """The γ slider was released: render at the new γ with the same seed and settings (a render already
-    made for exactly these settings is shown at once instead)."""
-    session.photos = weighted_photos(session.photos, form)
-    generation = read_form(form)
+# --- generation: Generate, the γ slider, history, seed, PNG restore -------------------------------------
+async def _render_one(studio: Studio, session: Session, generation: Generation):
+    label = f"**seed {generation.seed}** · γ {generation.gate:.2f}"
+    async with running(session, "image", label) as run:
+        yield {"seed": generation.seed, "info": f"{label} · {starting(studio)}"}
+        try:
+            async for event in render(studio, session.photos, generation, [generation.gate], run):
+                if isinstance(event, Preview):
+                    yield {"result": event.images[0], "info": f"{label} · {run.progress}"}
+                elif event:
+                    result = event[0]
+                    session.remember(result)
+                    session.current = result
+                    warn_once(session, event)
+                    yield show(session, result)
+        except Exception as error:  # said on the page (and logged); the last finished image goes back
+            yield {**large(session, session.current), **refused(session, error, label)}
+
+
+async def generate(studio: Studio, *, session: Session, lock_seed: bool, **form):
+    """Generate one image with the current settings; a new random seed unless the seed is locked."""
+    try:
+        session.photos, generation = read_request(session, form)
+        check_request(studio, session.photos, generation)
+    except ValueError as error:
+        yield refused(session, error)
+        return
+    if not lock_seed:
+        generation = replace(generation, seed=random_seed())
+    async for values in _render_one(studio, session, generation):
+        yield values
+
+
+async def release(studio: Studio, *, session: Session, **form):
+    """The γ slider was released (mouse, a click on its track, a pause after arrow keys, Enter in its box): render
+    at the new γ with the same seed and settings (a render already made for exactly these is shown at once)."""
+    try:
+        session.photos, generation = read_request(session, form)
+        check_request(studio, session.photos, generation)
+    except ValueError as error:
+        yield refused(session, error)
+        return
     cached = session.exact(generation)
     if cached is not None:
         session.current = cached
         yield show(session, cached)
         return
-    async for values in _render_one(studio, session, generation, progress):
+    async for values in _render_one(studio, session, generation):
         yield values
 
 
 def peek(studio: Studio, *, session: Session, **form) -> dict:
-    """While the slider is dragged: show the nearest γ already rendered for this subject, prompt, seed and
-    settings, computing nothing."""
+    """While the slider moves: show the nearest γ already rendered for this subject, prompt, seed and settings
+    (else the last finished image), computing nothing; the line says which γ is shown and which will render."""
+    session.cancelled = None  # a render this move stopped is replaced by what it shows
     try:
         photos = weighted_photos(session.photos, dict(form))
         generation = read_form(form)
-    except gr.Error:
+    except ValueError:
         return {}
+    target = f"let go of the slider to render γ {generation.gate:.2f}"
     nearest = session.nearest(generation, fingerprint(photos))
     if nearest is None:
-        return {"info": f"γ {generation.gate:.2f} · release the slider to render"}
-    reference = reference_view(session)
-    return {"result": nearest.path, "compare": (reference, nearest.path) if reference else None,
-            "info": f"showing the nearest rendered γ {nearest.generation.gate:.2f} (slider at {generation.gate:.2f})"
-                    " · release to render"}
+        shown = f"{still_showing(session)} (other settings)" if session.current else ""
+        return {**large(session, session.current), "info": f"{target}{shown}"}
+    return {**large(session, nearest),
+            "info": f"showing the nearest rendered γ {nearest.generation.gate:.2f} (slider at {generation.gate:.2f}) "
+                    f"· {target}"}
 
 
-def select_history(studio: Studio, evt: gr.SelectData, *, session: Session) -> dict:
-    """A history thumbnail was clicked: show that result and restore its settings."""
+async def select_history(studio: Studio, evt: gr.SelectData, *, session: Session) -> dict:
+    """A history thumbnail was clicked: stop a render in flight, show that result and restore its settings (the
+    seed box gets its seed; Lock seed stays as it is)."""
+    await settled(session)
     index = evt.index if isinstance(evt.index, int) else evt.index[0]
     if not 0 <= index < len(session.history):
         return {}
     result = session.history[index]
     session.current = result
-    return {**show(session, result), **restore_outputs(result.generation)}
+    return {**show(session, result), **restore_outputs(result.generation),
+            "info": f"{describe(result)} · its settings are back in the controls"}
 
 
 def restore_png(studio: Studio, *, file: str | None) -> dict:
     """A FlexIP PNG was dropped: restore the settings written in its `parameters` chunk (a setting it does not
-    name takes Generation's default)."""
+    name takes Generation's default) and lock the seed, so Generate makes that image again."""
     if not file:
         return {}
     name = Path(file).name
     try:
         generation, params = read_png_generation(file)
     except ValueError as error:
-        raise gr.Error(str(error)) from None
+        toast(str(error))
+        return {"restore_file": None, "info": f"✕ settings not restored: {error}"}
+    notes = []
     profile = params.get("profile")
     if profile and profile != studio.engine.profile:
-        gr.Warning(f"{name} was made with profile {profile!r}; this app runs {studio.engine.profile!r}, "
-                   "so the same settings give a different image")
+        notes.append(f"it was made with profile {profile!r} and this app runs {studio.engine.profile!r}, so the same "
+                     "settings give a different image")
     windows, default = generation.windows, GateSchedule()
     unshown = [f"{key} {getattr(windows, key):g}" for key in ("pres_from", "pers_from", "pers_until")
                if getattr(windows, key) != getattr(default, key)]
     unshown += [f"task {generation.task}"] * (generation.task != "text-to-image")
     if unshown:
-        gr.Warning(f"{name}: the studio has no control for {', '.join(unshown)}; those settings were not restored")
-    gr.Info(f"settings restored from {name}")
-    return {**restore_outputs(generation), "restore_file": None,
-            "info": f"settings restored from {name}: seed {generation.seed}, γ {generation.gate:.2f}"}
+        notes.append(f"the studio has no control for {', '.join(unshown)}; those settings were not restored")
+    line = f"settings restored from {name}: seed {generation.seed} (locked), γ {generation.gate:.2f}"
+    line += "".join(f" · ⚠ {note}" for note in notes)
+    if notes:
+        toast(f"{name}: " + "; ".join(notes))
+    else:
+        gr.Info(html.escape(f"settings restored from {name}; the seed is locked, so Generate makes it again",
+                            quote=False))
+    return {**restore_outputs(generation), "lock_seed": True, "restore_file": None, "info": line}
 
 
 def new_seed() -> dict:
@@ -382,85 +585,101 @@ def new_seed() -> dict:
 
 
 # --- comparisons: a same-seed γ sweep beside the reference, a prompt × γ grid ---------------------------
-def _download(paths: list[str], studio: Studio, stem: str):
-    return gr.update(value=zip_results(paths, studio.results_folder, stem), interactive=True)
-
-
-async def sweep(studio: Studio, *, session: Session, gates_text: str, sequential_sweep: bool = False,
-                progress=gr.Progress(), **form):
+async def sweep(studio: Studio, *, session: Session, gates_text: str, sequential_sweep: bool = False, **form):
     """Render the same seed at each γ of `gates_text` in one batched call (one call per γ when
     `sequential_sweep`); the result nearest the slider's γ becomes the large image, and dragging the slider then
     shows these at once."""
-    session.photos = weighted_photos(session.photos, form)
-    gates = _gates(gates_text)
-    generation = read_form(form)
-    reference = reference_view(session)
-    async for event in render(studio, session.photos, generation, gates, progress, one_at_a_time=sequential_sweep):
-        if isinstance(event, Preview):
-            previews = zip(event.images, event.gates, strict=True)
-            yield {"sweep_gallery": [(image, f"γ {gate:.2f}") for image, gate in previews],
-                   "info": f"sweep · **seed {generation.seed}** · step {event.step}/{event.total}"}
-            continue
-        for result in event:
-            session.remember(result, history=False)
-        session.sweep = list(event)
-        current = session.nearest(generation) or event[0]
-        session.current = current
-        yield {
-            "sweep_gallery": [(reference, "reference")] * bool(reference) + [(r.path, r.gate_caption) for r in event],
-            "sweep_zip": _download([r.path for r in event], studio, "flexip-sweep"),
-            "result": current.path, "compare": (reference, current.path) if reference else None,
-            "info": describe(current), "session": session,
-        }
+    try:
+        gates = parse_gates(gates_text, limit=MAX_SWEEP)
+        session.photos, generation = read_request(session, form)
+        check_request(studio, session.photos, generation)
+    except ValueError as error:
+        yield refused(session, error)
+        return
+    label = f"γ sweep · **seed {generation.seed}**"
+    async with running(session, "sweep", label) as run:
+        yield {"info": f"{label} · {starting(studio)}"}
+        try:
+            async for event in render(studio, session.photos, generation, gates, run, one_at_a_time=sequential_sweep):
+                if isinstance(event, Preview):
+                    previews = zip(event.images, event.gates, strict=True)
+                    yield {"sweep_gallery": [(image, f"γ {gate:.2f}") for image, gate in previews],
+                           "info": f"{label} · {run.progress}"}
+                    continue
+                for result in event:
+                    session.remember(result, history=False)
+                reference = reference_view(session)
+                session.sweep_tiles = [(reference, "reference")] * bool(reference) + [
+                    (r.path, r.gate_caption) for r in event]
+                session.sweep_zip = zip_results([r.path for r in event], studio.results_folder, "flexip-sweep")
+                session.current = session.nearest(generation) or event[0]
+                warn_once(session, event)
+                yield {**sweep_view(session), **large(session, session.current), "info": describe(session.current),
+                       "session": session}
+        except Exception as error:  # the previous sweep goes back
+            yield {**sweep_view(session), **refused(session, error, label)}
 
 
 async def grid(studio: Studio, *, session: Session, prompts_text: str, gates_text: str,
-               sequential_sweep: bool = False, progress=gr.Progress(), **form):
-    """Render each prompt (one per line) at each γ: one batched call per prompt, same seed throughout."""
-    session.photos = weighted_photos(session.photos, form)
-    gates = _gates(gates_text)
-    generation = read_form(form)
+               sequential_sweep: bool = False, **form):
+    """Render each prompt (one per line) at each γ: one batched call per prompt, same seed throughout; each
+    finished row shows at once."""
     try:
+        gates = parse_gates(gates_text, limit=MAX_SWEEP)
         prompts = parse_prompts(prompts_text)
+        session.photos, generation = read_request(session, form)
+        for prompt in prompts:
+            check_request(studio, session.photos, replace(generation, prompt=prompt))
     except ValueError as error:
-        raise gr.Error(str(error)) from None
-    cells = []
-    for row, prompt in enumerate(prompts, start=1):
-        async for event in render(studio, session.photos, replace(generation, prompt=prompt), gates, progress,
-                                  one_at_a_time=sequential_sweep):
-            if isinstance(event, Preview):
-                yield {"info": f"grid · prompt {row}/{len(prompts)} · step {event.step}/{event.total}"}
-                continue
-            for result in event:
-                session.remember(result, history=False)
-            cells.extend(event)
-            yield {"grid_gallery": gr.update(value=[(r.path, r.gate_caption) for r in cells], columns=len(gates))}
-    if not cells:
+        yield refused(session, error)
         return
-    session.sweep = list(cells)
-    rows = " · ".join(f"row {row}: *{prompt}*" for row, prompt in enumerate(prompts, start=1))
-    yield {"grid_zip": _download([r.path for r in cells], studio, "flexip-grid"), "session": session,
-           "info": f"grid of {len(prompts)} prompts × {len(gates)} γ values · **seed {generation.seed}** · {rows}"}
+    label = f"grid · **seed {generation.seed}**"
+    rows: list[tuple[str, list[Result]]] = []
+    async with running(session, "grid", label) as run:
+        yield {"info": f"{label} · {starting(studio)}"}
+        try:
+            for number, prompt in enumerate(prompts, start=1):
+                run.stage = f"prompt {number} of {len(prompts)} · "
+                async for event in render(studio, session.photos, replace(generation, prompt=prompt), gates, run,
+                                          one_at_a_time=sequential_sweep):
+                    if isinstance(event, Preview):
+                        yield {"info": f"{label} · {run.progress}"}
+                        continue
+                    for result in event:
+                        session.remember(result, history=False)
+                    rows.append((prompt, list(event)))
+                    session.grid_rows, session.grid_zip = list(rows), None  # the new grid replaces the old one
+                    warn_once(session, event)
+                    yield {**grid_view(session), "session": session}
+        except Exception as error:  # the rows finished so far stay
+            yield {**grid_view(session), **refused(session, error, label)}
+            return
+    if len(rows) < len(prompts):  # cancelled: Stop shows what was finished
+        return
+    session.grid_zip = zip_results([r.path for _, row in rows for r in row], studio.results_folder, "flexip-grid")
+    names = " · ".join(f"row {number}: *{prompt}*" for number, (prompt, _) in enumerate(rows, start=1))
+    yield {**grid_view(session), "session": session,
+           "info": f"grid of {len(prompts)} prompts × {len(gates)} γ values · **seed {generation.seed}** · {names}"}
 
 
 # --- the API: /generate and /sweep, stateless (photos with each call; the core caches their encoding) -----
 def _api_subject(studio: Studio, photos: list[str] | None, weights: str) -> list[Photo]:
     if not photos:
-        raise gr.Error("no subject photos given; pass one or more image files as `photos`")
+        raise ValueError("no subject photos given; pass one or more image files as `photos`")
     if len(photos) > studio.max_photos:
-        raise gr.Error(f"{len(photos)} photos given; at most {studio.max_photos} are accepted")
+        raise ValueError(f"{len(photos)} photos given; at most {studio.max_photos} are accepted")
     accepted, rejected = accept_photos(photos, studio.photos_folder)
     if rejected:
-        raise gr.Error("; ".join(rejection.reason for rejection in rejected))
+        raise ValueError("; ".join(rejection.reason for rejection in rejected))
     parts = [part for part in re.split(r"[\s,;]+", weights or "") if part]
     if parts and len(parts) != len(accepted):
-        raise gr.Error(f"{len(parts)} weights given for {len(accepted)} photos; give one per photo or none")
+        raise ValueError(f"{len(parts)} weights given for {len(accepted)} photos; give one per photo or none")
     try:
         values = [float(part) for part in parts] or [1.0] * len(accepted)
     except ValueError:
-        raise gr.Error(f"weights {weights!r} are not numbers; give them as e.g. '1, 0.5'") from None
+        raise ValueError(f"weights {weights!r} are not numbers; give them as e.g. '1, 0.5'") from None
     if any(not 0 <= value <= 10 for value in values) or not any(values):
-        raise gr.Error(f"weights {weights!r}: each must be from 0 to 10 and at least one above 0")
+        raise ValueError(f"weights {weights!r}: each must be from 0 to 10 and at least one above 0")
     return [replace(photo, weight=value) for photo, value in zip(accepted, values, strict=True)]
 
 
@@ -473,7 +692,7 @@ async def _api_run(studio: Studio, photos: list[Photo], generation: Generation, 
                    ) -> tuple[list[str], list[dict]]:
     """The PNGs of one render and, per PNG, its parameters with its identity score, file name and warnings."""
     results: list[Result] = []
-    async for event in render(studio, photos, generation, gates, progress):
+    async for event in render(studio, photos, generation, gates, progress=progress):
         if isinstance(event, Preview):
             if progress is not None:
                 progress((event.step, event.total), desc="denoising", unit="steps")
@@ -496,10 +715,13 @@ async def api_generate(studio: Studio, *, photos: list[str] | None, weights: str
             scheduler, identity_early (the identity branch acts in this first fraction of the steps).
 
     Returns the PNG (with its `parameters` chunk) and a list with its settings (named as Generation.to_parameters()
-    names them), identity score, file name and warnings."""
-    subject = _api_subject(studio, photos, weights)
-    generation = _api_generation(settings)
-    paths, described = await _api_run(studio, subject, generation, [generation.gate], progress)
+    names them), identity score, file name and warnings; bad input raises gr.Error with the message."""
+    try:
+        subject = _api_subject(studio, photos, weights)
+        generation = _api_generation(settings)
+        paths, described = await _api_run(studio, subject, generation, [generation.gate], progress)
+    except (ValueError, NotLoaded) as error:
+        raise gr.Error(str(error)) from None
     return {"api_images": paths, "api_parameters": described}
 
 
@@ -511,10 +733,13 @@ async def api_sweep(studio: Studio, *, photos: list[str] | None, weights: str = 
         photos, weights, settings: as for /generate (its `gate` is not used).
         gates: comma-separated γ values in 0…1.
 
-    Returns one PNG per γ, their settings and identity scores, and a zip of the PNGs."""
-    subject = _api_subject(studio, photos, weights)
-    values = _gates(gates)
-    paths, described = await _api_run(studio, subject, _api_generation({**settings, "gate": values[0]}), values,
-                                      progress)
+    Returns one PNG per γ, their settings and identity scores, and a zip of the PNGs; bad input raises gr.Error."""
+    try:
+        subject = _api_subject(studio, photos, weights)
+        values = parse_gates(gates, limit=MAX_SWEEP)
+        paths, described = await _api_run(studio, subject, _api_generation({**settings, "gate": values[0]}), values,
+                                          progress)
+    except (ValueError, NotLoaded) as error:
+        raise gr.Error(str(error)) from None
     archive = zip_results(paths, studio.results_folder) if paths else None
     return {"api_images": paths, "api_parameters": described, "api_zip": archive}

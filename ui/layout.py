@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import tempfile
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 CSS = ROOT / "assets" / "css" / "studio.css"
-PASTE_JS = Path(__file__).resolve().parent / "paste.js"
+STUDIO_JS = Path(__file__).resolve().parent / "studio.js"
 FILES_KEPT_S = 86400  # results and photos older than this are deleted (Gradio's cache and the app's folder)
 GPU = dict(concurrency_id="gpu", concurrency_limit=1)  # every event that runs the engine shares one queue
 DEFAULT_GATES = "0, 0.25, 0.5, 0.75, 1"
@@ -32,10 +33,20 @@ GATE_ENDS = ('<div class="gate-ends"><span>◀ Style: follow the prompt</span>'
              '<span>Identity: keep the subject ▶</span></div>')
 
 
+def studio_folder() -> Path:
+    """A new folder for one run's photos and results inside Gradio's own file cache: Gradio serves the files there
+    as they are, where it would copy (and hash) every file from elsewhere each time it is shown."""
+    from gradio.utils import get_upload_folder
+
+    cache = Path(get_upload_folder())
+    cache.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="flexip-studio-", dir=cache))
+
+
 def launch_options() -> dict:
     """Keyword arguments for Blocks.launch that style the page (Gradio 6 takes these at launch)."""
     return dict(theme=gr.themes.Soft(primary_hue="indigo", radius_size="sm", text_size="sm"),
-                css_paths=[CSS], js=PASTE_JS.read_text())
+                css_paths=[CSS], js=STUDIO_JS.read_text())
 
 
 def bind(handler: Callable, outputs: Mapping[str, gr.components.Component], *bound, **bound_kw) -> Callable:
@@ -97,7 +108,8 @@ def _subject_panel(out: dict, max_photos: int) -> dict:
                                                   elem_classes="weight")
                     buttons[f"remove{i}"] = gr.Button("✕", size="sm", min_width=30, scale=1, variant="secondary",
                                                       elem_classes="remove")
-    gr.Markdown("Thumbnails: the centre square the encoders see · number: the photo's weight.", elem_classes="hint")
+    out["slots_hint"] = gr.Markdown("Thumbnails: the centre square the encoders see · number: the photo's weight.",
+                                    elem_classes="hint", visible=False)
     gr.Markdown("**Try an example** (one click: subject, prompt and a γ sweep)", elem_classes="hint")
     with gr.Row(elem_classes="examples"):
         for example in EXAMPLES:
@@ -112,9 +124,13 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
     """Middle column: prompts, the γ slider, strength, seed, Generate/Stop and the Advanced settings."""
     d = studio.engine.defaults()
     buttons = {}
-    out["prompt"] = gr.Textbox(label="Prompt", lines=2, max_lines=3, placeholder="a photo of the subject on a beach")
+    # Placeholders in words the model knows: a model of one world (mini) leaves out every other word
+    toy = studio.engine.world is not None
+    out["prompt"] = gr.Textbox(label="Prompt", lines=2, max_lines=3, placeholder="e.g. " + (
+        EXAMPLES[0].prompt if toy else "a photo of the subject on a beach"))
     out["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=1, max_lines=2,
-                                        placeholder="blurry, low quality")
+                                        placeholder="optional: what to leave out, e.g. " + (
+                                            "striped" if toy else "blurry"))
     out["gate"] = gr.Slider(0, 1, 0.5, step=0.01, label="Style ↔ identity (γ)", elem_id="gate-slider")
     gr.HTML(GATE_ENDS, padding=False)
     with gr.Row(equal_height=True):
@@ -139,7 +155,7 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
         with gr.Row(equal_height=True):
             schedulers = list(studio.engine.schedulers)
             out["scheduler"] = gr.Dropdown(schedulers, value=d.scheduler or schedulers[0], label="Scheduler",
-                                           min_width=110)
+                                           min_width=150, scale=2, elem_id="scheduler")
             # Generation.windows.pres_until: the identity branch only in the first part of the steps
             out["pres_until"] = gr.Number(1.0, label="Identity until (0–1)", minimum=0.05, maximum=1.0, step=0.05,
                                           min_width=110)
@@ -150,14 +166,14 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
 def _result_panel(out: dict) -> dict:
     """Right column: result / comparison / sweep / grid tabs, and the history strip."""
     buttons = {}
-    with gr.Tabs():
-        with gr.Tab("Result"):
+    with gr.Tabs(elem_id="tabs") as out["tabs"]:
+        with gr.Tab("Result", id="result"):
             out["result"] = gr.Image(label="Result", type="filepath", interactive=False, height=430,
                                      elem_id="result", buttons=["download", "fullscreen"])
             out["download"] = gr.DownloadButton("Download PNG (with settings)", interactive=False, size="sm")
-        with gr.Tab("Compare with reference"):
+        with gr.Tab("Compare with reference", id="compare"):
             out["compare"] = gr.ImageSlider(label="reference | result", type="filepath", max_height=470)
-        with gr.Tab("γ sweep"):
+        with gr.Tab("γ sweep", id="sweep"):
             with gr.Row(equal_height=True):
                 out["gates_text"] = gr.Textbox(DEFAULT_GATES, label="γ values (same seed, one batch)", scale=3)
                 buttons["sweep"] = gr.Button("Run sweep", variant="primary", scale=1)
@@ -165,13 +181,11 @@ def _result_panel(out: dict) -> dict:
                                               object_fit="contain", elem_id="sweep-gallery", interactive=False,
                                               fit_columns=False)
             out["sweep_zip"] = gr.DownloadButton("Download all (zip)", interactive=False, size="sm")
-        with gr.Tab("Prompt × γ grid"):
+        with gr.Tab("Prompt × γ grid", id="grid"):
             with gr.Row(equal_height=True):
                 out["prompts_text"] = gr.Textbox(label="Prompts, one per line (up to 4)", lines=3, scale=3)
                 buttons["grid"] = gr.Button("Run grid", variant="primary", scale=1)
-            out["grid_gallery"] = gr.Gallery(label="rows: prompts · columns: γ", columns=5, height=300,
-                                             object_fit="contain", elem_id="grid-gallery", interactive=False,
-                                             fit_columns=False)
+            out["grid_view"] = gr.HTML(handlers.grid_table([]), elem_id="grid-view")  # rows: prompts, columns: γ
             out["grid_zip"] = gr.DownloadButton("Download all (zip)", interactive=False, size="sm")
     out["info"] = gr.Markdown("Release the γ slider to render; drag it to see renders already made.",
                               elem_id="info")
@@ -220,7 +234,10 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     controls = {name: out[name] for name in CONTROLS}
     form = {**controls, **{f"weight{i}": out[f"weight{i}"] for i in range(max_photos)}}
     shown = components(out, "seed", "info", "result", "compare", "download", "history", "session")
-    restored = components(out, *CONTROLS, "lock_seed")
+    restored = components(out, *CONTROLS)
+    # A render says how far it got in the line under the result; Gradio's own progress overlays (timers over each
+    # output, redrawn many times a second) would hide what is on screen and cost the browser more than the line.
+    quiet = dict(show_progress="hidden")
 
     # API first, so that /generate and /sweep get exactly these names
     api_inputs = {"photos": out["photos"], "weights": out["weights"],
@@ -245,45 +262,56 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
                                     inputs_kwargs={"session": out["session"]}, outputs=[out["session"], *slots],
                                     api_visibility="private")
     out["restore_file"].upload(bind(handlers.restore_png, out, studio), inputs_kwargs={"file": out["restore_file"]},
-                               outputs=[*restored, out["restore_file"], out["info"]], api_visibility="private")
+                               outputs=[*restored, out["lock_seed"], out["restore_file"], out["info"]],
+                               api_visibility="private", **quiet)
 
     # Generation
     generate_kwargs = dict(inputs_kwargs={"session": out["session"], "lock_seed": out["lock_seed"], **form},
-                           outputs=shown, api_visibility="undocumented", **GPU)
+                           outputs=shown, api_visibility="undocumented", **quiet, **GPU)
     gen = buttons["generate"].click(bind(handlers.generate, out, studio), api_name="ui_generate", **generate_kwargs)
     gen_submit = out["prompt"].submit(bind(handlers.generate, out, studio), api_name="ui_generate_submit",
                                       **generate_kwargs)
-    sweep_kwargs = dict(inputs_kwargs={"session": out["session"], "gates_text": out["gates_text"],
-                                       "sequential_sweep": out["sequential_sweep"], **form},
-                        outputs=components(out, "sweep_gallery", "sweep_zip", "result", "compare", "info",
-                                           "session"), api_visibility="undocumented", **GPU)
-    sweep = buttons["sweep"].click(bind(handlers.sweep, out, studio), api_name="ui_sweep", **sweep_kwargs)
+    sweep_inputs = {"session": out["session"], "gates_text": out["gates_text"],
+                    "sequential_sweep": out["sequential_sweep"], **form}
+    sweep_outputs = components(out, "sweep_gallery", "sweep_zip", "result", "compare", "info", "session")
+    sweep = buttons["sweep"].click(bind(handlers.sweep, out, studio), api_name="ui_sweep", inputs_kwargs=sweep_inputs,
+                                   outputs=sweep_outputs, api_visibility="undocumented", **quiet, **GPU)
     grid = buttons["grid"].click(
-        bind(handlers.grid, out, studio), api_name="ui_grid", api_visibility="undocumented", **GPU,
+        bind(handlers.grid, out, studio), api_name="ui_grid", api_visibility="undocumented", **quiet, **GPU,
         inputs_kwargs={"session": out["session"], "prompts_text": out["prompts_text"],
                        "gates_text": out["gates_text"], "sequential_sweep": out["sequential_sweep"], **form},
-        outputs=components(out, "grid_gallery", "grid_zip", "info", "session"))
-    examples = []
-    for example in EXAMPLES:
-        load = buttons[f"example_{example.name}"].click(
-            bind(handlers.load_example, out, studio, name=example.name), inputs_kwargs={"session": out["session"]},
-            outputs=[out["session"], out["prompt"], *slots], api_visibility="private",
-            api_name=f"load_example_{example.name}")
-        examples.append(load.success(bind(handlers.sweep, out, studio), api_name=f"ui_example_{example.name}",
-                                     **sweep_kwargs))
+        outputs=components(out, "grid_view", "grid_zip", "info", "session"))
+    examples = [
+        buttons[f"example_{example.name}"].click(
+            bind(handlers.example, out, studio, name=example.name), inputs_kwargs=sweep_inputs,
+            outputs=[*sweep_outputs, out["prompt"], out["tabs"], *slots], api_name=f"ui_example_{example.name}",
+            api_visibility="undocumented", **quiet, **GPU)
+        for example in EXAMPLES]
     runs = [gen, gen_submit, sweep, grid, *examples]
 
-    # The live slider: release renders (replacing a run in flight); dragging shows renders already made.
+    # The live slider: release renders (replacing a run in flight); moving it shows renders already made. The
+    # page's script (ui/studio.js) also releases it after arrow keys and on Enter in its number box.
+    # The page runs a trigger's listeners one after another, each to its end: the cancelling one comes first.
+    out["gate"].release(fn=None, cancels=runs, api_visibility="private")
     release = out["gate"].release(bind(handlers.release, out, studio),
                                   inputs_kwargs={"session": out["session"], **form}, outputs=shown,
                                   api_name="ui_release", api_visibility="undocumented", trigger_mode="always_last",
-                                  cancels=runs, **GPU)
+                                  **quiet, **GPU)
+    renders = [*runs, release]
+    out["gate"].input(fn=None, cancels=renders, api_visibility="private")
     out["gate"].input(bind(handlers.peek, out, studio), inputs_kwargs={"session": out["session"], **form},
                       outputs=components(out, "result", "compare", "info"), queue=False, show_progress="hidden",
-                      api_visibility="private", cancels=[*runs, release])
-    buttons["stop"].click(fn=None, cancels=[*runs, release])
+                      api_visibility="private")
+    # Stop cancels the render in flight (or waiting); then it shows what that render replaced, saying where it
+    # stopped (handlers.stop waits for the render to end, so its answer comes after the render's last preview).
+    after_cancel = dict(api_visibility="private", concurrency_id="after_cancel", concurrency_limit=None, **quiet)
+    buttons["stop"].click(fn=None, cancels=renders, api_visibility="private")
+    buttons["stop"].click(bind(handlers.stop, out, studio), inputs_kwargs={"session": out["session"]},
+                          outputs=components(out, "result", "compare", "download", "info", "history", "session",
+                                             "sweep_gallery", "sweep_zip", "grid_view", "grid_zip"), **after_cancel)
 
-    # History, seed
+    # History (a click stops a render in flight, then shows the result it names), seed
+    out["history"].select(fn=None, cancels=renders, api_visibility="private")
     out["history"].select(bind(handlers.select_history, out, studio), inputs_kwargs={"session": out["session"]},
-                          outputs=[*shown, *restored], api_visibility="private")
+                          outputs=[*shown, *restored], **after_cancel)
     buttons["dice"].click(bind(handlers.new_seed, out), outputs=[out["seed"]], queue=False, api_visibility="private")

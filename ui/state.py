@@ -1,10 +1,13 @@
-"""What the studio holds: the app-wide Studio (engine and output folder), each user's Session (kept in gr.State:
-subject photos, results, renders indexed by γ), and the uploaded files those are made from: subject photos
-validated by the core before any pixel is decoded, and the Generation read back from a dropped FlexIP PNG."""
+"""What the studio holds: the app-wide Studio (engine, output folder, decoded subject photos), each user's Session
+(kept in gr.State: subject photos, results, renders indexed by γ, the render in flight, the warnings already shown),
+and the uploaded files those are made from: subject photos validated by the core before any pixel is decoded, and
+the Generation read back from a dropped FlexIP PNG."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,7 @@ MAX_PHOTOS = 4  # subject photos per session (one slot each in the subject panel
 MAX_HISTORY = 24  # results kept in the history strip
 MAX_RENDER_KEYS = 16  # generations (all but γ) whose renders are kept for the slider preview
 ENCODER_VIEW = 224  # side of the square crop shown as "what the encoders see"
+DECODED_KEPT = 8  # subject photos kept decoded in memory (a render reads them without decoding the file again)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Studio:
     engine: Engine  # shared by all users; never mutated per request
     folder: Path  # where the app writes validated photos and results (the only files it serves back)
     max_photos: int = MAX_PHOTOS  # subject photos per session
+    decoded: OrderedDict = field(default_factory=OrderedDict, repr=False)  # photo digest -> RGB image, newest last
 
     @property
     def photos_folder(self) -> Path:
@@ -79,12 +84,30 @@ class Result:
 
 
 @dataclass
+class Run:
+    """A render in flight in one session: what the line calls it and how far it got, so that Stop can say where it
+    stopped and put back what it replaced."""
+
+    kind: str  # "image" (Generate, a slider release), "sweep" or "grid"
+    label: str  # how the status line names it, e.g. "**seed 7** · γ 0.50"
+    stage: str = ""  # which part of a run of several renders is rendering, e.g. "prompt 2 of 3 · "
+    progress: str = "its first step"  # how far it got, e.g. "prompt 2 of 3 · step 9 of 30"
+    finished: asyncio.Event = field(default_factory=asyncio.Event)  # set when its handler has ended, however
+
+
+@dataclass
 class Session:
     photos: list[Photo] = field(default_factory=list)
     history: list[Result] = field(default_factory=list)  # newest first
     renders: dict[tuple, dict[float, Result]] = field(default_factory=dict)  # (subject, all but γ) -> γ -> result
     current: Result | None = None  # the result shown large
-    sweep: list[Result] = field(default_factory=list)  # the last sweep (or grid), for the zip download
+    sweep_tiles: list[tuple[str, str]] = field(default_factory=list)  # the last finished γ sweep: (path, caption)
+    sweep_zip: str | None = None  # its zip
+    grid_rows: list[tuple[str, list[Result]]] = field(default_factory=list)  # the last grid's rows: (prompt, row)
+    grid_zip: str | None = None  # their zip (made at the end, or when the grid is stopped)
+    run: Run | None = None  # the render in flight, if any
+    cancelled: Run | None = None  # the last render cancelled before it finished, until Stop reports it
+    told: set[tuple[str, str]] = field(default_factory=set)  # (subject, warning) toasts shown: each once per subject
 
     def subject(self) -> str:
         """Fingerprint of the photos and their weights: renders are reusable only for the same subject."""
@@ -158,13 +181,20 @@ def store_photo(image: Image.Image, name: str, folder: Path) -> Photo:
     return Photo(name=name, path=str(path), view=str(view), digest=digest, flat=is_flat(image))
 
 
-def open_photo(photo: Photo) -> Image.Image:
-    """Re-open a stored photo (already validated and converted to RGB when it was accepted)."""
-    try:
-        with Image.open(photo.path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise ValueError(f"{photo.name}: this photo has expired from the server; remove it and add it again") from None
+def open_photo(studio: Studio, photo: Photo) -> Image.Image:
+    """A stored photo as RGB (validated and converted when it was accepted), decoded once and kept while in use;
+    ValueError when its file has expired from the server (its view is gone with it)."""
+    if not Path(photo.path).is_file():
+        studio.decoded.pop(photo.digest, None)
+        raise ValueError(f"{photo.name}: this photo has expired from the server; remove it and add it again")
+    image = studio.decoded.pop(photo.digest, None)
+    if image is None:
+        with Image.open(photo.path) as stored:
+            image = stored.convert("RGB")
+    studio.decoded[photo.digest] = image  # most recently used last
+    while len(studio.decoded) > DECODED_KEPT:
+        studio.decoded.popitem(last=False)
+    return image
 
 
 def read_png_generation(path: str) -> tuple[Generation, dict]:

@@ -1,6 +1,8 @@
 () => {
-  // Pasting an image anywhere on the page (outside text fields) adds it to the subject photos:
-  // the clipboard files are handed to the subject upload's file input, so they pass the same server checks.
+  // The page's own behaviour, on top of Gradio's components (launch(js=...) runs this once the page is built).
+
+  // 1. Pasting an image anywhere on the page (outside text fields) adds it to the subject photos: the clipboard
+  //    files are handed to the subject upload's file input, so they pass the same server checks.
   document.addEventListener("paste", (event) => {
     const target = event.target;
     if (target && (target.tagName === "TEXTAREA" || target.tagName === "INPUT")) return;
@@ -18,5 +20,50 @@
     });
     input.files = transfer.files;
     input.dispatchEvent(new Event("change", { bubbles: true }));
+  });
+
+  // 2. The γ slider is one control. Gradio's slider renders ("release") on a mouse or touch release and when its
+  //    number box loses focus; here arrow keys (after a short pause) and Enter in the number box do too. The
+  //    release is the slider's own: a pointerup on the element Gradio listens to.
+  const SLIDERS = "#gate-slider, #strength-slider";
+  const PAUSE_MS = 350; // arrow keys held or pressed in a row render once, after this pause
+  const KEYS = new Set(["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "PageUp", "PageDown", "Home", "End"]);
+  let pending = null;
+  const release = (input) => input.dispatchEvent(new PointerEvent("pointerup", { bubbles: true }));
+
+  // 3. The number box of a slider passes on only values the slider accepts: an empty box, a half-typed number
+  //    or one out of range never reaches the server (Gradio would answer it with an error); leaving the box or
+  //    pressing Enter puts a value it can take back (the nearest in range, or the slider's own).
+  const inBox = (target) => target instanceof HTMLInputElement && target.type === "number" && target.closest(SLIDERS);
+  const accepted = (box) => {
+    const value = box.value.trim() === "" ? NaN : Number(box.value);
+    return Number.isFinite(value) && value >= Number(box.min) && value <= Number(box.max);
+  };
+  const settle = (box) => {
+    if (accepted(box)) return;
+    const value = box.value.trim() === "" ? NaN : Number(box.value);
+    const range = box.closest(SLIDERS).querySelector("input[type=range]");
+    box.value = Number.isFinite(value) ? String(Math.min(Math.max(value, Number(box.min)), Number(box.max)))
+                                       : range.value;
+    box.dispatchEvent(new Event("input", { bubbles: true }));
+  };
+  window.addEventListener("input", (event) => {
+    if (inBox(event.target) && !accepted(event.target)) event.stopImmediatePropagation();
+  }, true);
+  window.addEventListener("blur", (event) => { if (inBox(event.target)) settle(event.target); }, true);
+
+  document.addEventListener("keydown", (event) => {
+    const target = event.target;
+    if (inBox(target) && event.key === "Enter") {
+      event.preventDefault();
+      settle(target);
+      release(target);
+    }
+  });
+  document.addEventListener("keyup", (event) => {
+    const target = event.target;
+    if (!(target instanceof HTMLInputElement) || !target.closest("#gate-slider") || !KEYS.has(event.key)) return;
+    clearTimeout(pending);
+    pending = setTimeout(() => release(target), PAUSE_MS);
   });
 }
