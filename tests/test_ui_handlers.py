@@ -381,7 +381,7 @@ def test_stop_puts_the_last_image_back_and_says_where_the_render_stopped(studio,
                     r"\*\*seed 7\*\* · γ 0.20", shown["info"]), shown["info"]
     assert len(session.history) == 1 and session.current.generation.gate == 0.2
     nothing = asyncio.run(handlers.stop(studio, session=session))  # Stop with nothing rendering says so
-    assert nothing == {"info": "nothing was rendering · showing **seed 7** · γ 0.20"}
+    assert nothing == {"info": "**stopped** · no render was under way · showing **seed 7** · γ 0.20"}
 
 
 def test_a_stopped_sweep_puts_the_previous_sweep_and_its_zip_back(studio, session):

@@ -376,7 +376,7 @@ def stopped(studio: Studio, session: Session, run: Run | None) -> dict:
     """The screen after Stop: the last finished image (or sweep, or the grid's finished rows) back, and the line
     saying where the render stopped."""
     if run is None:
-        return {"info": f"nothing was rendering{still_showing(session)}"}
+        return {"info": f"**stopped** · no render was under way{still_showing(session)}"}
     where = f"{run.label} · **stopped** at {run.progress}"
     if run.kind == "sweep":
         kept = "the previous sweep" if session.sweep_tiles else "no sweep yet"
