@@ -450,7 +450,7 @@ async def example(studio: Studio, *, session: Session, name: str, gates_text: st
                   **form):
     """An example: its drawn subject replaces the photos, its prompt goes in place, and a γ sweep of it renders
     in the γ sweep tab, which is brought to the front."""
-    chosen = next(e for e in EXAMPLES if e.name == name)
+    chosen = {example.name: example for example in EXAMPLES}[name]  # the layout binds the names
     ensure_examples()
     accepted, rejected = accept_photos([str(example_path(chosen))], studio.photos_folder)
     if rejected:  # the shipped file is damaged: say so, change nothing
