@@ -81,7 +81,7 @@ def slider_release(mode: Mode) -> tuple[Section, dict]:
 
     settings = dict(prompt="a photo of the subject on the beach", negative_prompt="", gate=0.5, strength=1.0, seed=7,
                     num_inference_steps=STEPS, guidance_scale=7.5, width=SIZE, height=SIZE, scheduler="dpmpp_2m",
-                    pres_until=1.0)
+                    pres_from=0.0, pres_until=1.0, pers_from=0.0, pers_until=1.0)
 
     def form(gate: float) -> list:  # the UI's settings in layout order, then one weight per photo slot
         return [{**settings, "gate": gate}[name] for name in CONTROLS] + [1.0] * MAX_PHOTOS
@@ -213,7 +213,8 @@ def _ui_event(url: str, photo: Path, profile: str):
     d = load_profile(profile).defaults  # what the page's controls start with
     settings = dict(prompt=PROMPT, negative_prompt="", gate=0.5, strength=1.0, seed=-1,
                     num_inference_steps=d.num_inference_steps, guidance_scale=d.guidance_scale, width=d.width,
-                    height=d.height, scheduler=d.scheduler, pres_until=1.0)
+                    height=d.height, scheduler=d.scheduler, pres_from=0.0, pres_until=1.0,
+                    pers_from=0.0, pers_until=1.0)
     form = [settings[name] for name in CONTROLS] + [1.0] * MAX_PHOTOS
 
     def generate() -> float:

@@ -32,7 +32,8 @@ def collect(agen) -> list[dict]:
 def form(**changes) -> dict:
     """The generation controls' values, keyed as the UI's handlers get them (ui.handlers.CONTROLS)."""
     values = dict(prompt="a toy on the beach", negative_prompt="", gate=0.5, strength=1.0, seed=7,
-                  num_inference_steps=3, guidance_scale=7.5, width=64, height=64, scheduler="dpmpp_2m", pres_until=1.0)
+                  num_inference_steps=3, guidance_scale=7.5, width=64, height=64, scheduler="dpmpp_2m", pres_from=0.0,
+                  pres_until=1.0, pers_from=0.0, pers_until=1.0)
     return {**values, **changes}
 
 
@@ -589,12 +590,23 @@ def test_a_generation_survives_the_png_round_trip_into_the_controls(studio, tmp_
     assert read_form(controls) == made  # identity_early is the window's pres_until, end to end
 
 
-def test_a_png_with_settings_the_studio_has_no_control_for_says_so(studio, tmp_path):
-    made = Generation(prompt="a toy", windows=GateSchedule(pers_from=0.2))
+def test_a_png_of_another_task_says_what_was_not_restored(studio, tmp_path):
+    made = Generation(prompt="a toy", windows=GateSchedule(pers_from=0.2), task="image-to-image")
     path = save_result(Image.new("RGB", (64, 64)), made.to_parameters(), tmp_path)
-    with pytest.warns(UserWarning, match="no control for pers_from 0.2; those settings were not restored"):
+    with pytest.warns(UserWarning, match="no control for task image-to-image; those settings were not restored"):
         restored = handlers.restore_png(studio, file=path)
-    assert restored["prompt"] == "a toy"
+    assert restored["prompt"] == "a toy" and restored["pers_from"] == 0.2  # every branch window has its control
+
+
+def test_branch_windows_come_from_the_controls_and_their_presets(studio, session):
+    """Identity early / late / custom in Advanced settings: the windows reach the Generation (and the PNG)."""
+    assert handlers.window_preset(preset="identity late") == {"pres_from": 0.5, "pres_until": 1.0}
+    assert handlers.window_preset(preset="custom") == {}
+    generation = read_form(form(pres_from=0.5, pres_until=1.0, pers_from=0.0, pers_until=0.8))
+    assert generation.windows == GateSchedule(0.5, 1.0, 0.0, 0.8)
+    updates = refusal(handlers.generate(studio, session=session, lock_seed=True, **form(pres_from=0.6, pres_until=0.6)),
+                      "pres_from \\(0.6\\) must be below pres_until")
+    assert [set(update) for update in updates] == [{"info"}]
 
 
 def test_gate_and_prompt_lists_are_checked(studio, session):
@@ -618,7 +630,8 @@ def test_a_negative_or_empty_seed_draws_one_in_the_one_seed_range():
 def test_a_bad_setting_is_refused_before_the_models_load(studio, session):
     refusal(handlers.generate(studio, session=session, lock_seed=True, **form(height=1024)),
             "height must be a multiple of 8 from 64 to 512, got 1024")
-    refusal(handlers.generate(studio, session=session, lock_seed=True, **form(pres_until=0)), "identity until")
+    refusal(handlers.generate(studio, session=session, lock_seed=True, **form(pres_until=0)),
+            "branch windows: pres_from \\(0\\) must be below pres_until \\(0\\)")
     assert studio.engine.loads == 0
 
 
@@ -687,7 +700,7 @@ def test_the_app_builds_with_named_api_endpoints(studio):
     assert {"generate", "sweep", "ui_generate", "ui_release", "add_photos"} <= names
     endpoints = demo.get_api_info()["named_endpoints"]
     arguments = ["photos", "weights", "prompt", "negative_prompt", "gate", "strength", "seed", "steps", "guidance",
-                 "width", "height", "scheduler", "identity_early"]
+                 "width", "height", "scheduler", "pres_from", "identity_early", "pers_from", "pers_until"]
     assert [p["parameter_name"] for p in endpoints["/generate"]["parameters"]] == arguments
     assert [p["parameter_name"] for p in endpoints["/sweep"]["parameters"]] == [*arguments, "gates"]
 

@@ -186,6 +186,6 @@ def ui_form(max_photos: int = 4, **values) -> list:
 
     defaults = dict(prompt="a photo of the subject", negative_prompt="", gate=0.5, strength=1.0, seed=1,
                     num_inference_steps=4, guidance_scale=7.5, width=64, height=64, scheduler="dpmpp_2m",
-                    pres_until=1.0)
+                    pres_from=0.0, pres_until=1.0, pers_from=0.0, pers_until=1.0)
     defaults.update(values)
     return [defaults[name] for name in CONTROLS] + [1.0] * max_photos

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 # The generation panel's controls, named as Generation.to_parameters() names them, in layout order.
 CONTROLS = ("prompt", "negative_prompt", "gate", "strength", "seed", "num_inference_steps", "guidance_scale", "width",
-            "height", "scheduler", "pres_until")
+            "height", "scheduler", "pres_from", "pres_until", "pers_from", "pers_until")
+WINDOW_PRESETS = {"whole run": (0.0, 1.0), "identity early": (0.0, 0.5), "identity late": (0.5, 1.0)}  # pres window
 # The API's argument names for these where they differ (a public contract kept from before the fields were renamed).
 API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "pres_until": "identity_early"}
 MAX_SWEEP = 9  # γ values in one sweep or grid row
@@ -72,10 +73,13 @@ def read_form(form: dict) -> Generation:
 
     seed = form.get("seed")
     draw = seed is None or seed == "" or (isinstance(seed, (int, float)) and seed < 0)  # -1 or empty: a random one
+    def window(key: str) -> float:  # a window the form leaves out keeps its default (all steps)
+        return getattr(GateSchedule(), key) if form.get(key) is None else number(key, float)
+
     try:
-        windows = GateSchedule(pres_until=number("pres_until", float))
+        windows = GateSchedule(**{key: window(key) for key in ("pres_from", "pres_until", "pers_from", "pers_until")})
     except ValueError as error:
-        raise ValueError(f"identity until: {error}") from None
+        raise ValueError(f"branch windows: {error}") from None
     return Generation(
         prompt=str(form.get("prompt") or "").strip(), negative_prompt=str(form.get("negative_prompt") or "").strip(),
         gate=number("gate", float), strength=number("strength", float),
@@ -564,10 +568,7 @@ def restore_png(studio: Studio, *, file: str | None) -> dict:
     if profile and profile != studio.engine.profile:
         notes.append(f"it was made with profile {profile!r} and this app runs {studio.engine.profile!r}, so the same "
                      "settings give a different image")
-    windows, default = generation.windows, GateSchedule()
-    unshown = [f"{key} {getattr(windows, key):g}" for key in ("pres_from", "pers_from", "pers_until")
-               if getattr(windows, key) != getattr(default, key)]
-    unshown += [f"task {generation.task}"] * (generation.task != "text-to-image")
+    unshown = [f"task {generation.task}"] * (generation.task != "text-to-image")
     if unshown:
         notes.append(f"the studio has no control for {', '.join(unshown)}; those settings were not restored")
     line = f"settings restored from {name}: seed {generation.seed} (locked), γ {generation.gate:.2f}"
@@ -578,6 +579,14 @@ def restore_png(studio: Studio, *, file: str | None) -> dict:
         gr.Info(html.escape(f"settings restored from {name}; the seed is locked, so Generate makes it again",
                             quote=False))
     return {**restore_outputs(generation), "lock_seed": True, "restore_file": None, "info": line}
+
+
+def window_preset(*, preset: str) -> dict:
+    """The identity window a preset names (all steps, identity early, identity late); custom leaves the numbers."""
+    if preset not in WINDOW_PRESETS:
+        return {}
+    start, end = WINDOW_PRESETS[preset]
+    return {"pres_from": start, "pres_until": end}
 
 
 def new_seed() -> dict:
@@ -712,7 +721,8 @@ async def api_generate(studio: Studio, *, photos: list[str] | None, weights: str
         photos: image files of one subject.
         weights: optional, one number per photo ("1, 0.5").
         settings: prompt, negative_prompt, gate, strength, seed (-1: a random one), steps, guidance, width, height,
-            scheduler, identity_early (the identity branch acts in this first fraction of the steps).
+            scheduler, and the branch windows (fractions of the steps, a branch acts where from <= progress <
+            until): pres_from, identity_early (the identity branch's until), pers_from, pers_until.
 
     Returns the PNG (with its `parameters` chunk) and a list with its settings (named as Generation.to_parameters()
     names them), identity score, file name and warnings; bad input raises gr.Error with the message."""

@@ -156,10 +156,14 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
             schedulers = list(studio.engine.schedulers)
             out["scheduler"] = gr.Dropdown(schedulers, value=d.scheduler or schedulers[0], label="Scheduler",
                                            min_width=150, scale=2, elem_id="scheduler")
-            # Generation.windows.pres_until: the identity branch only in the first part of the steps
-            out["pres_until"] = gr.Number(1.0, label="Identity until (0–1)", minimum=0.05, maximum=1.0, step=0.05,
-                                          min_width=110)
             out["sequential_sweep"] = gr.Checkbox(False, label="Sweeps one γ at a time (less memory)", min_width=90)
+        # Generation.windows: the fraction of the steps each branch acts in (from <= progress < until)
+        out["window_preset"] = gr.Radio(["whole run", "identity early", "identity late", "custom"], value="whole run",
+                                        label="Identity window", elem_id="window-preset")
+        with gr.Row(equal_height=True):
+            for key, value, label in (("pres_from", 0.0, "Identity from"), ("pres_until", 1.0, "Identity until"),
+                                      ("pers_from", 0.0, "Prompt from"), ("pers_until", 1.0, "Prompt until")):
+                out[key] = gr.Number(value, label=f"{label} (0–1)", minimum=0.0, maximum=1.0, step=0.05, min_width=90)
     return buttons
 
 
@@ -242,6 +246,9 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     # API first, so that /generate and /sweep get exactly these names
     api_inputs = {"photos": out["photos"], "weights": out["weights"],
                   **{API_NAMES.get(name, name): control for name, control in controls.items()}}
+    out["window_preset"].change(bind(handlers.window_preset, out), inputs_kwargs={"preset": out["window_preset"]},
+                                outputs=components(out, "pres_from", "pres_until"), queue=False,
+                                api_visibility="private")
     buttons["api_generate"].click(bind(handlers.api_generate, out, studio), inputs_kwargs=api_inputs,
                                   outputs=components(out, "api_images", "api_parameters"), api_name="generate", **GPU)
     buttons["api_sweep"].click(bind(handlers.api_sweep, out, studio),
