@@ -168,7 +168,7 @@ def _run(args, argv: list[str]) -> int:
 
     from flexip_core.cli import model_options, pipeline_from_args
     from flexip_core.evaluation import calibration
-    from flexip_core.evaluation.run import find_subjects, read_prompts
+    from flexip_core.evaluation.run import read_prompts, select_subjects
     from flexip_core.generation.settings import Generation
     from flexip_core.loading.profiles import default_profile, load_profile
 
@@ -189,13 +189,7 @@ def _run(args, argv: list[str]) -> int:
     path = measured_path(profile, args.path_start, args.path_end)
     positions = calibration.check_grid(calibration.grid(args.gates) if isinstance(args.gates, int) else args.gates)
     benchmark = read_prompts(args.prompts or Path(args.subjects) / "prompts_and_classes.txt")
-    subjects = find_subjects(args.subjects)
-    if args.subject:
-        unknown = sorted(set(args.subject) - {name for name, _ in subjects})
-        if unknown:
-            raise ValueError(f"unknown subject(s) {', '.join(unknown)} in {args.subjects}")
-        subjects = [s for s in subjects if s[0] in args.subject]
-    subjects = subjects[:args.max_subjects] if args.max_subjects else subjects
+    subjects = select_subjects(args.subjects, args.subject, args.max_subjects)
     jobs = jobs_for(subjects, benchmark, args.prompts_per_subject, args.token)
 
     # 2. The pipeline and the scores: the profile world's own when it has them, else DreamBench's metrics

@@ -31,11 +31,11 @@ from flexip_core.evaluation.run import (
     DEFAULT_SEEDS,
     EvalSettings,
     evaluate,
-    find_subjects,
     is_ip_adapter,
     plan,
     process_state,
     read_prompts,
+    select_subjects,
 )
 
 logger = logging.getLogger(__name__)
@@ -124,13 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline not in ("auto", "none"):
             load_profile(args.baseline)  # an unknown baseline profile is named now, not after the evaluation
         benchmark = read_prompts(args.prompts or Path(args.subjects) / "prompts_and_classes.txt")
-        subjects = find_subjects(args.subjects)
-        if args.subject:
-            unknown = sorted(set(args.subject) - {name for name, _ in subjects})
-            if unknown:
-                raise ValueError(f"unknown subject(s) {', '.join(unknown)} in {args.subjects}")
-            subjects = [s for s in subjects if s[0] in args.subject]
-        subjects = subjects[:args.max_subjects] if args.max_subjects else subjects
+        subjects = select_subjects(args.subjects, args.subject, args.max_subjects)
         for seed in args.seeds:
             replace(generation, seed=seed).check()
         settings = EvalSettings(gates=args.gates, baseline_scales=args.baseline_scales or args.gates, seeds=args.seeds,

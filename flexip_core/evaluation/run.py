@@ -91,6 +91,18 @@ def find_subjects(folder: str | Path) -> list[tuple[str, list[Path]]]:
     return found
 
 
+def select_subjects(folder: str | Path, names: list[str] | None = None, limit: int | None = None
+                    ) -> list[tuple[str, list[Path]]]:
+    """find_subjects(folder), narrowed to `names` (each must exist there) and to the first `limit`."""
+    subjects = find_subjects(folder)
+    if names:
+        unknown = sorted(set(names) - {name for name, _ in subjects})
+        if unknown:
+            raise ValueError(f"unknown subject(s) {', '.join(unknown)} in {folder}")
+        subjects = [s for s in subjects if s[0] in names]
+    return subjects[:limit] if limit else subjects
+
+
 # --- the run ------------------------------------------------------------------------------------
 DEFAULT_SEEDS = (0, 1, 2, 3)  # four images per prompt and setting, as DreamBench papers draw
 
