@@ -85,6 +85,10 @@ def mini_page(mini_server):
     with open_page(mini_server.url) as page:
         page.server_errors = []
         page.on("response", lambda response: response.status >= 500 and page.server_errors.append(response.url))
+        page.log = []  # what the page logged and any request that failed, for a failure's message
+        page.on("console", lambda message: page.log.append(f"{message.type}: {message.text}"))
+        page.on("response", lambda response: response.status >= 400 and page.log.append(
+            f"HTTP {response.status} {response.url}"))
         page.get_by_role("button", name=EXAMPLES[0].label).click()
         expect(page.locator("#sweep-gallery img")).to_have_count(6)
         expect(page.locator("#info")).to_contain_text("identity score")
@@ -100,9 +104,13 @@ def screenshot(page, name: str, tmp_path: Path) -> Path:
 
 
 def no_error_badges(page) -> None:
-    """Gradio marks the outputs of a failed event with "Error" badges; the studio never lets one fail."""
-    assert page.locator("[data-testid=status-tracker] .error").count() == 0
-    assert page.get_by_text("Error", exact=True).count() == 0
+    """Gradio marks the outputs of a failed event with "Error" badges; the studio never lets one fail. A failure
+    names the blocks that carry one (their elem_id or label) and what the page logged."""
+    badges = page.locator("[data-testid=status-tracker] .error, :text-is('Error')").evaluate_all("""els => els.map(e => {
+        const block = e.closest('[id], .block');
+        const label = block && (block.querySelector('[data-testid=block-info]') || {}).textContent;
+        return (block && (block.id || label || block.className)) || e.outerHTML; })""")
+    assert not badges, f"error badges on {badges}; page log: {getattr(page, 'log', [])[-20:]}"
 
 
 def set_steps(page, steps: int) -> None:
@@ -260,9 +268,8 @@ def test_stop_puts_the_last_image_or_sweep_back_and_says_where_it_stopped(mini_p
     page.locator("#stop").click()
     expect(info).to_contain_text(re.compile(r"stopped\s+at step \d+ of 300 · showing the last finished image"))
     expect(page.locator("#result img")).to_have_attribute("src", finished)  # the noisy preview is gone
-    # No no_error_badges(page) here: in about one full-suite run in three under load, one "Error" badge stays after
-    # Stop (never reproduced alone; which output carries it is not yet known: Gradio's cancel of the render is the
-    # suspect). The other flows assert no badge. Open, named in the session note.
+    page.wait_for_timeout(1000)  # a late message from the cancelled render would land by now
+    no_error_badges(page)
     screenshot(page, "stopped.png", tmp_path)
 
     page.get_by_role("tab", name="γ sweep").click()  # a stopped sweep: the previous sweep and its zip come back
@@ -273,6 +280,8 @@ def test_stop_puts_the_last_image_or_sweep_back_and_says_where_it_stopped(mini_p
     expect(page.locator("#sweep-gallery img")).to_have_count(6)
     assert page.locator("#sweep-gallery img").evaluate_all("els => els.map(e => e.src)") == sweep
     expect(page.get_by_role("button", name="Download all (zip)").first).to_be_enabled()
+    page.wait_for_timeout(1000)
+    no_error_badges(page)
     assert not page.server_errors
 
 

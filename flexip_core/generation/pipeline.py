@@ -30,13 +30,15 @@ from flexip_core.loading.profiles import Defaults, Profile, load_world
 
 logger = logging.getLogger(__name__)
 
-# The diffusers pipelines FlexIP attaches to, by class name, and the task each one is.
-TASKS = {
-    "StableDiffusionPipeline": "text-to-image",
-    "StableDiffusionImg2ImgPipeline": "image-to-image",
-    "StableDiffusionInpaintPipeline": "inpainting",
-    "StableDiffusionControlNetPipeline": "controlnet",
+# The diffusers pipelines FlexIP attaches to: per model family, the pipeline class of each task.
+FAMILIES = {
+    "sd15": {"text-to-image": "StableDiffusionPipeline", "image-to-image": "StableDiffusionImg2ImgPipeline",
+             "inpainting": "StableDiffusionInpaintPipeline", "controlnet": "StableDiffusionControlNetPipeline"},
+    "sdxl": {"text-to-image": "StableDiffusionXLPipeline", "image-to-image": "StableDiffusionXLImg2ImgPipeline",
+             "inpainting": "StableDiffusionXLInpaintPipeline", "controlnet": "StableDiffusionXLControlNetPipeline"},
 }
+TASKS = {cls: task for classes in FAMILIES.values() for task, cls in classes.items()}  # class name -> task
+FAMILY_OF = {cls: family for family, classes in FAMILIES.items() for cls in classes.values()}  # class name -> family
 # What FlexIP itself passes to the wrapped pipeline: set through FlexIP's own arguments, not pipeline_kwargs.
 OWN_ARGUMENTS = ("prompt", "prompt_embeds", "negative_prompt", "negative_prompt_embeds", "num_inference_steps",
                  "guidance_scale", "generator", "num_images_per_prompt", "output_type", "callback_on_step_end",
@@ -58,13 +60,18 @@ class FlexIPOutput:
     generations: list[Generation] = field(default_factory=list)  # per image: the settings that made it
 
 
-def task_of(pipe) -> str:
-    """The task of a supported diffusers pipeline (its class or a subclass), or a ValueError naming those."""
+def pipeline_class(pipe) -> str:
+    """The supported diffusers class a pipeline is (or derives from), or a ValueError naming those."""
     for cls in type(pipe).__mro__:
         if cls.__name__ in TASKS:
-            return TASKS[cls.__name__]
-    raise ValueError(f"FlexIP attaches to {', '.join(TASKS)} (Stable Diffusion 1.5 family); got "
+            return cls.__name__
+    raise ValueError(f"FlexIP attaches to {', '.join(TASKS)} (the Stable Diffusion 1.5 and SDXL families); got "
                      f"{type(pipe).__name__}")
+
+
+def task_of(pipe) -> str:
+    """The task of a supported diffusers pipeline (its class or a subclass), or a ValueError naming those."""
+    return TASKS[pipeline_class(pipe)]
 
 
 class FlexIPPipeline:
@@ -72,8 +79,9 @@ class FlexIPPipeline:
 
     def __init__(self, pipe, *, encoder: SubjectEncoder, adapter: FlexIPAdapter, profile: Profile | None = None,
                  gate_curve: GateCurve | None = None, attention: str | None = None,
-                 low_vram: LowVRAM | bool | None = None, device=None):
+                 low_vram: LowVRAM | bool | None = None, device=None, own_processors: dict | None = None):
         self.task = task_of(pipe)
+        self.family = FAMILY_OF[pipeline_class(pipe)]
         self.pipe, self.encoder, self.adapter, self.profile = pipe, encoder, adapter, profile
         self.gate_curve = gate_curve or (profile.gate_curve if profile else GateCurve())
         self.world = load_world(profile.world) if profile and profile.world else None  # e.g. the toy world
@@ -82,7 +90,7 @@ class FlexIPPipeline:
         self.backend = pick_backend(attention, self.device)
         self.low_vram = LowVRAM.parse(low_vram)
         adapter.to(self.device, self.dtype).eval().requires_grad_(False)  # small: stays on the device
-        self._own_processors = dict(pipe.unet.attn_processors)  # restored by detach()
+        self._own_processors = own_processors or dict(pipe.unet.attn_processors)  # restored by detach()
         self.scheduler_config = _scheduler_config(pipe.scheduler)  # the base's: what named schedulers are built from
         if profile and profile.defaults.scheduler:  # the profile asks for its scheduler; a call may ask for another
             pipe.scheduler = make_scheduler(profile.defaults.scheduler, self.scheduler_config)
@@ -137,6 +145,35 @@ class FlexIPPipeline:
 
         return assemble(cls, name or default_profile(), device=device, dtype=dtype, attention=attention,
                         low_vram=low_vram, **overrides)
+
+    def for_task(self, task: str, pipe=None, **components) -> FlexIPPipeline:
+        """This FlexIP (the same adapter, encoders, gate curve and profile) on the diffusers pipeline of another task.
+
+        Args:
+            task: "text-to-image", "image-to-image", "inpainting" or "controlnet".
+            pipe: a pipeline of that task to attach to (e.g. one over an inpainting base); None builds it from this
+                pipeline's own components with diffusers' `from_pipe` (nothing is copied or loaded again).
+            **components: what that task adds to `from_pipe` (controlnet=).
+        """
+        import diffusers
+
+        classes = FAMILIES[self.family]
+        if task not in classes:
+            raise ValueError(f"unknown task {task!r}; one of {', '.join(classes)}")
+        if pipe is None:
+            if task == self.task and not components:
+                return self
+            pipe = getattr(diffusers, classes[task]).from_pipe(self.pipe, **components)
+            pipe.set_progress_bar_config(disable=True)
+        elif task_of(pipe) != task:
+            raise ValueError(f"{type(pipe).__name__} is a {task_of(pipe)} pipeline, not {task}")
+        shared = pipe.unet is self.pipe.unet  # its UNet already carries FlexIP's processors
+        derived = FlexIPPipeline(pipe, encoder=self.encoder, adapter=self.adapter, profile=self.profile,
+                                 gate_curve=self.gate_curve, attention=self.backend,
+                                 low_vram=None if shared else self.low_vram, device=self.device,
+                                 own_processors=self._own_processors if shared else None)
+        derived.scheduler_config = self.scheduler_config
+        return derived
 
     def detach(self):
         """Give the pipeline back its own attention processors; returns it (this object is then unusable)."""

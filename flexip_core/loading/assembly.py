@@ -28,7 +28,7 @@ from flexip_core.loading.weights import load_adapter
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER_FIELDS = ("base", "base_config", "clip_encoder", "dino_encoder", "adapter", "preservation",
-                      "personalization", "lora")
+                      "personalization", "lora", "inpaint_base")
 
 
 def ensure_built(kind: str) -> Path:
@@ -55,6 +55,8 @@ def resolve_placeholders(profile: Profile) -> Profile:
         return profile
     root = str(ensure_built(profile.build))
     values = {f: getattr(profile, f).replace("{build}", root) for f in PLACEHOLDER_FIELDS if getattr(profile, f)}
+    if profile.control:
+        values["control"] = {kind: source.replace("{build}", root) for kind, source in profile.control.items()}
     return profile.with_overrides(**values)
 
 
@@ -181,3 +183,30 @@ def load_controlnets(sources, dtype):
     if isinstance(sources, str):
         return load_pretrained(ControlNetModel, sources, dtype, part="controlnet")
     return [load_pretrained(ControlNetModel, source, dtype, part="controlnet") for source in sources]
+
+
+def load_task(flexip, task: str, control: str | None = None):
+    """The profile's FlexIPPipeline for another task: image-to-image on the same components; inpainting on the
+    profile's inpainting base when it names one (else the same components); the control task on the profile's
+    ControlNet of kind `control`. A ValueError says what the profile lacks."""
+    profile = flexip.profile
+    if profile is None:
+        raise ValueError("this FlexIPPipeline was not built from a profile; use for_task() with your own pipeline")
+    if task == "controlnet":
+        kinds = ", ".join(profile.control) or "none"
+        if not control or control not in profile.control:
+            if not profile.control:
+                raise ValueError(f"the control mode needs a ControlNet for this base, and profile {profile.name!r} "
+                                 "names none: it needs real weights (sd15 or sdxl) or the tiny test profile")
+            raise ValueError(f"unknown control kind {control!r}; profile {profile.name!r} has: {kinds}")
+        source = profile.control[control]
+        return flexip.for_task(task, controlnet=load_controlnets(source, flexip.dtype).to(flexip.device))
+    if task == "inpainting" and profile.inpaint_base:
+        from flexip_core.generation.pipeline import FAMILIES
+
+        pipe = load_base(profile.inpaint_base, flexip.dtype, config=profile.base_config, lora=profile.lora,
+                         pipeline=FAMILIES[flexip.family]["inpainting"], part="inpaint_base")
+        if flexip.offload_hooks or flexip.low_vram is None or not flexip.low_vram.cpu_offload:
+            pipe.to(flexip.device)
+        return flexip.for_task(task, pipe=pipe)
+    return flexip.for_task(task)

@@ -40,6 +40,8 @@ class Profile:
     lora: str | None = None  # optional LoRA (e.g. LCM-LoRA) loaded through diffusers
     pipeline: str = "StableDiffusionPipeline"  # the diffusers pipeline class: the task is a profile, not code
     controlnet: str | tuple[str, ...] | None = None  # ControlNet source(s), for StableDiffusionControlNetPipeline
+    inpaint_base: str | None = None  # an inpainting base for the inpainting task (None: the base itself inpaints)
+    control: dict = field(default_factory=dict)  # the control task's ControlNets: kind ("canny") -> source
     build: str | None = None  # locally built models ("tiny"), written once into the FlexIP cache
     description: str = ""  # one line for the UI and --help
     notice: str | None = None  # a warning every render on this profile carries (tiny: its images are noise)
@@ -56,6 +58,8 @@ class Profile:
     def __post_init__(self):
         if isinstance(self.controlnet, list):
             object.__setattr__(self, "controlnet", tuple(self.controlnet))
+        if not isinstance(self.control, dict) or not all(isinstance(v, str) for v in self.control.values()):
+            raise ValueError(f"profile {self.name}: control must map a kind (\"canny\") to a ControlNet source")
 
     def with_overrides(self, **overrides) -> Profile:
         known = {k: v for k, v in overrides.items() if v is not None}

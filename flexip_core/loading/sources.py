@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 PART_FLAGS = {
     "base": "--base", "base_config": "--base-config", "clip_encoder": "--clip-encoder",
     "dino_encoder": "--dino-encoder", "adapter": "--adapter", "preservation": "--preservation",
-    "personalization": "--personalization", "lora": "--lora",
+    "personalization": "--personalization", "lora": "--lora", "inpaint_base": "--inpaint-base",
 }
+PIPELINE_PARTS = ("base", "inpaint_base")  # parts that are whole diffusers pipelines
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # What a load reads from a Hub repository: a diffusers pipeline (fp32 safetensors, configs, tokenizer) or
@@ -63,9 +64,9 @@ def download_hint(part: str, repo: str, path: str | None = None, folder: bool = 
         command = f"hf download {repo} {path}"
     else:
         if path is None:
-            patterns = DIFFUSERS_PATTERNS if part == "base" else MODEL_PATTERNS
+            patterns = DIFFUSERS_PATTERNS if part in PIPELINE_PARTS else MODEL_PATTERNS
         else:
-            patterns = (f"{path}/*",) if part == "base" else tuple(f"{path}/{p}" for p in MODEL_PATTERNS)
+            patterns = (f"{path}/*",) if part in PIPELINE_PARTS else tuple(f"{path}/{p}" for p in MODEL_PATTERNS)
         command = f"hf download {repo} " + " ".join(f"--include '{p}'" for p in patterns)
     flag = PART_FLAGS.get(part, f"--{part.replace('_', '-')}")
     return (f"download it once while online with `{command}` (it lands in the Hugging Face cache), "
@@ -179,12 +180,13 @@ def read_tensors(path: str | Path, label: str | None = None) -> dict:
 
 # --- base models ------------------------------------------------------------------------------------------
 def load_base(source: str, dtype: torch.dtype, config: str | None = None, lora: str | None = None,
-              pipeline: str = "StableDiffusionPipeline", **components):
+              pipeline: str = "StableDiffusionPipeline", part: str = "base", **components):
     """The diffusers pipeline `pipeline` (a class name of the SD1.5 family) over an SD1.5-architecture base.
 
     `source` is a diffusers folder, a Hub id, or one .safetensors/.ckpt checkpoint; `config` is where a
     checkpoint's model config and tokenizer come from; `lora`, if given, is loaded through diffusers'
-    load_lora_weights and fused into the weights; `components` are extra ones the class needs (controlnet=).
+    load_lora_weights and fused into the weights; `part` names the profile part in messages; `components` are
+    extra ones the class needs (controlnet=).
     """
     import diffusers
 
@@ -193,9 +195,9 @@ def load_base(source: str, dtype: torch.dtype, config: str | None = None, lora: 
         raise ValueError(f"pipeline {pipeline!r} is not a diffusers pipeline class")
     common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components)
     if Path(source).suffix in SINGLE_FILE_SUFFIXES:  # a local file or 'repo/id:file.safetensors'
-        pipe = load_single_file(cls, resolve_file(source, "base"), dtype, config, common)
+        pipe = load_single_file(cls, resolve_file(source, part), dtype, config, common)
     else:
-        pipe = load_pretrained(cls, source, dtype, part="base", **common)
+        pipe = load_pretrained(cls, source, dtype, part=part, **common)
     if lora:
         load_lora(pipe, lora)
     pipe.set_progress_bar_config(disable=True)
