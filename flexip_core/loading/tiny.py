@@ -8,14 +8,18 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     Dinov2Config,
@@ -29,7 +33,7 @@ from flexip_core.loading.weights import save_adapter
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSION = "3"  # bump when the configs below change, so cached builds are rebuilt
+TINY_VERSION = "4"  # bump when the configs below change, so cached builds are rebuilt
 
 UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -49,6 +53,22 @@ CLIP_VISION = dict(
     hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=32, patch_size=8,
     projection_dim=32,
 )
+# SDXL in miniature: the same UNet skeleton with SDXL's parts (two text encoders whose penultimate hidden states are
+# concatenated into the tokens, SDXL's "text_time" added embedding of the pooled text and the size/crop conditions,
+# linear projections, two transformer layers in the inner block as SDXL has several), and SDXL's VAE scaling.
+TEXT_2 = dict(TEXT, hidden_size=48, intermediate_size=37, num_attention_heads=4)  # CLIPTextModelWithProjection
+SDXL_ADD_TIME_DIM = 8  # addition_time_embed_dim: width of each of the 6 size/crop conditions' embeddings
+SDXL_UNET = dict(
+    UNET, cross_attention_dim=TEXT["hidden_size"] + TEXT_2["hidden_size"], attention_head_dim=(2, 4),
+    use_linear_projection=True, transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+    addition_time_embed_dim=SDXL_ADD_TIME_DIM,
+    projection_class_embeddings_input_dim=6 * SDXL_ADD_TIME_DIM + TEXT_2["projection_dim"],
+)
+SDXL_VAE = dict(VAE, scaling_factor=0.13025, force_upcast=True)
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+    timestep_spacing="leading",
+)
 DINO = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, mlp_ratio=2, image_size=32, patch_size=8)
 SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -56,10 +76,11 @@ SCHEDULER = dict(
 )
 
 
-def tiny_branch(kind: str) -> BranchConfig:
+def tiny_branch(kind: str, cross_attention_dim: int = 32) -> BranchConfig:
+    """A tiny branch whose tokens are `cross_attention_dim` wide (the UNet's text width: 32, or 80 for SDXL)."""
     return BranchConfig(
-        kind=kind, cross_attention_dim=32, clip_embed_dim=32, clip_hidden_dim=32, dino_dim=32, num_tokens=4,
-        num_queries=8, resampler_dim=32, depth=1, heads=2, dim_head=16,
+        kind=kind, cross_attention_dim=cross_attention_dim, clip_embed_dim=32, clip_hidden_dim=32, dino_dim=32,
+        num_tokens=4, num_queries=8, resampler_dim=32, depth=1, heads=2, dim_head=16,
     )
 
 
@@ -73,10 +94,24 @@ def build_tiny_base(seed: int = 0) -> dict:
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=PNDMScheduler(**SCHEDULER))
 
 
-def build_tiny_inpainting_unet(seed: int = 0) -> UNet2DConditionModel:
+def build_tiny_inpainting_unet(seed: int = 0, unet_config: dict | None = None) -> UNet2DConditionModel:
     """The tiny UNet of an inpainting model: 9 input channels (latents, mask, masked-image latents)."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**dict(UNET, in_channels=9))
+    return UNet2DConditionModel(**dict(unet_config or UNET, in_channels=9))
+
+
+def build_tiny_sdxl_base(seed: int = 0) -> dict:
+    """The components of a tiny StableDiffusionXLPipeline (tokenizers aside: `save_tiny_tokenizer` makes them)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**SDXL_UNET)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**SDXL_VAE)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT))
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_2))
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER))
 
 
 def build_tiny_controlnet(unet, seed: int = 0) -> ControlNetModel:
@@ -107,7 +142,9 @@ def build_tiny_encoders(seed: int = 0) -> tuple[CLIPVisionModelWithProjection, D
 def build_tiny_adapter(unet, preservation: str = "flexip_preservation", personalization: str = "flexip_personalization",
                        seed: int = 0) -> FlexIPAdapter:
     """Random adapter whose every branch visibly changes the output (zero-initialised layers made random)."""
-    config = AdapterConfig(tiny_branch(preservation), tiny_branch(personalization), cross_attention_layers(unet))
+    width = unet.config.cross_attention_dim
+    config = AdapterConfig(tiny_branch(preservation, width), tiny_branch(personalization, width),
+                           cross_attention_layers(unet))
     torch.manual_seed(seed)
     adapter = FlexIPAdapter(config)
     with torch.no_grad():
@@ -128,9 +165,28 @@ def save_base(folder: str | Path, *, unet, vae, text_encoder, tokenizer, schedul
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
+def save_sdxl_base(folder: str | Path, *, tokenizer, pipeline=StableDiffusionXLPipeline, **components) -> None:
+    """An SDXL model in the diffusers StableDiffusionXLPipeline layout; both tokenizers are `tokenizer`."""
+    pipeline(**components, tokenizer=tokenizer, tokenizer_2=tokenizer).save_pretrained(folder,
+                                                                                      safe_serialization=True)
+
+
+def write_tiny_sdxl_models(folder: str | Path, tokenizer, seed: int = 0) -> Path:
+    """Under `folder`: an SDXL base, a 9-channel SDXL inpainting base, an SDXL ControlNet and a native adapter
+    sized for the SDXL UNet (the image encoders are the SD1.5 set's, one folder up)."""
+    folder = Path(folder)
+    base = build_tiny_sdxl_base(seed)
+    save_sdxl_base(folder / "base", tokenizer=tokenizer, **base)
+    save_sdxl_base(folder / "inpainting", tokenizer=tokenizer, pipeline=StableDiffusionXLInpaintPipeline,
+                   **dict(base, unet=build_tiny_inpainting_unet(seed, SDXL_UNET)))
+    build_tiny_controlnet(base["unet"], seed).save_pretrained(folder / "controlnet", safe_serialization=True)
+    save_adapter(build_tiny_adapter(base["unet"], seed=seed), folder / "flexip_adapter.safetensors")
+    return folder
+
+
 def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
     """Write base (diffusers layout), CLIP, DINOv2, a native adapter file, a 9-channel inpainting base and a
-    ControlNet under `folder`."""
+    ControlNet under `folder`, and the same for SDXL under `folder`/sdxl."""
     folder = Path(folder)
     base = build_tiny_base(seed)
     tokenizer = save_tiny_tokenizer(folder / "tokenizer_tmp")
@@ -144,6 +200,7 @@ def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
                                    requires_safety_checker=False).save_pretrained(folder / "inpainting",
                                                                                   safe_serialization=True)
     build_tiny_controlnet(base["unet"], seed).save_pretrained(folder / "controlnet", safe_serialization=True)
+    write_tiny_sdxl_models(folder / "sdxl", tokenizer, seed)
     for leftover in sorted((folder / "tokenizer_tmp").iterdir()):
         leftover.unlink()
     (folder / "tokenizer_tmp").rmdir()
