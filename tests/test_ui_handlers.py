@@ -349,8 +349,9 @@ def test_release_renders_with_the_same_seed_or_reuses_an_exact_render(studio, se
 
 async def stop_half_way(handler, studio: Studio, session: Session, when=lambda run: "step 3 of" in run.progress,
                         **arguments):
-    """Run a UI handler as Gradio does and press Stop once `when(run)` holds (the page sends Gradio's cancel of the
-    handler's task first, then runs Stop's own handler): the handler's updates, then Stop's."""
+    """Run a UI handler as Gradio does and press Stop once `when(run)` holds: Stop halts the render, which ends at
+    its next step with the stopped state as the handler's own last answer; Stop itself answers nothing. Returns the
+    handler's updates before that answer, and the answer."""
     updates: list[dict] = []
     reached = asyncio.Event()
 
@@ -362,12 +363,10 @@ async def stop_half_way(handler, studio: Studio, session: Session, when=lambda r
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(reached.wait(), 30)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    shown = await handlers.stop(studio, session=session)
-    assert task.cancelled() and session.run is None and session.cancelled is None
-    return updates, shown
+    assert await handlers.stop(studio, session=session) == {}  # the render's handler answers
+    await asyncio.wait_for(task, 5)  # it ended by itself, not by a cancel
+    assert session.run is None and session.cancelled is None
+    return updates[:-1], updates[-1]
 
 
 def test_stop_puts_the_last_image_back_and_says_where_the_render_stopped(studio, session):
@@ -675,6 +674,7 @@ def test_bind_translates_names_and_refuses_unwired_outputs():
     assert bind(lambda: {"a": 1}, {"a": box})() == {box: 1}
     with pytest.raises(KeyError, match="not wired"):
         bind(lambda: {"b": 1}, {"a": box})()
+    assert bind(lambda: {}, {"a": box, "c": box})() == gr.skip()  # nothing to change: every output skipped
 
 
 def test_the_prompt_placeholders_use_words_the_model_knows(studio):

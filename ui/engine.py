@@ -3,9 +3,9 @@ flexip_core.FlexIPPipeline, and stream_render, which runs a blocking render in a
 previews. Everything crossing this boundary is PIL images, numbers, strings and `Generation` values.
 
 stream_render passes on at most one preview per `preview_every` seconds (the newest): the denoising loop makes one
-per step, far more than a browser can fetch and draw. Cancelling the task that consumes it (Gradio's Stop button,
-`cancels=`, a newer slider release) sets a stop flag that the next step callback turns into RenderCancelled, so the
-device is free again within one step."""
+per step, far more than a browser can fetch and draw. Stop sets the render's `halt` flag, and cancelling the task that
+consumes it (Gradio's `cancels=`: a newer slider release) sets its own stop flag; the next step callback turns either
+into RenderCancelled, so the device is free again within one step."""
 from __future__ import annotations
 
 import asyncio
@@ -163,13 +163,15 @@ class Done:
 
 async def stream_render(engine: Engine, references: Sequence[Image.Image], weights: Sequence[float],
                         generation: Generation, gates: Sequence[float], preview_every: float = 0.0,
-                        on_step: Callable[[Step], None] | None = None) -> AsyncIterator[Step | Done]:
+                        on_step: Callable[[Step], None] | None = None, halt: threading.Event | None = None
+                        ) -> AsyncIterator[Step | Done]:
     """Yield the newest Step at most once per `preview_every` seconds (and none that a slower consumer has not
-    taken in time), then one Done; `on_step` sees every step that arrives (a progress count). Errors from the engine
-    (ValueError, RenderCancelled, ...) are re-raised in the consumer."""
+    taken in time), then one Done; `on_step` sees every step that arrives (a progress count). Setting `halt` (Stop)
+    ends the render at its next step. Errors from the engine (ValueError, RenderCancelled when halted, ...) are
+    re-raised in the consumer."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
+    stop = threading.Event()  # the consumer has gone away
 
     def post(kind: str, payload) -> None:
         try:
@@ -178,7 +180,7 @@ async def stream_render(engine: Engine, references: Sequence[Image.Image], weigh
             stop.set()
 
     def report(step: int, total: int, previews: list) -> None:  # in the worker thread
-        if stop.is_set():
+        if stop.is_set() or (halt is not None and halt.is_set()):
             raise RenderCancelled(f"stopped at step {step}/{total}")
         post("step", Step(step, total, list(previews)))
 

@@ -193,7 +193,10 @@ async def render(studio: Studio, photos: Sequence[Photo], generation: Generation
     subject = fingerprint(list(photos))
     batches = [[gate] for gate in gates] if one_at_a_time else [list(gates)]
     results: list[Result] = []
+    halt = run.halted if run is not None else None
     for number, batch in enumerate(batches, start=1):
+        if halt is not None and halt.is_set():
+            raise Stopped
         stage = f"γ {number} of {len(batches)} · " if len(batches) > 1 else ""
 
         def track(step: Step, stage=stage) -> None:
@@ -203,15 +206,21 @@ async def render(studio: Studio, photos: Sequence[Photo], generation: Generation
         track(Step(0, generation.num_inference_steps, []))
         try:
             async for event in stream_render(studio.engine, references, weights, generation, batch,
-                                             preview_every=PREVIEW_EVERY_S, on_step=track):
+                                             preview_every=PREVIEW_EVERY_S, on_step=track, halt=halt):
                 if isinstance(event, Step):
                     yield Preview(event.step, event.total, [_upscale(image) for image in event.previews], batch)
                 elif isinstance(event, Done):
                     results.extend(_save(studio, subject, event))
-        except RenderCancelled:  # only when this consumer has gone away: nothing to show it to
-            logger.info("render cancelled")
+        except RenderCancelled:
+            if halt is not None and halt.is_set():  # Stop: the handler says so
+                raise Stopped from None
+            logger.info("render cancelled")  # the consumer has gone away: nothing to show it to
             return
     yield results
+
+
+class Stopped(Exception):
+    """The render was halted by Stop: its handler shows the stopped state as its last answer."""
 
 
 def _save(studio: Studio, subject: str, done: Done) -> list[Result]:
@@ -223,8 +232,10 @@ def _save(studio: Studio, subject: str, done: Done) -> list[Result]:
 # --- how the page answers: runs, messages, the stopped state -------------------------------------------
 @contextlib.asynccontextmanager
 async def running(session: Session, kind: str, label: str):
-    """The session's render in flight for the duration of a handler, however it ends (done, failed, cancelled); a
-    cancelled one is kept as `session.cancelled` for Stop, whose own handler runs once the cancel has been done."""
+    """The session's render in flight for the duration of a handler, however it ends (done, stopped, failed,
+    cancelled). Stop halts it: the render ends at its next step (raising Stopped), and the handler's last answer,
+    given inside this block, is the stopped state. Gradio's own cancel is left to the slider, whose newer render
+    replaces the screen; a render it cancels is kept as `session.cancelled`, for a Stop right after."""
     run = Run(kind, label)
     session.run, session.cancelled = run, None
     try:
@@ -238,18 +249,17 @@ async def running(session: Session, kind: str, label: str):
         run.finished.set()
 
 
-async def settled(session: Session) -> Run | None:
-    """The render the same click cancelled, once it has ended (waiting at most STOP_WAIT_S), so that what the
-    caller shows comes after its last preview; None when nothing was rendering."""
+async def halt(session: Session) -> Run | None:
+    """Halt the session's render in flight and wait (at most STOP_WAIT_S) for its handler to end, so that what the
+    caller shows comes after the render's last answer; None when nothing was rendering."""
     run = session.run
-    if run is not None:
-        try:
-            await asyncio.wait_for(run.finished.wait(), STOP_WAIT_S)
-        except TimeoutError:
-            logger.warning("the %s render did not end within %.0f s of being stopped", run.kind, STOP_WAIT_S)
-    else:
-        run = session.cancelled
-    session.cancelled = None
+    if run is None:
+        return None
+    run.halted.set()
+    try:
+        await asyncio.wait_for(run.finished.wait(), STOP_WAIT_S)
+    except TimeoutError:
+        logger.warning("the %s render did not end within %.0f s of being stopped", run.kind, STOP_WAIT_S)
     return run
 
 
@@ -398,9 +408,13 @@ def stopped(studio: Studio, session: Session, run: Run | None) -> dict:
 
 
 async def stop(studio: Studio, *, session: Session) -> dict:
-    """Stop: the render in flight (cancelled by Gradio on the same click) ends within a step; then the screen
-    shows the last finished image or sweep again and the line says where the render stopped."""
-    return stopped(studio, session, await settled(session))
+    """Stop: the render in flight ends at its next step, and its handler's last answer shows the last finished image
+    or sweep again, the line saying where it stopped; this answers only when nothing was rendering (or the slider had
+    just cancelled a render). A render queued behind it still runs, as in other SD tools' Interrupt."""
+    if await halt(session) is not None:
+        return {}
+    run, session.cancelled = session.cancelled, None
+    return stopped(studio, session, run)
 
 
 # --- subject panel -------------------------------------------------------------------------------------
@@ -484,6 +498,8 @@ async def _render_one(studio: Studio, session: Session, generation: Generation):
                     session.current = result
                     warn_once(session, event)
                     yield show(session, result)
+        except Stopped:
+            yield stopped(studio, session, run)
         except Exception as error:  # said on the page (and logged); the last finished image goes back
             yield {**large(session, session.current), **refused(session, error, label)}
 
@@ -542,7 +558,8 @@ def peek(studio: Studio, *, session: Session, **form) -> dict:
 async def select_history(studio: Studio, evt: gr.SelectData, *, session: Session) -> dict:
     """A history thumbnail was clicked: stop a render in flight, show that result and restore its settings (the
     seed box gets its seed; Lock seed stays as it is)."""
-    await settled(session)
+    await halt(session)
+    session.cancelled = None
     index = evt.index if isinstance(evt.index, int) else evt.index[0]
     if not 0 <= index < len(session.history):
         return {}
@@ -625,6 +642,8 @@ async def sweep(studio: Studio, *, session: Session, gates_text: str, sequential
                 warn_once(session, event)
                 yield {**sweep_view(session), **large(session, session.current), "info": describe(session.current),
                        "session": session}
+        except Stopped:
+            yield stopped(studio, session, run)
         except Exception as error:  # the previous sweep goes back
             yield {**sweep_view(session), **refused(session, error, label)}
 
@@ -660,10 +679,13 @@ async def grid(studio: Studio, *, session: Session, prompts_text: str, gates_tex
                     session.grid_rows, session.grid_zip = list(rows), None  # the new grid replaces the old one
                     warn_once(session, event)
                     yield {**grid_view(session), "session": session}
+        except Stopped:  # the rows finished so far stay
+            yield stopped(studio, session, run)
+            return
         except Exception as error:  # the rows finished so far stay
             yield {**grid_view(session), **refused(session, error, label)}
             return
-    if len(rows) < len(prompts):  # cancelled: Stop shows what was finished
+    if len(rows) < len(prompts):  # cancelled by a newer render
         return
     session.grid_zip = zip_results([r.path for _, row in rows for r in row], studio.results_folder, "flexip-grid")
     names = " · ".join(f"row {number}: *{prompt}*" for number, (prompt, _) in enumerate(rows, start=1))

@@ -58,6 +58,8 @@ def bind(handler: Callable, outputs: Mapping[str, gr.components.Component], *bou
         unknown = set(values) - set(outputs)
         if unknown:
             raise KeyError(f"{handler.__name__} returned outputs that are not wired: {sorted(unknown)}")
+        if not values:  # nothing to change: Gradio reads an empty dict as a missing value, so say "skip" instead
+            return gr.skip()
         return {outputs[name]: value for name, value in values.items()}
 
     if inspect.isasyncgenfunction(handler):
@@ -309,16 +311,14 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     out["gate"].input(bind(handlers.peek, out, studio), inputs_kwargs={"session": out["session"], **form},
                       outputs=components(out, "result", "compare", "info"), queue=False, show_progress="hidden",
                       api_visibility="private")
-    # Stop cancels the render in flight (or waiting); then it shows what that render replaced, saying where it
-    # stopped (handlers.stop waits for the render to end, so its answer comes after the render's last preview).
-    after_cancel = dict(api_visibility="private", concurrency_id="after_cancel", concurrency_limit=None, **quiet)
-    buttons["stop"].click(fn=None, cancels=renders, api_visibility="private")
+    # Stop halts the render in flight, which ends at its next step with the stopped state as its own last answer (no
+    # Gradio cancel: a cancelled event can end in an error badge). These handlers run beside the render's queue.
+    beside = dict(api_visibility="private", concurrency_id="beside_renders", concurrency_limit=None, **quiet)
     buttons["stop"].click(bind(handlers.stop, out, studio), inputs_kwargs={"session": out["session"]},
                           outputs=components(out, "result", "compare", "download", "info", "history", "session",
-                                             "sweep_gallery", "sweep_zip", "grid_view", "grid_zip"), **after_cancel)
+                                             "sweep_gallery", "sweep_zip", "grid_view", "grid_zip"), **beside)
 
-    # History (a click stops a render in flight, then shows the result it names), seed
-    out["history"].select(fn=None, cancels=renders, api_visibility="private")
+    # History (a click halts a render in flight, then shows the result it names), seed
     out["history"].select(bind(handlers.select_history, out, studio), inputs_kwargs={"session": out["session"]},
-                          outputs=[*shown, *restored], **after_cancel)
+                          outputs=[*shown, *restored], **beside)
     buttons["dice"].click(bind(handlers.new_seed, out), outputs=[out["seed"]], queue=False, api_visibility="private")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,7 @@ class Run:
     stage: str = ""  # which part of a run of several renders is rendering, e.g. "prompt 2 of 3 · "
     progress: str = "its first step"  # how far it got, e.g. "prompt 2 of 3 · step 9 of 30"
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # set when its handler has ended, however
+    halted: threading.Event = field(default_factory=threading.Event)  # set by Stop: the render ends at its next step
 
 
 @dataclass
