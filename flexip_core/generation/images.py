@@ -77,8 +77,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def load_reference_image(source, name: str | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
     """Open a reference photo (path or bytes), validate it, apply EXIF orientation and return it as RGB."""
+    return to_rgb(open_image(source, name, limits))
+
+
+def open_image(source, name: str | None = None, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """What load_reference_image returns before the RGB conversion: validated and EXIF-oriented, in its own mode
+    (for callers that read the alpha channel, such as masks)."""
     if isinstance(source, Image.Image):
-        return prepare_image(source, name, limits)
+        _check_dimensions(source.size, name or "reference image", limits)
+        return ImageOps.exif_transpose(source) or source
     label = _describe(source, name)
     data = _read_bytes(source, label, limits)
     try:
@@ -97,7 +104,7 @@ def load_reference_image(source, name: str | None = None, limits: ImageLimits = 
         image.load()
     except (OSError, SyntaxError) as error:
         raise ValueError(f"{label}: image data is truncated or corrupt ({error})") from None
-    return prepare_image(image, label, limits)
+    return ImageOps.exif_transpose(image) or image
 
 
 def _check_dimensions(size: tuple[int, int], label: str, limits: ImageLimits) -> None:
