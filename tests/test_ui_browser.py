@@ -106,7 +106,8 @@ def screenshot(page, name: str, tmp_path: Path) -> Path:
 def no_error_badges(page) -> None:
     """Gradio marks the outputs of a failed event with "Error" badges; the studio never lets one fail. A failure
     names the blocks that carry one (their elem_id or label) and what the page logged."""
-    badges = page.locator("[data-testid=status-tracker] .error, :text-is('Error')").evaluate_all("""els => els.map(e => {
+    found = page.locator("[data-testid=status-tracker] .error, :text-is('Error')")
+    badges = found.evaluate_all("""els => els.map(e => {
         const block = e.closest('[id], .block');
         const label = block && (block.querySelector('[data-testid=block-info]') || {}).textContent;
         return (block && (block.id || label || block.className)) || e.outerHTML; })""")

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import zipfile
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -589,12 +589,128 @@ def test_a_generation_survives_the_png_round_trip_into_the_controls(studio, tmp_
     assert read_form(controls) == made  # identity_early is the window's pres_until, end to end
 
 
-def test_a_png_of_another_task_says_what_was_not_restored(studio, tmp_path):
-    made = Generation(prompt="a toy", windows=GateSchedule(pers_from=0.2), task="image-to-image")
+def test_a_png_of_another_mode_restores_the_mode_and_asks_for_its_picture(studio, tmp_path):
+    made = Generation(prompt="a toy", windows=GateSchedule(pers_from=0.2), task="image-to-image",
+                      task_inputs=(("image", "abc"), ("strength", 0.35)), height=None, width=None)
     path = save_result(Image.new("RGB", (64, 64)), made.to_parameters(), tmp_path)
-    with pytest.warns(UserWarning, match="no control for task image-to-image; those settings were not restored"):
+    with pytest.warns(UserWarning, match="made in the start image mode, whose picture is not in the PNG"):
         restored = handlers.restore_png(studio, file=path)
     assert restored["prompt"] == "a toy" and restored["pers_from"] == 0.2  # every branch window has its control
+    assert restored["mode"] == "start_image" and restored["denoise"] == 0.35
+
+
+# --- modes: start image, inpaint, control ----------------------------------------------------------------
+def scene_png(tmp_path, size=(96, 64)) -> str:
+    path = tmp_path / "scene.png"
+    image = Image.new("RGB", size, (40, 90, 160))
+    image.paste((230, 230, 230), (10, 10, 50, 40))  # something with edges
+    image.save(path)
+    return str(path)
+
+
+def mask_png(tmp_path, size=(96, 64), box=(30, 20, 70, 50), name="mask.png") -> str:
+    path = tmp_path / name
+    mask = Image.new("L", size, 0)
+    if box is not None:
+        mask.paste(255, box)
+    mask.save(path)
+    return str(path)
+
+
+def mode_form(mode: str, **values) -> dict:
+    return {**form(), "mode": mode, "mode_image": None, "scene": None, "mask": None, "denoise": 0.6,
+            "control": "canny", "control_scale": 1.0, **values}
+
+
+def test_each_mode_renders_with_its_inputs_and_records_them(studio, session, tmp_path):
+    scene = scene_png(tmp_path)
+    cases = {"start_image": dict(mode_image=scene, denoise=0.4), "inpaint": dict(scene=scene, mask=mask_png(tmp_path)),
+             "control": dict(mode_image=scene, control_scale=0.7)}
+    for mode, values in cases.items():
+        collect(handlers.generate(studio, session=session, lock_seed=True, **mode_form(mode, width=96, **values)))
+        call = studio.engine.calls[-1]
+        assert call.task.mode == mode and call.generation.task == call.task.task
+        inputs = dict(call.generation.task_inputs)
+        assert len(inputs["image"]) == 12  # the picture's digest: renders of other pictures are told apart
+        assert {"start_image": inputs.get("strength") == 0.4, "inpaint": "mask_image" in inputs,
+                "control": inputs.get("controlnet_conditioning_scale") == 0.7 and inputs["control"] == "canny"}[mode]
+        assert "parameters" in Image.open(session.current.path).info  # saved with its settings
+    sizes = {c.task.mode: (c.generation.width, c.generation.height) for c in studio.engine.calls}
+    assert sizes == {"start_image": (None, None), "inpaint": (96, 64), "control": (96, 64)}  # fitted to the longer side
+    for mode, values in cases.items():  # a history click puts the mode and its settings back
+        index = next(i for i, r in enumerate(session.history) if r.generation.task == handlers.MODES[mode])
+        restored = asyncio.run(handlers.select_history(studio, gr.SelectData(None, {"index": index, "value": None}),
+                                                       session=session))
+        assert restored["mode"] == mode
+
+
+def test_a_new_picture_is_never_taken_for_the_last_one(studio, session, tmp_path):
+    scene = scene_png(tmp_path)
+    other = tmp_path / "other.png"
+    Image.new("RGB", (96, 64), (200, 10, 10)).save(other)
+    collect(handlers.release(studio, session=session, **mode_form("start_image", mode_image=scene)))
+    collect(handlers.release(studio, session=session, **mode_form("start_image", mode_image=scene)))
+    assert len(studio.engine.calls) == 1  # the same picture and settings: the render is reused
+    collect(handlers.release(studio, session=session, **mode_form("start_image", mode_image=str(other))))
+    assert len(studio.engine.calls) == 2
+    peeked = handlers.peek(studio, session=session, **{**form(gate=0.52), "mode": "start_image"})
+    assert "nearest rendered γ 0.50" in peeked["info"]  # the slider finds that mode's renders without the picture
+
+
+@pytest.mark.parametrize("mode, values, message", [
+    ("start_image", dict(mode_image=None), "start image: no image given"),
+    ("start_image", dict(denoise=0), "denoise must be a number in (0, 1]"),
+    ("start_image", dict(denoise=1.5), "denoise must be a number in (0, 1]"),
+    ("inpaint", dict(mask="EMPTY"), "mask: the mask is empty"),
+    ("control", dict(control="depth"), "control must be one of canny"),
+    ("control", dict(control_scale=3), "control_scale must be a number in [0, 2]"),
+    ("sketch", dict(), "unknown mode 'sketch'"),
+])
+def test_bad_mode_input_is_refused_naming_it_and_nothing_renders(studio, session, tmp_path, mode, values, message):
+    scene = scene_png(tmp_path)
+    if values.get("mask") == "EMPTY":
+        values = dict(mask=mask_png(tmp_path, box=None, name="empty.png"))
+    defaults = dict(mode_image=scene, scene=scene, mask=mask_png(tmp_path))
+    updates = refusal(handlers.generate(studio, session=session, lock_seed=True,
+                                        **mode_form(mode, **{**defaults, **values})), re.escape(message))
+    assert "not rendered" in updates[-1]["info"] and not studio.engine.calls
+
+
+def test_a_mode_the_profile_cannot_run_says_why(studio, session, tmp_path):
+    studio.engine.control_missing = "the mini profile names no ControlNet: the Control mode needs real weights"
+    view = handlers.mode_view(studio, mode="control")
+    assert "needs real weights" in view["mode_hint"]["value"] and view["edge_view"]["visible"]
+    refusal(handlers.generate(studio, session=session, lock_seed=True,
+                              **mode_form("control", mode_image=scene_png(tmp_path))), "needs real weights")
+    assert not studio.engine.calls
+    assert not handlers.mode_view(studio, mode="text")["scene"]["visible"]
+
+
+def test_the_edge_map_is_shown_for_the_control_mode_only(studio, tmp_path):
+    scene = scene_png(tmp_path)
+    shown = handlers.edge_preview(studio, mode="control", mode_image=scene, control="canny", width=96, height=64)
+    edges = np.asarray(shown["edge_view"])
+    assert edges.shape[:2] == (64, 96) and edges.any() and not edges.all()
+    assert handlers.edge_preview(studio, mode="start_image", mode_image=scene, control="canny", width=64,
+                                 height=64)["edge_view"] is None
+
+
+def test_the_api_modes_take_files_and_name_a_bad_input(studio, photo, tmp_path):
+    scene, mask = scene_png(tmp_path), mask_png(tmp_path, size=(48, 32), box=(10, 10, 30, 25))
+    out = run_api(handlers.api_inpaint, studio, photos=[photo], image=scene, mask=mask, **api_form())
+    [parameters] = out["api_parameters"]
+    assert parameters["task"] == "inpainting" and any("mask" in w and "resized" in w for w in parameters["warnings"])
+    out = run_api(handlers.api_start_image, studio, photos=[photo], image=scene, denoise=0.3, **api_form())
+    assert out["api_parameters"][0]["task_inputs"]["strength"] == 0.3
+    out = run_api(handlers.api_control, studio, photos=[photo], image=scene, control="canny", control_scale=0.5,
+                  **api_form())
+    assert out["api_parameters"][0]["task_inputs"]["controlnet_conditioning_scale"] == 0.5
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(gr.Error, match="start image: "):
+        run_api(handlers.api_start_image, studio, photos=[photo], image=str(broken), **api_form())
+    with pytest.raises(gr.Error, match="mask: no image given|mask: "):
+        run_api(handlers.api_inpaint, studio, photos=[photo], image=scene, mask=None, **api_form())
 
 
 def test_branch_windows_come_from_the_controls_and_their_presets(studio, session):

@@ -26,6 +26,7 @@ class Call:
     weights: tuple[float, ...]
     generation: Generation
     gates: tuple[float, ...]
+    task: object = None  # the mode's TaskInputs, None for text-to-image
 
 
 class FakeEngine:
@@ -43,6 +44,7 @@ class FakeEngine:
         self.loads = 0
         self.cancelled = threading.Event()  # set when a render stopped because on_step raised
         self.load_error: str | None = None  # when set, loading fails with this message
+        self.control_missing: str | None = None  # when set, the Control mode is refused with this reason
         self._loaded = False
         self._failure: str | None = None
 
@@ -67,13 +69,16 @@ class FakeEngine:
     def failure(self) -> str | None:
         return self._failure
 
-    def render(self, references, weights, generation: Generation, gates, on_step=None) -> list[Rendered]:
+    def modes(self) -> dict:
+        return {"start_image": None, "inpaint": None, "control": self.control_missing}
+
+    def render(self, references, weights, generation: Generation, gates, on_step=None, task=None) -> list[Rendered]:
         for gate in gates:
             if not 0.0 <= gate <= 1.0:
                 raise ValueError(f"gate (γ) must be a number in [0, 1], got {gate}")
         generation.check(self.defaults().max_side)
         self.load()
-        self.calls.append(Call(tuple(references), tuple(weights), generation, tuple(gates)))
+        self.calls.append(Call(tuple(references), tuple(weights), generation, tuple(gates), task))
         steps = generation.num_inference_steps
         for step in range(1, steps + 1):
             time.sleep(self.step_delay)
@@ -84,8 +89,9 @@ class FakeEngine:
                     self.cancelled.set()
                     raise
         made = [generation.at(gate) for gate in gates]
+        size = task.pipeline_kwargs["image"].size if task is not None and task.height is None else None
         return [
-            Rendered(image=Image.new("RGB", (g.width, g.height), _colour(g.gate, g.seed)), generation=g,
+            Rendered(image=Image.new("RGB", size or (g.width, g.height), _colour(g.gate, g.seed)), generation=g,
                      parameters={**g.to_parameters(), "identity_metric": "clip", "profile": "fake"},
                      identity=0.5 + 0.4 * g.gate, warnings=_cut_off(g.prompt))
             for g in made

@@ -19,6 +19,7 @@ from PIL import Image
 
 from flexip_core.generation.schedulers import SCHEDULER_NAMES
 from flexip_core.generation.settings import Generation
+from flexip_core.generation.task_inputs import TaskInputs
 from flexip_core.loading.profiles import Defaults
 
 logger = logging.getLogger(__name__)
@@ -59,10 +60,16 @@ class Engine(Protocol):
     def failure(self) -> str | None:
         """Why the last attempt to load failed (None when it did not, or none was made); a later load retries."""
 
+    def modes(self) -> dict[str, str | None]:
+        """Each studio mode beyond text-to-image ("start_image", "inpaint", "control") and why this profile cannot
+        run it (None when it can)."""
+
     def render(self, references: Sequence[Image.Image], weights: Sequence[float], generation: Generation,
-               gates: Sequence[float], on_step: StepCallback | None = None) -> list[Rendered]:
+               gates: Sequence[float], on_step: StepCallback | None = None, task: TaskInputs | None = None
+               ) -> list[Rendered]:
         """Render `generation` once per γ of `gates` (one batch) for the subject in `references` (validated RGB
-        photos, one weight each); ValueError for bad settings, RenderCancelled when stopped."""
+        photos, one weight each), in the mode `task` describes (None: text-to-image); ValueError for bad settings
+        or a mode the profile cannot run, RenderCancelled when stopped."""
 
 
 @dataclass
@@ -76,6 +83,7 @@ class CoreEngine:
     _load_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _device_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _notes: dict = field(default_factory=dict, init=False, repr=False)  # subject key -> the model's notes on its photos
+    _tasks: dict = field(default_factory=dict, init=False, repr=False)  # (task, control kind) -> its FlexIPPipeline
 
     @property
     def schedulers(self) -> tuple[str, ...]:
@@ -113,13 +121,35 @@ class CoreEngine:
     def failure(self) -> str | None:
         return self._failure
 
+    def modes(self) -> dict[str, str | None]:
+        from flexip_core.loading.profiles import load_profile  # a data file: no torch import
+
+        profile = load_profile(self.profile)
+        control = None if profile.control else (
+            f"the {profile.name} profile names no ControlNet for its base: the Control mode needs real weights "
+            "(profile sd15 or sdxl) or the tiny test profile")
+        return {"start_image": None, "inpaint": None, "control": control}
+
+    def _pipeline_for(self, task: TaskInputs | None):
+        """The loaded FlexIPPipeline of the task (built once, sharing the models already loaded)."""
+        if task is None:
+            return self._pipe
+        from flexip_core.loading.assembly import load_task
+
+        key = (task.task, task.settings.get("control"))
+        if key not in self._tasks:
+            logger.info("building the %s pipeline%s", task.task, f" ({key[1]})" if key[1] else "")
+            self._tasks[key] = load_task(self._pipe, task.task, key[1])
+        return self._tasks[key]
+
     def defaults(self) -> Defaults:
         from flexip_core.loading.profiles import load_profile  # a data file: no torch import, so the page comes up fast
 
         return self._pipe.defaults if self._pipe is not None else load_profile(self.profile).defaults
 
     def render(self, references: Sequence[Image.Image], weights: Sequence[float], generation: Generation,
-               gates: Sequence[float], on_step: StepCallback | None = None) -> list[Rendered]:
+               gates: Sequence[float], on_step: StepCallback | None = None, task: TaskInputs | None = None
+               ) -> list[Rendered]:
         from flexip_core import GenerationCancelled
 
         self.load()
@@ -134,10 +164,12 @@ class CoreEngine:
 
         references = list(references)
         with self._device_lock:  # a cancelled run may still be finishing its step; wait for it
-            pipe = self._pipe
+            pipe = self._pipeline_for(task)
             subject = pipe.encode_subject(references, [float(w) for w in weights])  # cached by content
+            kwargs = dict(task.pipeline_kwargs) if task is not None else None
             try:
-                out = pipe(subject=subject, gate=[float(g) for g in gates], generation=generation, callback=callback)
+                out = pipe(subject=subject, gate=[float(g) for g in gates], generation=generation, callback=callback,
+                           pipeline_kwargs=kwargs)
             except GenerationCancelled as stop:
                 raise RenderCancelled(str(stop)) from None
             scores = pipe.identity_score(out.images, subject, references)
@@ -163,8 +195,8 @@ class Done:
 
 async def stream_render(engine: Engine, references: Sequence[Image.Image], weights: Sequence[float],
                         generation: Generation, gates: Sequence[float], preview_every: float = 0.0,
-                        on_step: Callable[[Step], None] | None = None, halt: threading.Event | None = None
-                        ) -> AsyncIterator[Step | Done]:
+                        on_step: Callable[[Step], None] | None = None, halt: threading.Event | None = None,
+                        task: TaskInputs | None = None) -> AsyncIterator[Step | Done]:
     """Yield the newest Step at most once per `preview_every` seconds (and none that a slower consumer has not
     taken in time), then one Done; `on_step` sees every step that arrives (a progress count). Setting `halt` (Stop)
     ends the render at its next step. Errors from the engine (ValueError, RenderCancelled when halted, ...) are
@@ -186,7 +218,7 @@ async def stream_render(engine: Engine, references: Sequence[Image.Image], weigh
 
     def work() -> None:
         try:
-            post("done", Done(engine.render(references, weights, generation, gates, on_step=report)))
+            post("done", Done(engine.render(references, weights, generation, gates, on_step=report, task=task)))
         except BaseException as error:  # handed to the consumer, which re-raises it
             post("error", error)
 

@@ -29,6 +29,7 @@ from PIL import Image
 
 from flexip_core.generation.gate import GateSchedule
 from flexip_core.generation.settings import MAX_SEED, Generation, parse_gates
+from flexip_core.generation.task_inputs import MODES, TaskInputs, prepare
 
 from .engine import Done, RenderCancelled, Step, stream_render
 from .files import EXAMPLES, ensure_examples, example_path, save_result, zip_results
@@ -40,6 +41,11 @@ logger = logging.getLogger(__name__)
 CONTROLS = ("prompt", "negative_prompt", "gate", "strength", "seed", "num_inference_steps", "guidance_scale", "width",
             "height", "scheduler", "pres_from", "pres_until", "pers_from", "pers_until")
 WINDOW_PRESETS = {"whole run": (0.0, 1.0), "identity early": (0.0, 0.5), "identity late": (0.5, 1.0)}  # pres window
+# The mode panel's inputs (Mode, its picture, the inpainting scene and mask, and each mode's settings); the mode
+# "text" is text-to-image, the others are task_inputs.MODES.
+MODE_INPUTS = ("mode", "mode_image", "scene", "mask", "denoise", "control", "control_scale")
+MODE_SETTINGS = ("mode", "denoise", "control", "control_scale")  # what a PNG or a history click restores
+MODE_OF_TASK = {task: mode for mode, task in MODES.items()} | {"text-to-image": "text"}
 # The API's argument names for these where they differ (a public contract kept from before the fields were renamed).
 API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "pres_until": "identity_early"}
 MAX_SWEEP = 9  # γ values in one sweep or grid row
@@ -119,12 +125,66 @@ def parse_prompts(text: str, limit: int = MAX_GRID_PROMPTS) -> list[str]:
     return prompts
 
 
-def read_request(session: Session, form: dict) -> tuple[list[Photo], Generation]:
-    """The weighted subject photos and the Generation of the controls (ValueError says which value is wrong);
-    the session keeps its photos until the request is known to be readable."""
+def read_request(studio: Studio, session: Session, form: dict
+                 ) -> tuple[list[Photo], Generation, TaskInputs | None]:
+    """The weighted subject photos, the Generation of the controls and the mode's inputs (None: text-to-image);
+    ValueError says which value is wrong. The session keeps its photos until the request is known to be readable."""
     form = dict(form)
     photos = weighted_photos(session.photos, form)
-    return photos, read_form(form)
+    modes = {key: form.pop(key, None) for key in MODE_INPUTS}
+    generation = read_form(form)
+    task = read_task(studio, modes, generation)
+    for note in task.notes if task is not None else ():  # e.g. a resized scene: said once per session
+        if ("mode", note) not in session.told:
+            session.told.add(("mode", note))
+            toast(note)
+    generation = with_task(generation, task)
+    if task is not None:
+        session.mode_settings[task.mode] = {"task": generation.task, "task_inputs": generation.task_inputs,
+                                            "height": generation.height, "width": generation.width}
+    return photos, generation, task
+
+
+def read_task(studio: Studio, values: dict, generation: Generation) -> TaskInputs | None:
+    """The mode's inputs, checked and fitted to the generation's size (its longer side); None for text-to-image.
+    ValueError names the input that is wrong, or says why this profile cannot run the mode."""
+    mode = values.get("mode") or "text"
+    if mode == "text":
+        return None
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; one of text, {', '.join(MODES)}")
+    reason = studio.engine.modes().get(mode)
+    if reason:
+        raise ValueError(reason)
+    inpaint, value = mode == "inpaint", values.get
+    return prepare(mode, image=value("scene") if inpaint else value("mode_image"),
+                   mask=value("mask") if value("mask") is not None or not isinstance(value("scene"), dict)
+                   else value("scene"),  # no uploaded mask: the strokes drawn on the scene
+                   denoise=value("denoise"), control=value("control"), control_scale=value("control_scale"),
+                   side=max(generation.width or 0, generation.height or 0) or studio.engine.defaults().height,
+                   max_side=studio.engine.defaults().max_side)
+
+
+def with_task(generation: Generation, task: TaskInputs | None) -> Generation:
+    """The Generation of a mode: its task, size and scalar inputs, plus digests of its pictures, so that renders
+    of other pictures are never taken for this one (and the PNG says which picture made it)."""
+    if task is None:
+        return generation
+    inputs = {key: value for key, value in task.pipeline_kwargs.items()
+              if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    inputs.update({key: value for key, value in task.settings.items() if key == "control"})
+    for key in ("image", "mask_image"):
+        if key in task.pipeline_kwargs:
+            inputs[key] = picture_digest(task.pipeline_kwargs[key])
+    return replace(generation, task=task.task, height=task.height, width=task.width,
+                   task_inputs=tuple(sorted((key, float(v) if not isinstance(v, str) else v)
+                                            for key, v in inputs.items())))
+
+
+def picture_digest(image: Image.Image) -> str:
+    import hashlib
+
+    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()[:12]
 
 
 # --- the engine: loading, the header, one render -------------------------------------------------------
@@ -181,8 +241,8 @@ def check_request(studio: Studio, photos: Sequence[Photo], generation: Generatio
 
 
 async def render(studio: Studio, photos: Sequence[Photo], generation: Generation, gates: Sequence[float],
-                 run: Run | None = None, progress: gr.Progress | None = None, one_at_a_time: bool = False
-                 ) -> AsyncIterator[Preview | list[Result]]:
+                 run: Run | None = None, progress: gr.Progress | None = None, one_at_a_time: bool = False,
+                 task: TaskInputs | None = None) -> AsyncIterator[Preview | list[Result]]:
     """Yield a Preview at most every PREVIEW_EVERY_S, then the list of saved Results (one per γ); `run` follows
     the step count. `one_at_a_time` renders the γ values as separate batches of one (less device memory, more
     time). ValueError for a refused request (before anything renders) or a setting the engine refuses; NotLoaded."""
@@ -206,7 +266,7 @@ async def render(studio: Studio, photos: Sequence[Photo], generation: Generation
         track(Step(0, generation.num_inference_steps, []))
         try:
             async for event in stream_render(studio.engine, references, weights, generation, batch,
-                                             preview_every=PREVIEW_EVERY_S, on_step=track, halt=halt):
+                                             preview_every=PREVIEW_EVERY_S, on_step=track, halt=halt, task=task):
                 if isinstance(event, Step):
                     yield Preview(event.step, event.total, [_upscale(image) for image in event.previews], batch)
                 elif isinstance(event, Done):
@@ -376,10 +436,15 @@ def grid_table(rows: Sequence[tuple[str, Sequence[Result]]]) -> str:
 
 
 def restore_outputs(generation: Generation) -> dict:
-    """Outputs that put `generation` back into the controls; a value the core left open (the pipeline's own
-    scheduler, the input image's size) leaves its control as it is."""
+    """Outputs that put `generation` back into the controls, its mode and the mode's settings included; a value
+    the core left open (the pipeline's own scheduler, the input image's size) leaves its control as it is. The
+    mode's pictures are not in the settings: the user adds them again."""
     values = generation.to_parameters()
-    return {name: gr.update() if values[name] is None else values[name] for name in CONTROLS}
+    inputs = dict(generation.task_inputs)
+    mode = {"mode": MODE_OF_TASK.get(generation.task, "text"), "denoise": inputs.get("strength"),
+            "control": inputs.get("control"), "control_scale": inputs.get("controlnet_conditioning_scale")}
+    return {**{name: gr.update() if values[name] is None else values[name] for name in CONTROLS},
+            **{name: gr.update() if value is None else value for name, value in mode.items()}}
 
 
 def rows(count: int) -> str:
@@ -475,21 +540,21 @@ async def example(studio: Studio, *, session: Session, name: str, gates_text: st
         yield refused(session, ValueError(rejected[0].reason))
         return
     session.photos = accepted
-    yield {"session": session, "prompt": chosen.prompt, "tabs": gr.update(selected="sweep"),
+    yield {"session": session, "prompt": chosen.prompt, "tabs": gr.update(selected="sweep"), "mode": "text",
            **slot_updates(session, studio.max_photos)}
     weights = {key: 1.0 for key in form if key.startswith("weight")}  # the new photo's weight, not the old slot's
     async for values in sweep(studio, session=session, gates_text=gates_text, sequential_sweep=sequential_sweep,
-                              **{**form, **weights, "prompt": chosen.prompt}):
+                              **{**form, **weights, "prompt": chosen.prompt, "mode": "text"}):
         yield values
 
 
 # --- generation: Generate, the γ slider, history, seed, PNG restore -------------------------------------
-async def _render_one(studio: Studio, session: Session, generation: Generation):
+async def _render_one(studio: Studio, session: Session, generation: Generation, task: TaskInputs | None):
     label = f"**seed {generation.seed}** · γ {generation.gate:.2f}"
     async with running(session, "image", label) as run:
         yield {"seed": generation.seed, "info": f"{label} · {starting(studio)}"}
         try:
-            async for event in render(studio, session.photos, generation, [generation.gate], run):
+            async for event in render(studio, session.photos, generation, [generation.gate], run, task=task):
                 if isinstance(event, Preview):
                     yield {"result": event.images[0], "info": f"{label} · {run.progress}"}
                 elif event:
@@ -507,14 +572,14 @@ async def _render_one(studio: Studio, session: Session, generation: Generation):
 async def generate(studio: Studio, *, session: Session, lock_seed: bool, **form):
     """Generate one image with the current settings; a new random seed unless the seed is locked."""
     try:
-        session.photos, generation = read_request(session, form)
+        session.photos, generation, task = read_request(studio, session, form)
         check_request(studio, session.photos, generation)
     except ValueError as error:
         yield refused(session, error)
         return
     if not lock_seed:
         generation = replace(generation, seed=random_seed())
-    async for values in _render_one(studio, session, generation):
+    async for values in _render_one(studio, session, generation, task):
         yield values
 
 
@@ -522,7 +587,7 @@ async def release(studio: Studio, *, session: Session, **form):
     """The γ slider was released (mouse, a click on its track, a pause after arrow keys, Enter in its box): render
     at the new γ with the same seed and settings (a render already made for exactly these is shown at once)."""
     try:
-        session.photos, generation = read_request(session, form)
+        session.photos, generation, task = read_request(studio, session, form)
         check_request(studio, session.photos, generation)
     except ValueError as error:
         yield refused(session, error)
@@ -532,7 +597,7 @@ async def release(studio: Studio, *, session: Session, **form):
         session.current = cached
         yield show(session, cached)
         return
-    async for values in _render_one(studio, session, generation):
+    async for values in _render_one(studio, session, generation, task):
         yield values
 
 
@@ -540,9 +605,10 @@ def peek(studio: Studio, *, session: Session, **form) -> dict:
     """While the slider moves: show the nearest γ already rendered for this subject, prompt, seed and settings
     (else the last finished image), computing nothing; the line says which γ is shown and which will render."""
     session.cancelled = None  # a render this move stopped is replaced by what it shows
+    mode = form.pop("mode", None) or "text"
     try:
         photos = weighted_photos(session.photos, dict(form))
-        generation = read_form(form)
+        generation = replace(read_form(form), **session.mode_settings.get(mode, {}))  # that mode's last pictures
     except ValueError:
         return {}
     target = f"let go of the slider to render γ {generation.gate:.2f}"
@@ -585,9 +651,9 @@ def restore_png(studio: Studio, *, file: str | None) -> dict:
     if profile and profile != studio.engine.profile:
         notes.append(f"it was made with profile {profile!r} and this app runs {studio.engine.profile!r}, so the same "
                      "settings give a different image")
-    unshown = [f"task {generation.task}"] * (generation.task != "text-to-image")
-    if unshown:
-        notes.append(f"the studio has no control for {', '.join(unshown)}; those settings were not restored")
+    if generation.task != "text-to-image":
+        mode = MODE_OF_TASK.get(generation.task, generation.task).replace("_", " ")
+        notes.append(f"it was made in the {mode} mode, whose picture is not in the PNG: add it again")
     line = f"settings restored from {name}: seed {generation.seed} (locked), γ {generation.gate:.2f}"
     line += "".join(f" · ⚠ {note}" for note in notes)
     if notes:
@@ -617,7 +683,7 @@ async def sweep(studio: Studio, *, session: Session, gates_text: str, sequential
     shows these at once."""
     try:
         gates = parse_gates(gates_text, limit=MAX_SWEEP)
-        session.photos, generation = read_request(session, form)
+        session.photos, generation, task = read_request(studio, session, form)
         check_request(studio, session.photos, generation)
     except ValueError as error:
         yield refused(session, error)
@@ -626,7 +692,8 @@ async def sweep(studio: Studio, *, session: Session, gates_text: str, sequential
     async with running(session, "sweep", label) as run:
         yield {"info": f"{label} · {starting(studio)}"}
         try:
-            async for event in render(studio, session.photos, generation, gates, run, one_at_a_time=sequential_sweep):
+            async for event in render(studio, session.photos, generation, gates, run, one_at_a_time=sequential_sweep,
+                                      task=task):
                 if isinstance(event, Preview):
                     previews = zip(event.images, event.gates, strict=True)
                     yield {"sweep_gallery": [(image, f"γ {gate:.2f}") for image, gate in previews],
@@ -655,7 +722,7 @@ async def grid(studio: Studio, *, session: Session, prompts_text: str, gates_tex
     try:
         gates = parse_gates(gates_text, limit=MAX_SWEEP)
         prompts = parse_prompts(prompts_text)
-        session.photos, generation = read_request(session, form)
+        session.photos, generation, task = read_request(studio, session, form)
         for prompt in prompts:
             check_request(studio, session.photos, replace(generation, prompt=prompt))
     except ValueError as error:
@@ -669,7 +736,7 @@ async def grid(studio: Studio, *, session: Session, prompts_text: str, gates_tex
             for number, prompt in enumerate(prompts, start=1):
                 run.stage = f"prompt {number} of {len(prompts)} · "
                 async for event in render(studio, session.photos, replace(generation, prompt=prompt), gates, run,
-                                          one_at_a_time=sequential_sweep):
+                                          one_at_a_time=sequential_sweep, task=task):
                     if isinstance(event, Preview):
                         yield {"info": f"{label} · {run.progress}"}
                         continue
@@ -691,6 +758,36 @@ async def grid(studio: Studio, *, session: Session, prompts_text: str, gates_tex
     names = " · ".join(f"row {number}: *{prompt}*" for number, (prompt, _) in enumerate(rows, start=1))
     yield {**grid_view(session), "session": session,
            "info": f"grid of {len(prompts)} prompts × {len(gates)} γ values · **seed {generation.seed}** · {names}"}
+
+
+# --- the mode panel ------------------------------------------------------------------------------------
+MODE_VIEWS = {"mode_image": ("start_image", "control"), "denoise": ("start_image",), "scene": ("inpaint",),
+              "mask": ("inpaint",), "control": ("control",), "control_scale": ("control",), "edge_view": ("control",)}
+
+
+def mode_view(studio: Studio, *, mode: str) -> dict:
+    """Show the inputs of the chosen mode only; a mode this profile cannot run says why (and what would run it)."""
+    reason = studio.engine.modes().get(mode)
+    hint = {"start_image": "Image to image: the picture is the start; Denoise says how much of it is repainted.",
+            "inpaint": "Paint (white) where the subject goes on the scene, or upload a mask; the rest is kept.",
+            "control": "The picture's edges (computed here) shape the result; the subject comes from the photos.",
+            }.get(mode)
+    return {**{name: gr.update(visible=mode in modes) for name, modes in MODE_VIEWS.items()},
+            "mode_hint": gr.update(value=f"⚠ {reason}" if reason else hint, visible=bool(reason or hint))}
+
+
+def edge_preview(studio: Studio, *, mode: str, mode_image, control: str, width, height):
+    """The edge map the Control mode will follow, at the size it will render (shown beside the picture)."""
+    if mode != "control" or not mode_image:
+        return {"edge_view": None}
+    try:
+        side = int(max(float(width or 0), float(height or 0))) or studio.engine.defaults().height
+        task = prepare("control", image=mode_image, control=control, side=side,
+                       max_side=studio.engine.defaults().max_side)
+    except (ValueError, TypeError) as error:
+        toast(str(error))
+        return {"edge_view": None}
+    return {"edge_view": task.shown}
 
 
 # --- the API: /generate and /sweep, stateless (photos with each call; the core caches their encoding) -----
@@ -719,17 +816,17 @@ def _api_generation(settings: dict) -> Generation:
     return read_form({name: settings.get(API_NAMES.get(name, name)) for name in CONTROLS})
 
 
-async def _api_run(studio: Studio, photos: list[Photo], generation: Generation, gates: list[float], progress
-                   ) -> tuple[list[str], list[dict]]:
+async def _api_run(studio: Studio, photos: list[Photo], generation: Generation, gates: list[float], progress,
+                   task: TaskInputs | None = None) -> tuple[list[str], list[dict]]:
     """The PNGs of one render and, per PNG, its parameters with its identity score, file name and warnings."""
     results: list[Result] = []
-    async for event in render(studio, photos, generation, gates, progress=progress):
+    async for event in render(studio, photos, generation, gates, progress=progress, task=task):
         if isinstance(event, Preview):
             if progress is not None:
                 progress((event.step, event.total), desc="denoising", unit="steps")
         else:
             results = event
-    notes = [photo.flat_warning for photo in photos if photo.flat]
+    notes = [photo.flat_warning for photo in photos if photo.flat] + list(task.notes if task is not None else ())
     return [result.path for result in results], [
         {**result.parameters, "identity_score": result.identity, "file": Path(result.path).name,
          "warnings": notes + list(result.warnings)} for result in results]
@@ -775,3 +872,58 @@ async def api_sweep(studio: Studio, *, photos: list[str] | None, weights: str = 
         raise gr.Error(str(error)) from None
     archive = zip_results(paths, studio.results_folder) if paths else None
     return {"api_images": paths, "api_parameters": described, "api_zip": archive}
+
+
+async def _api_mode(studio: Studio, mode: str, photos, weights: str, progress, values: dict, settings: dict) -> dict:
+    try:
+        subject = _api_subject(studio, photos, weights)
+        generation = _api_generation(settings)
+        task = read_task(studio, {"mode": mode, **values}, generation)
+        generation = with_task(generation, task)
+        check_request(studio, subject, generation)
+        paths, described = await _api_run(studio, subject, generation, [generation.gate], progress, task)
+    except (ValueError, NotLoaded) as error:
+        raise gr.Error(str(error)) from None
+    return {"api_images": paths, "api_parameters": described}
+
+
+async def api_start_image(studio: Studio, *, photos: list[str] | None, image: str | None, weights: str = "",
+                          denoise: float = 0.6, progress=gr.Progress(), **settings) -> dict:
+    """Image to image: the subject drawn over a start picture (or sketch) of yours.
+
+    Args:
+        photos, weights, settings: as for /generate (width and height: the picture is fitted to their longer side).
+        image: the start picture.
+        denoise: how much of the picture is repainted, in (0, 1].
+
+    Returns the PNG and its settings (mode "image-to-image", `task_inputs` with the strength), like /generate."""
+    return await _api_mode(studio, "start_image", photos, weights, progress, {"mode_image": image, "denoise": denoise},
+                           settings)
+
+
+async def api_inpaint(studio: Studio, *, photos: list[str] | None, image: str | None, mask: str | None,
+                      weights: str = "", progress=gr.Progress(), **settings) -> dict:
+    """Inpainting: the subject painted into a scene where the mask is white; the rest of the scene is kept.
+
+    Args:
+        photos, weights, settings: as for /generate (width and height: the scene is fitted to their longer side).
+        image: the scene.
+        mask: white where the subject goes (resized to the scene, with a note, when its size differs).
+
+    Returns the PNG and its settings, like /generate."""
+    return await _api_mode(studio, "inpaint", photos, weights, progress, {"scene": image, "mask": mask}, settings)
+
+
+async def api_control(studio: Studio, *, photos: list[str] | None, image: str | None, weights: str = "",
+                      control: str = "canny", control_scale: float = 1.0, progress=gr.Progress(), **settings) -> dict:
+    """Control: the structure of a picture of yours (its edges, computed here) through a ControlNet.
+
+    Args:
+        photos, weights, settings: as for /generate (width and height: the picture is fitted to their longer side).
+        image: the picture whose structure to follow.
+        control: the kind of control image: "canny".
+        control_scale: how strongly the structure is followed, in [0, 2].
+
+    Returns the PNG and its settings, like /generate."""
+    return await _api_mode(studio, "control", photos, weights, progress,
+                           {"mode_image": image, "control": control, "control_scale": control_scale}, settings)

@@ -18,7 +18,7 @@ from flexip_core.generation.settings import MAX_SEED
 
 from . import handlers
 from .files import EXAMPLES
-from .handlers import API_NAMES, CONTROLS
+from .handlers import API_NAMES, CONTROLS, MODE_INPUTS, MODE_SETTINGS
 from .state import Session, Studio
 
 logger = logging.getLogger(__name__)
@@ -144,6 +144,7 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
         buttons["dice"] = gr.Button("Random seed", scale=1, min_width=90, size="sm", elem_id="random-seed")
         buttons["generate"] = gr.Button("Generate", variant="primary", scale=2, min_width=100, elem_id="generate")
         buttons["stop"] = gr.Button("Stop", variant="stop", scale=1, min_width=60, elem_id="stop")
+    _mode_panel(out)
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
         with gr.Row():
             out["num_inference_steps"] = gr.Number(d.num_inference_steps, label="Steps", precision=0, minimum=1,
@@ -167,6 +168,35 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
                                       ("pers_from", 0.0, "Prompt from"), ("pers_until", 1.0, "Prompt until")):
                 out[key] = gr.Number(value, label=f"{label} (0–1)", minimum=0.0, maximum=1.0, step=0.05, min_width=90)
     return buttons
+
+
+MODE_CHOICES = [("Text to image", "text"), ("Start image", "start_image"), ("Inpaint", "inpaint"),
+                ("Control", "control")]
+
+
+def _mode_panel(out: dict) -> None:
+    """The mode (text to image, start image, inpaint, control) and the inputs each mode adds; only the chosen mode's
+    inputs are shown (handlers.mode_view)."""
+    out["mode"] = gr.Radio(MODE_CHOICES, value="text", label="Mode", elem_id="mode")
+    out["mode_hint"] = gr.Markdown(visible=False, elem_classes="hint", elem_id="mode-hint")
+    with gr.Row(equal_height=False):
+        out["mode_image"] = gr.Image(label="Picture", type="filepath", sources=["upload", "clipboard"], height=200,
+                                     visible=False, elem_id="mode-image")
+        out["edge_view"] = gr.Image(label="Edge map (what the ControlNet follows)", type="pil", interactive=False,
+                                    height=200, visible=False, elem_id="edge-view", buttons=[])
+    out["denoise"] = gr.Slider(0.05, 1.0, 0.6, step=0.05, label="Denoise (how much of the picture is repainted)",
+                               visible=False, elem_id="denoise")
+    out["scene"] = gr.ImageEditor(label="Scene · paint where the subject goes", type="pil", height=320,
+                                  sources=["upload", "clipboard"], layers=False, transforms=[], visible=False,
+                                  brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed",
+                                                 default_size=24), elem_id="scene")
+    out["mask"] = gr.Image(label="…or upload a mask (white: where the subject goes)", type="filepath", height=120,
+                           sources=["upload"], visible=False, elem_id="mask-upload")
+    with gr.Row(equal_height=True):
+        out["control"] = gr.Dropdown(["canny"], value="canny", label="Control", visible=False, min_width=100,
+                                     elem_id="control")
+        out["control_scale"] = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="Control strength", visible=False, scale=3,
+                                         elem_id="control-scale")
 
 
 def _result_panel(out: dict) -> dict:
@@ -210,7 +240,13 @@ def _api_panel(out: dict) -> dict:
         out["api_images"] = gr.File(label="images", file_count="multiple")
         out["api_parameters"] = gr.JSON(label="parameters")
         out["api_zip"] = gr.File(label="zip")
-        return {"api_generate": gr.Button("generate"), "api_sweep": gr.Button("sweep")}
+        out["api_image"] = gr.File(label="image", type="filepath")
+        out["api_mask"] = gr.File(label="mask", type="filepath")
+        out["api_denoise"] = gr.Number(0.6, label="denoise")
+        out["api_control"] = gr.Textbox("canny", label="control")
+        out["api_control_scale"] = gr.Number(1.0, label="control_scale")
+        return {name: gr.Button(name) for name in ("api_generate", "api_sweep", "api_start_image", "api_inpaint",
+                                                   "api_control")}
 
 
 def build_studio(studio: Studio) -> gr.Blocks:
@@ -238,9 +274,10 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     max_photos = studio.max_photos
     slots = components(out, *handlers.slot_names(max_photos))
     controls = {name: out[name] for name in CONTROLS}
-    form = {**controls, **{f"weight{i}": out[f"weight{i}"] for i in range(max_photos)}}
+    weights = {f"weight{i}": out[f"weight{i}"] for i in range(max_photos)}
+    form = {**controls, **weights, **{name: out[name] for name in MODE_INPUTS}}  # what a render reads
     shown = components(out, "seed", "info", "result", "compare", "download", "history", "session")
-    restored = components(out, *CONTROLS)
+    restored = components(out, *CONTROLS, *MODE_SETTINGS)
     # A render says how far it got in the line under the result; Gradio's own progress overlays (timers over each
     # output, redrawn many times a second) would hide what is on screen and cost the browser more than the line.
     quiet = dict(show_progress="hidden")
@@ -257,6 +294,21 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
                                inputs_kwargs={**api_inputs, "gates": out["gates"]},
                                outputs=components(out, "api_images", "api_parameters", "api_zip"), api_name="sweep",
                                **GPU)
+    modes = {"start_image": {"denoise": out["api_denoise"]}, "inpaint": {"mask": out["api_mask"]},
+             "control": {"control": out["api_control"], "control_scale": out["api_control_scale"]}}
+    for mode, extra in modes.items():
+        buttons[f"api_{mode}"].click(bind(getattr(handlers, f"api_{mode}"), out, studio),
+                                     inputs_kwargs={**api_inputs, "image": out["api_image"], **extra},
+                                     outputs=components(out, "api_images", "api_parameters"), api_name=mode, **GPU)
+
+    # The mode panel: the chosen mode's inputs, and the edge map the Control mode follows
+    out["mode"].change(bind(handlers.mode_view, out, studio), inputs_kwargs={"mode": out["mode"]},
+                       outputs=components(out, *handlers.MODE_VIEWS, "mode_hint"), queue=False,
+                       api_visibility="private")
+    for trigger in (out["mode_image"].change, out["control"].change, out["mode"].change):
+        trigger(bind(handlers.edge_preview, out, studio), inputs_kwargs={
+            name: out[name] for name in ("mode", "mode_image", "control", "width", "height")},
+            outputs=[out["edge_view"]], api_visibility="private", concurrency_limit=2)
 
     status = dict(outputs=components(out, "status", "timer"), queue=False, api_visibility="private")
     demo.load(bind(handlers.status, out, studio), api_name="status_on_load", **status)
@@ -293,7 +345,8 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     examples = [
         buttons[f"example_{example.name}"].click(
             bind(handlers.example, out, studio, name=example.name), inputs_kwargs=sweep_inputs,
-            outputs=[*sweep_outputs, out["prompt"], out["tabs"], *slots], api_name=f"ui_example_{example.name}",
+            outputs=[*sweep_outputs, out["prompt"], out["tabs"], out["mode"], *slots],
+            api_name=f"ui_example_{example.name}",
             api_visibility="undocumented", **quiet, **GPU)
         for example in EXAMPLES]
     runs = [gen, gen_submit, sweep, grid, *examples]
@@ -308,7 +361,8 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
                                   **quiet, **GPU)
     renders = [*runs, release]
     out["gate"].input(fn=None, cancels=renders, api_visibility="private")
-    out["gate"].input(bind(handlers.peek, out, studio), inputs_kwargs={"session": out["session"], **form},
+    out["gate"].input(bind(handlers.peek, out, studio), inputs_kwargs={"session": out["session"], **controls,
+                                                                      **weights},
                       outputs=components(out, "result", "compare", "info"), queue=False, show_progress="hidden",
                       api_visibility="private")
     # Stop halts the render in flight, which ends at its next step with the stopped state as its own last answer (no

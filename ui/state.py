@@ -110,6 +110,8 @@ class Session:
     run: Run | None = None  # the render in flight, if any
     cancelled: Run | None = None  # the last render cancelled before it finished, until Stop reports it
     told: set[tuple[str, str]] = field(default_factory=set)  # (subject, warning) toasts shown: each once per subject
+    mode_settings: dict = field(default_factory=dict)  # mode -> the Generation fields of its last request (task,
+    #   task_inputs with its pictures' digests, size), so that the slider finds that mode's renders without the pictures
 
     def subject(self) -> str:
         """Fingerprint of the photos and their weights: renders are reusable only for the same subject."""
