@@ -180,3 +180,61 @@ def test_ui_session_generate_release_and_cancel(server, photos):
     images, _ = quick_generate(client, photos, seed=11)
     assert len(images) == 1 and time.perf_counter() - started < 60  # not behind 400 steps
     server.wait_for_log("stopping it at the next step", timeout=30)
+
+
+# --- modes: /start_image, /inpaint, /control on the tiny profile's inpainting model and ControlNet -----------------
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("modes")
+    picture = Image.new("RGB", (96, 64), (40, 90, 160))
+    picture.paste((230, 230, 230), (10, 10, 50, 40))
+    picture.save(folder / "scene.png")
+    mask = Image.new("L", (48, 32), 0)  # half the scene's size: resized, with a note
+    mask.paste(255, (15, 10, 35, 25))
+    mask.save(folder / "mask.png")
+    Image.new("L", (96, 64), 0).save(folder / "empty.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return {name: handle_file(str(folder / f"{name}.png")) for name in ("scene", "mask", "empty", "broken")}
+
+
+MODE_CALLS = {
+    "/start_image": dict(denoise=0.5),
+    "/inpaint": dict(mask="mask"),
+    "/control": dict(control="canny", control_scale=0.8),
+}
+
+
+def mode_call(client: Client, photos, scene: dict, api_name: str, **changes):
+    values = dict(photos=photos[:1], image=scene["scene"], prompt="a dog", seed=3, steps=2, width=96, height=64)
+    extra = {key: scene[value] if key == "mask" else value for key, value in MODE_CALLS[api_name].items()}
+    return client.predict(**{**values, **extra, **changes}, api_name=api_name)
+
+
+@pytest.mark.parametrize("api_name, task", [("/start_image", "image-to-image"), ("/inpaint", "inpainting"),
+                                            ("/control", "controlnet")])
+def test_each_mode_endpoint_renders_and_records_its_mode(client, photos, scene, api_name, task):
+    images, parameters = mode_call(client, photos, scene, api_name)
+    [entry] = parameters
+    assert entry["task"] == task and len(entry["task_inputs"]["image"]) == 12
+    with Image.open(images[0]) as image:
+        assert image.size == (96, 64)
+        made = read_generation(image)[0]
+    assert made.task == task and made == Generation.from_parameters(entry)
+    if api_name == "/inpaint":
+        assert any("mask" in note and "resized" in note for note in entry["warnings"])
+
+
+@pytest.mark.parametrize("api_name, changes, words", [
+    ("/start_image", dict(denoise=0), "denoise must be a number in (0, 1]"),
+    ("/start_image", dict(denoise=1.5), "denoise must be a number in (0, 1]"),
+    ("/start_image", dict(image="broken"), "start image: "),
+    ("/inpaint", dict(mask="empty"), "mask: the mask is empty"),
+    ("/inpaint", dict(image=None), "scene: no image given"),
+    ("/control", dict(control="depth"), "control must be one of canny"),
+    ("/control", dict(control_scale=5), "control_scale must be a number in [0, 2]"),
+])
+def test_each_bad_mode_input_is_named_and_the_server_keeps_serving(client, photos, scene, api_name, changes, words):
+    changes = {key: scene[value] if value in scene else value for key, value in changes.items()}
+    with pytest.raises(Exception, match=re.escape(words)):
+        mode_call(client, photos, scene, api_name, **changes)
+    assert len(mode_call(client, photos, scene, "/start_image")[0]) == 1  # still serving
