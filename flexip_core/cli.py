@@ -177,9 +177,9 @@ def _generate(args) -> int:
 
 def _convert_ip_adapter(args) -> int:
     from flexip_core.loading.ip_adapter import convert_ip_adapter_files
-    from flexip_core.loading.sources import unet_layout
+    from flexip_core.loading.sources import pipeline_family, unet_layout
 
-    base, base_config = args.base, args.base_config
+    base, base_config, family = args.base, args.base_config, args.family
     preservation, personalization = args.preservation, args.personalization
     if args.profile:
         from flexip_core.loading.assembly import resolve_placeholders
@@ -188,9 +188,13 @@ def _convert_ip_adapter(args) -> int:
         profile = resolve_placeholders(load_profile(args.profile))
         base, base_config = base or profile.base, base_config or profile.base_config
         preservation, personalization = preservation or profile.preservation, personalization or profile.personalization
+        profile_family = pipeline_family(profile.pipeline)
+        if family and family != profile_family:
+            raise ValueError(f"--family {family} contradicts profile {profile.name!r}, whose base is {profile_family}")
+        family = profile_family
     if not preservation or not personalization:
         raise ValueError("give --preservation and --personalization (IP-Adapter files: paths or 'repo/id:path')")
-    layers, width = unet_layout(base, base_config)
+    layers, width = unet_layout(base, base_config, family or "sd15")
     path = convert_ip_adapter_files(preservation, personalization, args.out, layers, cross_attention_dim=width)
     print(path)
     return 0
@@ -218,9 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="native FlexIP adapter file to write (.safetensors)")
     conv.add_argument("--profile", default=None, help="take the base and any missing file from this profile")
     conv.add_argument("--base", default=None,
-                      help="base model whose UNet layout to use (default: the SD1.5 architecture, no download)")
+                      help="base model whose UNet layout to use (default: the --family architecture, no download)")
     conv.add_argument("--base-config", dest="base_config", default=None,
                       help="for a single-file --base: diffusers folder or Hub id holding its config")
+    conv.add_argument("--family", choices=["sd15", "sdxl"], default=None,
+                      help="model family of the files and the base: sd15 (default) or sdxl (for the SDXL IP-Adapter "
+                           "files); a --profile sets it")
     conv.set_defaults(func=_convert_ip_adapter)
     return parser
 

@@ -119,15 +119,22 @@ def module_dtype(module) -> torch.dtype:
 
 class SafeVaeDecoder:
     """VAE decoding that never returns a black image: an fp16/bf16 VAE that yields NaN or inf is replaced,
-    from then on, by an fp32 copy of itself (diffusers upcasts SDXL's VAE for the same reason)."""
+    from then on, by an fp32 copy of itself (diffusers upcasts SDXL's VAE for the same reason).
 
-    def __init__(self, vae, device: torch.device):
+    `upcast`: decode an fp16 VAE in fp32 from the start, as diffusers' SDXL pipelines do when the VAE's config
+    says `force_upcast` (SDXL's own VAE overflows in fp16 at 1024 px; madebyollin/sdxl-vae-fp16-fix does not).
+    """
+
+    def __init__(self, vae, device: torch.device, upcast: bool = False):
         self.vae, self.device = vae, torch.device(device)
+        self.upcast = upcast
         self._fp32 = None
         self._lock = threading.Lock()
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        scaled = latents / self.vae.config.scaling_factor
+        scaled = self._unscale(latents)
+        if self._fp32 is None and self.upcast and module_dtype(self.vae) == torch.float16:
+            self._upcast()
         if self._fp32 is not None:
             return self._fp32.decode(scaled.float(), return_dict=False)[0]
         image = self.vae.decode(scaled.to(module_dtype(self.vae)), return_dict=False)[0]
@@ -136,6 +143,18 @@ class SafeVaeDecoder:
                            module_dtype(self.vae))
             image = self._upcast().decode(scaled.float(), return_dict=False)[0]
         return image
+
+    def _unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet latents -> VAE latents: / scaling_factor, and the per-channel statistics of VAEs whose config has
+        them (diffusers' SDXL pipelines read latents_mean/latents_std; SD1.5's and SDXL's own VAEs have none)."""
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return latents / config.scaling_factor
+        shape = (1, len(mean), 1, 1)
+        mean = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
+        std = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
+        return latents * std / config.scaling_factor + mean
 
     def _upcast(self):
         with self._lock:

@@ -1,5 +1,5 @@
 """FlexIPPipeline: FlexIP's gated preservation and personalization adapters (arXiv 2504.07405) attached to a
-diffusers pipeline of the Stable Diffusion 1.5 family.
+diffusers pipeline of the Stable Diffusion 1.5 or SDXL family.
 
 diffusers runs the task (text-to-image, image-to-image, inpainting, ControlNet) in the pipeline's own
 `__call__`; FlexIP adds what is its own, the way diffusers' IP-Adapter support does: gated cross-attention
@@ -25,7 +25,7 @@ from flexip_core.generation.encoders import SubjectEmbedding, SubjectEncoder
 from flexip_core.generation.gate import GateCurve, GateSchedule, as_schedule, check_unit
 from flexip_core.generation.preview import latents_to_previews
 from flexip_core.generation.schedulers import make_scheduler, scheduler_name
-from flexip_core.generation.settings import MAX_BATCH, Generation
+from flexip_core.generation.settings import MAX_BATCH, MAX_SIDE, Generation
 from flexip_core.loading.profiles import Defaults, Profile, load_world
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,9 @@ FAMILY_OF = {cls: family for family, classes in FAMILIES.items() for cls in clas
 OWN_ARGUMENTS = ("prompt", "prompt_embeds", "negative_prompt", "negative_prompt_embeds", "num_inference_steps",
                  "guidance_scale", "generator", "num_images_per_prompt", "output_type", "callback_on_step_end",
                  "callback_on_step_end_tensor_inputs", "ip_adapter_image", "ip_adapter_image_embeds", "height",
-                 "width", "return_dict")
+                 "width", "return_dict",
+                 # SDXL: the second text encoder's prompts and the pooled text embeddings come from the same prompt
+                 "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
 class GenerationCancelled(Exception):
@@ -75,7 +77,7 @@ def task_of(pipe) -> str:
 
 
 class FlexIPPipeline:
-    """A diffusers SD1.5-family pipeline with FlexIP attached: its subject encoder, adapter and gate."""
+    """A diffusers SD1.5- or SDXL-family pipeline with FlexIP attached: its subject encoder, adapter and gate."""
 
     def __init__(self, pipe, *, encoder: SubjectEncoder, adapter: FlexIPAdapter, profile: Profile | None = None,
                  gate_curve: GateCurve | None = None, attention: str | None = None,
@@ -96,7 +98,9 @@ class FlexIPPipeline:
             pipe.scheduler = make_scheduler(profile.defaults.scheduler, self.scheduler_config)
         install_processors(pipe.unet, adapter, self.backend)
         self.offload_hooks = apply_low_vram(self.low_vram, pipe, [encoder.clip, encoder.dino], self.device)
-        self.vae_decoder = SafeVaeDecoder(pipe.vae, self.device)  # fp16 VAE kept from NaN/black images
+        # fp16 VAE kept from NaN/black images; SDXL's own VAE asks for fp32 decoding (force_upcast), as diffusers does
+        upcast = self.family == "sdxl" and bool(getattr(pipe.vae.config, "force_upcast", False))
+        self.vae_decoder = SafeVaeDecoder(pipe.vae, self.device, upcast=upcast)
         self._lock = threading.Lock()  # one call at a time on the wrapped pipeline
 
     # --- building ------------------------------------------------------------------------------------
@@ -107,11 +111,14 @@ class FlexIPPipeline:
 
         Args:
             pipe: a `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`
-                (9- or 4-channel UNet) or `StableDiffusionControlNetPipeline` (one or several ControlNets).
+                (9- or 4-channel UNet) or `StableDiffusionControlNetPipeline` (one or several ControlNets), or the
+                SDXL ones: `StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline`,
+                `StableDiffusionXLInpaintPipeline`, `StableDiffusionXLControlNetPipeline`.
             adapter: a native FlexIP adapter (file, Hub 'repo:file', or a FlexIPAdapter) holding both branches.
             preservation, personalization: IP-Adapter files (or native sources) for each branch, when no `adapter`.
             clip_encoder: the CLIP vision tower (folder, Hub 'repo[:subfolder]', or a loaded
-                `CLIPVisionModelWithProjection`); the IP-Adapter SD1.5 files need OpenCLIP ViT-H/14.
+                `CLIPVisionModelWithProjection`); the IP-Adapter SD1.5 files and the SDXL `vit-h` ones need OpenCLIP
+                ViT-H/14 (h94/IP-Adapter:models/image_encoder).
             dino_encoder: DINOv2 (same forms), needed only by FlexIP-trained preservation adapters.
             gate_curve: γ -> branch weights (a `GateCurve` or its dict); default w_pres = s·γ, w_pers = s·(1-γ).
             attention: "sdpa", "xformers" or None/"auto" (xformers on CUDA when it runs there).
@@ -200,7 +207,14 @@ class FlexIPPipeline:
 
     @property
     def defaults(self) -> Defaults:
-        return self.profile.defaults if self.profile else Defaults(scheduler=None)
+        """The profile's defaults; without a profile, SD1.5's 512 px and guidance 7.5, or diffusers' SDXL ones (the
+        UNet's native size, 1024 px for SDXL 1.0, and guidance 5)."""
+        if self.profile:
+            return self.profile.defaults
+        if self.family == "sdxl":
+            side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+            return Defaults(height=side, width=side, guidance_scale=5.0, scheduler=None, max_side=MAX_SIDE)
+        return Defaults(scheduler=None)
 
     # --- subject -------------------------------------------------------------------------------------
     @reports_out_of_memory("encode the subject photos")
@@ -260,21 +274,40 @@ class FlexIPPipeline:
         return kept
 
     def _truncation_note(self, prompt: str, warnings: list[str]) -> None:
-        tokenizer = self.pipe.tokenizer
-        length = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
-        if length > tokenizer.model_max_length:
-            message = (f"prompt is {length} tokens; the text encoder takes {tokenizer.model_max_length}, so the end "
-                       "was cut off")
-            logger.warning(message)
-            warnings.append(message)
+        """A warning when a text encoder cuts the prompt (SDXL: either of its two tokenizers; the first one that
+        does is named)."""
+        for attribute in ("tokenizer", "tokenizer_2"):
+            tokenizer = getattr(self.pipe, attribute, None)
+            if tokenizer is None:
+                continue  # e.g. an SDXL refiner has only the second text encoder
+            length = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+            if length > tokenizer.model_max_length:
+                message = (f"prompt is {length} tokens; the text encoder takes {tokenizer.model_max_length}, so the "
+                           "end was cut off")
+                logger.warning(message)
+                warnings.append(message)
+                return
+
+    def _encode_prompt(self, prompt: str, negative: str, cfg: bool, clip_skip):
+        """(text, negative text, pooled, negative pooled) through the pipeline's own encode_prompt (LoRA scale,
+        clip_skip, textual inversion). SD1.5: (1, 77, 768) tokens and no pooled embedding; SDXL: both text
+        encoders' tokens side by side, (1, 77, 2048), and the second one's pooled embedding, (1, 1280). An empty
+        negative prompt is given as None, so that SDXL's force_zeros_for_empty_prompt applies as in diffusers
+        (SD1.5 encodes None and "" alike)."""
+        out = self.pipe.encode_prompt(prompt=prompt, device=self.device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=cfg, negative_prompt=negative or None,
+                                      clip_skip=clip_skip)
+        return tuple(out) if len(out) == 4 else (*out, None, None)
 
     def _check_pipeline_kwargs(self, pipeline_kwargs: dict) -> dict:
         if not isinstance(pipeline_kwargs, dict):
             raise ValueError(f"pipeline_kwargs must be a dict, got {type(pipeline_kwargs).__name__}")
         taken = sorted(set(pipeline_kwargs) & set(OWN_ARGUMENTS))
         if taken:
+            second = " (SDXL's second text encoder gets FlexIP's prompt and negative prompt too)" if {
+                "prompt_2", "negative_prompt_2"} & set(taken) else ""
             raise ValueError(f"pipeline_kwargs may not set {', '.join(taken)}: FlexIP passes those itself (give them "
-                             "as FlexIP's own arguments)")
+                             f"as FlexIP's own arguments){second}")
         accepted = inspect.signature(self.pipe.__call__).parameters
         unknown = sorted(set(pipeline_kwargs) - set(accepted))
         if unknown:
@@ -366,8 +399,8 @@ class FlexIPPipeline:
         text_prompt = self.model_text(generation.prompt, "prompt", warnings)
         self._truncation_note(text_prompt, warnings)
         negative = self.model_text(generation.negative_prompt, "negative prompt", warnings) if cfg else ""
-        text, neg_text = self.pipe.encode_prompt(text_prompt, self.device, 1, cfg, negative,
-                                                 clip_skip=pipeline_kwargs.pop("clip_skip", None))  # (1, 77, C)
+        text, neg_text, pooled, neg_pooled = self._encode_prompt(
+            text_prompt, negative, cfg, pipeline_kwargs.pop("clip_skip", None))  # (1, 77, C); (1, P) or None
 
         # 3. Branch tokens (computed once per generation, only for branches that act) and the step gate
         gate_steps = _StepGate(np.array(weights), generation.windows, cfg, self.device, self.dtype)
@@ -385,7 +418,7 @@ class FlexIPPipeline:
                 inputs.w_pres, inputs.w_pers, inputs.pres_on, inputs.pers_on = gate_steps.at(i + 1, total)
             if callback is not None and not cancelled:
                 try:
-                    callback(i + 1, total, latents_to_previews(tensors["latents"]))
+                    callback(i + 1, total, latents_to_previews(tensors["latents"], self.family))
                 except GenerationCancelled as stop:
                     cancelled.append(stop)
                     pipe._interrupt = True  # diffusers skips the remaining steps
@@ -396,6 +429,11 @@ class FlexIPPipeline:
         decode_in_pipe = pipeline_kwargs.get("padding_mask_crop") is not None
         attention_kwargs = {**(pipeline_kwargs.pop("cross_attention_kwargs", None) or {}), "flexip": inputs}
         negative_rows = neg_text.expand(n, -1, -1) if cfg else None
+        pooled_rows = {}  # SDXL: the pooled text embedding conditions through its added time embedding
+        if pooled is not None:
+            pooled_rows["pooled_prompt_embeds"] = pooled.expand(n, -1)  # (N, P)
+            if cfg:
+                pooled_rows["negative_pooled_prompt_embeds"] = neg_pooled.expand(n, -1)  # (N, P)
         with self._lock:  # a diffusers pipeline keeps per-call state (guidance, interrupt, scheduler steps)
             own_scheduler = self.pipe.scheduler
             if generation.scheduler is not None:  # a fresh scheduler for this call only
@@ -408,7 +446,7 @@ class FlexIPPipeline:
                     output_type="pil" if decode_in_pipe else "latent", return_dict=False,
                     cross_attention_kwargs=attention_kwargs,
                     callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
-                    **size, **pipeline_kwargs)[0]
+                    **size, **pooled_rows, **pipeline_kwargs)[0]
             finally:
                 self.pipe.scheduler = own_scheduler
         if cancelled:
@@ -450,6 +488,9 @@ class FlexIPPipeline:
 
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         decoded = self.vae_decoder(latents)  # (N, 3, H, W) in [-1, 1]
+        watermark = getattr(self.pipe, "watermark", None)  # SDXL's invisible watermark, when the pipeline applies one
+        if watermark is not None:
+            decoded = watermark.apply_watermark(decoded)
         denormalize = None
         if getattr(self.pipe, "safety_checker", None) is not None:  # a user's pipeline with diffusers' checker
             decoded, flagged = self.pipe.run_safety_checker(decoded, self.device, self.dtype)

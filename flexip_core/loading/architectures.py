@@ -1,8 +1,8 @@
-"""The real model architectures as config dicts (SD1.5, OpenCLIP ViT-H/14, DINOv2-L, IP-Adapter SD1.5).
+"""The real model architectures as config dicts (SD1.5, SDXL's UNet, OpenCLIP ViT-H/14, DINOv2-L, IP-Adapter).
 
-Copied from the published config files (stable-diffusion-v1-5/stable-diffusion-v1-5, h94/IP-Adapter
-models/image_encoder, facebook/dinov2-large), so that benchmarks and tests can build random models of the
-true sizes without the Hub. Building one never downloads anything.
+Copied from the published config files (stable-diffusion-v1-5/stable-diffusion-v1-5,
+stabilityai/stable-diffusion-xl-base-1.0, h94/IP-Adapter models/image_encoder, facebook/dinov2-large), so that
+benchmarks and tests can build random models of the true sizes without the Hub. Building one never downloads anything.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from flexip_core.generation.adapter_config import BranchConfig
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # diffusers layout: model config, tokenizer, weights
+SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"  # the same for SDXL (two text encoders and tokenizers)
 
 # stable-diffusion-v1-5 unet/config.json (UNet2DConditionModel)
 SD15_UNET = dict(
@@ -19,6 +20,18 @@ SD15_UNET = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
     act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+# stable-diffusion-xl-base-1.0 unet/config.json (UNet2DConditionModel): 70 cross-attention layers, 2048-wide tokens
+# (CLIP ViT-L's 768 and OpenCLIP bigG's 1280 side by side), the pooled bigG text and 6 size/crop numbers added to
+# the time embedding (2816 = 1280 + 6 * 256)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
+    addition_embed_type_num_heads=64, addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
 )
 # stable-diffusion-v1-5 vae/config.json (AutoencoderKL)
 SD15_VAE = dict(
@@ -53,6 +66,18 @@ IP_ADAPTER_PLUS_SD15 = BranchConfig(
     kind="ip_adapter_plus", cross_attention_dim=768, clip_hidden_dim=1280, num_queries=16, resampler_dim=768,
     depth=4, heads=12, dim_head=64,
 )
+
+# The two published SDXL IP-Adapters for the ViT-H/14 encoder (sdxl_models/ip-adapter_sdxl_vit-h and
+# ip-adapter-plus_sdxl_vit-h): 2048-wide tokens; the Plus resampler is 1280 wide with 20 heads
+IP_ADAPTER_SDXL_VIT_H = BranchConfig(kind="ip_adapter", cross_attention_dim=2048, clip_embed_dim=1024, num_tokens=4)
+IP_ADAPTER_PLUS_SDXL_VIT_H = BranchConfig(
+    kind="ip_adapter_plus", cross_attention_dim=2048, clip_hidden_dim=1280, num_queries=16, resampler_dim=1280,
+    depth=4, heads=20, dim_head=64,
+)
+# Per model family: the diffusers repository whose configs and tokenizers a single-file checkpoint is read with,
+# and its UNet's config (the cross-attention layout an adapter is sized for, known without any download)
+FAMILY_REPOS = {"sd15": SD15_REPO, "sdxl": SDXL_REPO}
+FAMILY_UNETS = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 
 
 def build_sd15(device=None, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:

@@ -23,8 +23,15 @@ from flexip_core.loading.weights import load_state_strict, save_adapter
 
 logger = logging.getLogger(__name__)
 
-SD15_FILES_HINT = ("Use an IP-Adapter made for SD1.5, such as h94/IP-Adapter:models/ip-adapter_sd15.safetensors "
-                   "or h94/IP-Adapter:models/ip-adapter-plus_sd15.safetensors")
+FILES_HINTS = {  # per model family: the published files that fit its UNet
+    "sd15": "Use an IP-Adapter made for SD1.5, such as h94/IP-Adapter:models/ip-adapter_sd15.safetensors or "
+            "h94/IP-Adapter:models/ip-adapter-plus_sd15.safetensors",
+    "sdxl": "Use an IP-Adapter made for SDXL, such as h94/IP-Adapter:sdxl_models/ip-adapter_sdxl_vit-h.safetensors or "
+            "h94/IP-Adapter:sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors (both read the ViT-H/14 encoder "
+            "h94/IP-Adapter:models/image_encoder)",
+}
+SD15_FILES_HINT = FILES_HINTS["sd15"]
+TOKEN_WIDTH_FAMILIES = {768: "SD1.5", 2048: "SDXL"}  # the published files' token widths
 # Other IP-Adapter variants diffusers knows, told apart by one projection key; not FlexIP token providers (yet).
 OTHER_LAYOUTS = {
     "proj.3.weight": "IP-Adapter Full Face",
@@ -118,8 +125,16 @@ def diffusers_projection(file: IPAdapterFile) -> torch.nn.Module:
                          f"({str(error).strip().splitlines()[0]})") from None
 
 
+def unet_family(layers, cross_attention_dim: int | None) -> str:
+    """'sdxl' or 'sd15', from a UNet's cross-attention layout: SDXL's tokens are 2048 wide and its attention blocks
+    stack several transformer layers (2 and 10; the tiny SDXL's too), SD1.5's hold one each."""
+    several = any(".transformer_blocks.1." in name for name, _ in layers)
+    return "sdxl" if cross_attention_dim == 2048 or several else "sd15"
+
+
 def check_fits(file: IPAdapterFile, config: BranchConfig, layers, cross_attention_dim: int | None) -> None:
-    """Every cross-attention layer's to_k_ip/to_v_ip present with the UNet's shapes; errors name the keys."""
+    """Every cross-attention layer's to_k_ip/to_v_ip present with the UNet's shapes; errors name the keys and the
+    files made for this UNet's family."""
     width = cross_attention_dim or config.cross_attention_dim
     expected = {}
     for i, (_, inner) in enumerate(layers):
@@ -141,9 +156,13 @@ def check_fits(file: IPAdapterFile, config: BranchConfig, layers, cross_attentio
     if shapes:
         problems.append(f"mismatched shapes ({len(shapes)}): " + "; ".join(shapes[:6]))
     if problems:
-        guess = " It looks like an SDXL IP-Adapter (2048-wide tokens)." if config.cross_attention_dim == 2048 else ""
-        raise ValueError(f"{file.name} does not fit this UNet ({len(layers)} cross-attention layers, {width}-wide "
-                         f"tokens): " + " | ".join(problems) + f".{guess} {SD15_FILES_HINT}")
+        family = unet_family(layers, width)
+        made_for = TOKEN_WIDTH_FAMILIES.get(config.cross_attention_dim)
+        guess = (f" It looks like an {made_for} IP-Adapter ({config.cross_attention_dim}-wide tokens)."
+                 if made_for else "")
+        unet = {"sd15": "an SD1.5", "sdxl": "an SDXL"}[family]
+        raise ValueError(f"{file.name} does not fit this UNet ({unet} UNet: {len(layers)} cross-attention layers, "
+                         f"{width}-wide tokens): " + " | ".join(problems) + f".{guess} {FILES_HINTS[family]}")
 
 
 def _key_order(key: str) -> tuple:

@@ -24,15 +24,18 @@ PART_FLAGS = {
 PIPELINE_PARTS = ("base", "inpaint_base")  # parts that are whole diffusers pipelines
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-# What a load reads from a Hub repository: a diffusers pipeline (fp32 safetensors, configs, tokenizer) or
-# one transformers model; the download commands in error messages fetch just these.
-DIFFUSERS_PATTERNS = ("*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")
+# What a load reads from a Hub repository: a diffusers pipeline (fp32 safetensors, configs, tokenizers; SDXL's
+# second text encoder too) or one transformers model; the download commands in error messages fetch just these.
+DIFFUSERS_PATTERNS = ("*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "text_encoder*/model.safetensors")
 MODEL_PATTERNS = ("*.json", "*.txt", "*.safetensors")
 # What diffusers' single-file loader needs besides the checkpoint: model configs and the tokenizer, no weights.
 CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
 # A key of the original (CompVis/LDM) layout and its last dimension: 768 for SD1.x, 1024 for SD2.x.
 LDM_CROSS_ATTENTION_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 LDM_SDXL_KEY = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"
+# SDXL's text encoders sit under conditioner.embedders.*; SD1.x/2.x's under cond_stage_model.*
+LDM_TEXT_PREFIXES = {"sdxl": "conditioner.embedders.", "sd15": "cond_stage_model."}
+FAMILY_NAMES = {"sd15": "Stable Diffusion 1.5", "sdxl": "SDXL"}
 
 
 class WeightsNotFound(ValueError):
@@ -179,23 +182,35 @@ def read_tensors(path: str | Path, label: str | None = None) -> dict:
 
 
 # --- base models ------------------------------------------------------------------------------------------
+def pipeline_family(pipeline: str) -> str:
+    """'sd15' or 'sdxl': the model family of a diffusers pipeline class name FlexIP attaches to."""
+    from flexip_core.generation.pipeline import FAMILY_OF
+
+    if pipeline not in FAMILY_OF:
+        raise ValueError(f"pipeline {pipeline!r} is not one FlexIP attaches to; one of {', '.join(FAMILY_OF)}")
+    return FAMILY_OF[pipeline]
+
+
 def load_base(source: str, dtype: torch.dtype, config: str | None = None, lora: str | None = None,
               pipeline: str = "StableDiffusionPipeline", part: str = "base", **components):
-    """The diffusers pipeline `pipeline` (a class name of the SD1.5 family) over an SD1.5-architecture base.
+    """The diffusers pipeline `pipeline` (a class name of the SD1.5 or SDXL family) over a base of that family.
 
     `source` is a diffusers folder, a Hub id, or one .safetensors/.ckpt checkpoint; `config` is where a
-    checkpoint's model config and tokenizer come from; `lora`, if given, is loaded through diffusers'
-    load_lora_weights and fused into the weights; `part` names the profile part in messages; `components` are
-    extra ones the class needs (controlnet=).
+    checkpoint's model config and tokenizer come from (default: the family's diffusers repository, from the
+    cache); `lora`, if given, is loaded through diffusers' load_lora_weights and fused into the weights; `part`
+    names the profile part in messages; `components` are extra ones the class needs (controlnet=).
     """
     import diffusers
 
     cls = getattr(diffusers, pipeline, None)
     if cls is None or not isinstance(cls, type):
         raise ValueError(f"pipeline {pipeline!r} is not a diffusers pipeline class")
-    common = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, **components)
+    family = pipeline_family(pipeline)
+    common = dict(components)
+    if family == "sd15":  # SDXL pipelines have no safety checker to switch off
+        common.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if Path(source).suffix in SINGLE_FILE_SUFFIXES:  # a local file or 'repo/id:file.safetensors'
-        pipe = load_single_file(cls, resolve_file(source, part), dtype, config, common)
+        pipe = load_single_file(cls, resolve_file(source, part), dtype, config, common, family)
     else:
         pipe = load_pretrained(cls, source, dtype, part=part, **common)
     if lora:
@@ -204,17 +219,18 @@ def load_base(source: str, dtype: torch.dtype, config: str | None = None, lora: 
     return pipe
 
 
-def single_file_config(config: str | None) -> Path:
-    """A local diffusers folder holding the SD1.5 model configs and tokenizer (no weights are fetched)."""
+def single_file_config(config: str | None, family: str = "sd15") -> Path:
+    """A local diffusers folder holding a family's model configs and tokenizers (no weights are fetched): `config`,
+    else the family's diffusers repository (SD1.5: stable-diffusion-v1-5, SDXL: stable-diffusion-xl-base-1.0)."""
     from huggingface_hub import snapshot_download
 
-    from flexip_core.loading.architectures import SD15_REPO
+    from flexip_core.loading.architectures import FAMILY_REPOS
 
     if config and Path(config).expanduser().is_dir():
         return Path(config).expanduser()
     if config:
         _check_local("base_config", config)
-    repo = config or SD15_REPO
+    repo = config or FAMILY_REPOS[family]
     try:
         return Path(snapshot_download(repo, allow_patterns=CONFIG_PATTERNS, local_files_only=offline()))
     except OSError as error:
@@ -223,13 +239,14 @@ def single_file_config(config: str | None) -> Path:
         raise WeightsNotFound(
             f"a single-file checkpoint needs the model config and tokenizer of its architecture (small files, no "
             f"weights), and those of '{repo}' {reason}; download them once while online with "
-            f"`hf download {repo} --include '*.json' --include '*.txt'`, or give a local diffusers folder of an SD1.5 "
-            "model with --base-config PATH (Python: base_config=PATH)"
+            f"`hf download {repo} --include '*.json' --include '*.txt'`, or give a local diffusers folder of an "
+            f"{FAMILY_NAMES[family]} model with --base-config PATH (Python: base_config=PATH)"
         ) from None
 
 
-def check_sd15_checkpoint(path: Path) -> None:
-    """Refuse SD2/SDXL single files early, from the key names and one shape (no tensor is loaded)."""
+def check_checkpoint_family(path: Path, family: str = "sd15") -> None:
+    """Refuse a single file of another model family early (SDXL on an SD1.5 profile, SD1.x/2.x on an SDXL one,
+    SD2 anywhere), from the key names and one shape (no tensor is loaded)."""
     if path.suffix != ".safetensors":
         return  # a .ckpt cannot be inspected without reading it; diffusers' shape errors are reported instead
     from safetensors import SafetensorError, safe_open
@@ -243,20 +260,30 @@ def check_sd15_checkpoint(path: Path) -> None:
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path.name} is not a readable .safetensors file ({_first_line(error)}): "
                          "it is corrupt or truncated; download it again") from None
-    if LDM_SDXL_KEY in keys:
-        raise ValueError(f"{path.name} is an SDXL checkpoint; FlexIP runs on Stable Diffusion 1.5 checkpoints")
     if width is not None and width != 768:
-        raise ValueError(f"{path.name} has {width}-wide cross-attention (SD 2.x?); FlexIP needs an SD1.5 "
-                         f"checkpoint ({LDM_CROSS_ATTENTION_KEY} is (320, 768) there)")
+        raise ValueError(f"{path.name} has {width}-wide cross-attention (SD 2.x?); FlexIP needs {_article(family)} "
+                         f"{FAMILY_NAMES[family]} checkpoint here (SD1.5: {LDM_CROSS_ATTENTION_KEY} is (320, 768))")
+    found = "sdxl" if LDM_SDXL_KEY in keys else next(
+        (f for f, prefix in LDM_TEXT_PREFIXES.items() if any(k.startswith(prefix) for k in keys)), None)
+    if found is not None and found != family:
+        short = {"sd15": "SD1.5", "sdxl": "SDXL"}[found]
+        raise ValueError(f"{path.name} is {_article(found)} {FAMILY_NAMES[found]} checkpoint, and this profile runs "
+                         f"{FAMILY_NAMES[family]}: use it with an {short} profile (--profile {found}, Python: "
+                         f"from_profile('{found}', base=...)), or give {_article(family)} {FAMILY_NAMES[family]} "
+                         "checkpoint")
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ValueError(f"{path.name} is not a Stable Diffusion checkpoint in the original single-file layout "
                          "(no model.diffusion_model.* keys); for a diffusers folder give the folder instead")
 
 
-def load_single_file(cls, path: Path, dtype: torch.dtype, config: str | None, common: dict):
-    """`cls.from_single_file` (a diffusers SD1.5-family pipeline) with a local config folder, so it works offline."""
-    check_sd15_checkpoint(path)
-    folder = single_file_config(config)
+def _article(family: str) -> str:
+    return "an" if family == "sdxl" else "a"
+
+
+def load_single_file(cls, path: Path, dtype: torch.dtype, config: str | None, common: dict, family: str = "sd15"):
+    """`cls.from_single_file` (a diffusers pipeline of `family`) with a local config folder, so it works offline."""
+    check_checkpoint_family(path, family)
+    folder = single_file_config(config, family)
     import pickle
 
     try:
@@ -268,8 +295,10 @@ def load_single_file(cls, path: Path, dtype: torch.dtype, config: str | None, co
         if refused is not None:
             raise ValueError(f"{path.name} holds objects other than tensors, which are never unpickled here "
                              f"({_first_line(refused)}); use a .safetensors version of it") from None
-        raise ValueError(f"{path.name} could not be loaded as an SD1.5 checkpoint with the config in {folder} "
-                         f"({_first_line(error)}); check that it is an SD1.5 model and not corrupt") from None
+        name = FAMILY_NAMES[family]
+        raise ValueError(f"{path.name} could not be loaded as {_article(family)} {name} checkpoint with the config in "
+                         f"{folder} ({_first_line(error)}); check that it is {_article(family)} {name} model and not "
+                         "corrupt") from None
 
 
 def load_lora(pipe, source: str) -> None:
@@ -284,11 +313,13 @@ def load_lora(pipe, source: str) -> None:
     except OSError as error:
         if path.exists():  # here, not a download that failed: a file diffusers cannot read as LoRA weights
             raise ValueError(f"lora: {path.name} is not a readable LoRA weights file ({_first_line(error)}); "
-                             "give an SD1.5 LoRA .safetensors file or folder") from None
+                             "give a LoRA .safetensors file or folder made for this base model") from None
         raise not_found("lora", source, error) from None
     except (ValueError, KeyError, RuntimeError) as error:
-        raise ValueError(f"LoRA {source} does not fit this base model ({_first_line(error)}); "
-                         "give an SD1.5 LoRA such as latent-consistency/lcm-lora-sdv1-5") from None
+        example = ("an SDXL LoRA such as latent-consistency/lcm-lora-sdxl" if hasattr(pipe, "text_encoder_2") else
+                   "an SD1.5 LoRA such as latent-consistency/lcm-lora-sdv1-5")
+        raise ValueError(f"LoRA {source} does not fit this base model ({_first_line(error)}); give {example}"
+                         ) from None
     pipe.fuse_lora(adapter_names=["lora"], lora_scale=1.0)  # folded into the weights: no per-step LoRA cost
     pipe.unload_lora_weights()  # drops the LoRA layers, keeps the fused weights
     logger.info("fused LoRA %s", source)
@@ -333,21 +364,25 @@ def profile_cached(profile) -> bool:
     return True
 
 
-def unet_layout(base: str | None, base_config: str | None = None) -> tuple[tuple[tuple[str, int], ...], int]:
+def unet_layout(base: str | None, base_config: str | None = None, family: str = "sd15"
+                ) -> tuple[tuple[tuple[str, int], ...], int]:
     """(cross-attention layers, token width) of a base model's UNet, from its config alone (no weights).
 
-    None means the SD1.5 architecture; a single-file base takes its config from `base_config` (default SD1.5).
+    None means the architecture of `family` ("sd15" or "sdxl", from architectures.py: nothing is read); a single-file
+    base takes its config from `base_config` (default: that architecture too).
     """
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
     from flexip_core.generation.adapters import cross_attention_layers
-    from flexip_core.loading.architectures import SD15_UNET
+    from flexip_core.loading.architectures import FAMILY_UNETS
 
+    if family not in FAMILY_UNETS:
+        raise ValueError(f"unknown model family {family!r}; one of {', '.join(FAMILY_UNETS)}")
     if base is None or (Path(base).suffix in SINGLE_FILE_SUFFIXES and base_config is None):
-        config = dict(SD15_UNET)
+        config = dict(FAMILY_UNETS[family])
     elif Path(base).suffix in SINGLE_FILE_SUFFIXES:
-        config = UNet2DConditionModel.load_config(str(single_file_config(base_config)), subfolder="unet")
+        config = UNet2DConditionModel.load_config(str(single_file_config(base_config, family)), subfolder="unet")
     elif Path(base).expanduser().is_dir():
         config = UNet2DConditionModel.load_config(str(Path(base).expanduser()), subfolder="unet")
     else:

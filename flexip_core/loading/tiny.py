@@ -210,11 +210,13 @@ def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
 
 
 # --- synthetic IP-Adapter files in the published layout (h94/IP-Adapter) ---------------------------------
-IP_ADAPTER_FILE_NAMES = {  # (layout, format) -> published file name
-    ("plain", "safetensors"): "ip-adapter_sd15.safetensors",
-    ("plain", "bin"): "ip-adapter_sd15.bin",
-    ("plus", "safetensors"): "ip-adapter-plus_sd15.safetensors",
-    ("plus", "bin"): "ip-adapter-plus_sd15.bin",
+IP_ADAPTER_STEMS = {  # (family, layout) -> published file name without its suffix (models/, sdxl_models/)
+    ("sd15", "plain"): "ip-adapter_sd15", ("sd15", "plus"): "ip-adapter-plus_sd15",
+    ("sdxl", "plain"): "ip-adapter_sdxl_vit-h", ("sdxl", "plus"): "ip-adapter-plus_sdxl_vit-h",
+}
+IP_ADAPTER_FILE_NAMES = {  # SD1.5's (layout, format) -> published file name
+    (layout, fmt): f"{IP_ADAPTER_STEMS[('sd15', layout)]}.{fmt}" for layout in ("plain", "plus")
+    for fmt in ("safetensors", "bin")
 }
 
 
@@ -281,8 +283,10 @@ def write_ip_adapter_file(path: str | Path, image_proj: dict, ip_adapter: dict) 
 
 
 def write_synthetic_ip_adapter_files(unet, folder: str | Path, *, clip_embed_dim: int, clip_hidden_dim: int,
-                                     seed: int = 0, **sizes) -> dict[tuple[str, str], Path]:
-    """The four published SD1.5 file names (plain/Plus x .safetensors/.bin) with random weights for `unet`.
+                                     seed: int = 0, family: str = "sd15", formats=("safetensors", "bin"), **sizes
+                                     ) -> dict[tuple[str, str], Path]:
+    """The published file names of `family` (plain/Plus x `formats`; SDXL: the ViT-H ones) with random weights for
+    `unet`.
 
     Returns {(layout, format): path}; a file's .safetensors and .bin hold the same tensors.
     """
@@ -291,8 +295,9 @@ def write_synthetic_ip_adapter_files(unet, folder: str | Path, *, clip_embed_dim
     for offset, layout in enumerate(("plain", "plus")):
         state = synthetic_ip_adapter_state(unet, layout, clip_embed_dim=clip_embed_dim,
                                            clip_hidden_dim=clip_hidden_dim, seed=seed + offset, **sizes)
-        for fmt in ("safetensors", "bin"):
-            paths[(layout, fmt)] = write_ip_adapter_file(folder / IP_ADAPTER_FILE_NAMES[(layout, fmt)], *state)
+        for fmt in formats:
+            name = f"{IP_ADAPTER_STEMS[(family, layout)]}.{fmt}"
+            paths[(layout, fmt)] = write_ip_adapter_file(folder / name, *state)
     return paths
 
 
@@ -336,12 +341,14 @@ def _rename(key: str, prefixes, inner: dict) -> str | None:
     return None
 
 
-def ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """A diffusers SD1.5-architecture model as one original-layout state dict (what community checkpoints hold)."""
+def ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None) -> dict[str, torch.Tensor]:
+    """A diffusers SD1.5- or SDXL-architecture model (SDXL: with `text_encoder_2`) as one original-layout state dict
+    (what community checkpoints hold): SD1.5's text encoder under cond_stage_model.*, SDXL's two under
+    conditioner.embedders.0 (CLIP ViT-L, as in SD1.5) and .1 (OpenCLIP, see `_open_clip_state`)."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
     out = {}
-    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    top = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
     prefixes = _unet_prefixes(unet)
     for key, value in unet.state_dict().items():
         name = top.get(key) or _rename(key, prefixes, _RESNET_TO_LDM)
@@ -378,18 +385,58 @@ def ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
                 if value.ndim == 2:
                     value = value[:, :, None, None]  # 1x1 convolutions in the original
         out["first_stage_model." + name] = value
+    first = "cond_stage_model." if text_encoder_2 is None else "conditioner.embedders.0."
     for key, value in text_encoder.state_dict().items():  # transformers 5 drops the 'text_model.' prefix
-        out["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value
+        out[first + "transformer.text_model." + key.removeprefix("text_model.")] = value
+    if text_encoder_2 is not None:
+        out.update(_open_clip_state(text_encoder_2, "conditioner.embedders.1.model."))
     return {k: v.contiguous() for k, v in out.items()}
 
 
+_CLIP_TO_OPEN_CLIP = {"self_attn.out_proj.": "attn.out_proj.", "layer_norm1.": "ln_1.", "layer_norm2.": "ln_2.",
+                      "mlp.fc1.": "mlp.c_fc.", "mlp.fc2.": "mlp.c_proj."}
+
+
+def _open_clip_state(model, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection in OpenCLIP's layout (SDXL's second text encoder): q, k, v fused
+    into in_proj, `text_projection` transposed; the inverse of diffusers' `convert_open_clip_checkpoint`."""
+    state = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    out = {prefix + "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+           prefix + "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+           prefix + "ln_final.weight": state.pop("final_layer_norm.weight"),
+           prefix + "ln_final.bias": state.pop("final_layer_norm.bias"),
+           prefix + "text_projection": state.pop("text_projection.weight").T}  # (hidden, projection)
+    for i in range(model.config.num_hidden_layers):
+        ours, theirs = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [state.pop(f"{ours}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
+            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat(qkv)  # (3 * hidden, hidden) or (3 * hidden,)
+        for key in [k for k in state if k.startswith(ours)]:
+            rest = key[len(ours):]
+            for old, new in _CLIP_TO_OPEN_CLIP.items():
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            else:
+                raise KeyError(f"no OpenCLIP name for text encoder key {key}")
+            out[theirs + rest] = state.pop(key)
+    state.pop("embeddings.position_ids", None)
+    if state:
+        raise KeyError(f"no OpenCLIP name for text encoder keys {', '.join(sorted(state))}")
+    return out
+
+
 def write_single_file_checkpoint(base_folder: str | Path, path: str | Path) -> Path:
-    """The diffusers model in `base_folder` as one .safetensors or .ckpt file in the original layout."""
+    """The diffusers model in `base_folder` (SD1.5 or SDXL) as one .safetensors or .ckpt file in the original
+    layout."""
     base_folder, path = Path(base_folder), Path(path)
     unet = UNet2DConditionModel.from_pretrained(base_folder, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(base_folder, subfolder="vae")
     text_encoder = CLIPTextModel.from_pretrained(base_folder, subfolder="text_encoder")
-    state = ldm_state_dict(unet, vae, text_encoder)
+    text_encoder_2 = None
+    if (base_folder / "text_encoder_2").is_dir():
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(base_folder, subfolder="text_encoder_2")
+    state = ldm_state_dict(unet, vae, text_encoder, text_encoder_2)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
