@@ -2,6 +2,7 @@
 
     python -m flexip_core.train --config assets/train/tiny.toml --set manifest=PATH --set output_dir=runs/tiny
     accelerate launch -m flexip_core.train --config train.toml [--set max_steps=100 ...]
+    accelerate launch -m flexip_core.train --config assets/train/sdxl.toml --set manifest=PATH --set output_dir=OUT
     torchrun --nproc_per_node 2 -m flexip_core.train --config train.toml      # on CPU: gloo
 """
 from __future__ import annotations

@@ -183,10 +183,19 @@ def target_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, R, R)
 
 
-class PairDataset(torch.utils.data.Dataset):
-    """Pixels and token ids of each record; picklable, so DataLoader workers can decode in parallel."""
+def crop_top_left(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(top, left) of target_tensor's centre crop in the resized image: square_view's arithmetic (SDXL's
+    crops_coords_top_left micro-conditioning)."""
+    scale = resolution / min(width, height)
+    resized_w, resized_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    return (resized_h - resolution) // 2, (resized_w - resolution) // 2
 
-    def __init__(self, records: list[Record], resolution: int, clip_preprocess, dino_preprocess, tokenizer):
+
+class PairDataset(torch.utils.data.Dataset):
+    """Pixels, caption (and its token ids) and target geometry of each record; picklable, so DataLoader workers can
+    decode in parallel. `tokenizer` None: the caption is passed as text only (SDXL's encode_prompt tokenizes it)."""
+
+    def __init__(self, records: list[Record], resolution: int, clip_preprocess, dino_preprocess, tokenizer=None):
         if not records:
             raise ValueError("no training records")
         self.records = records
@@ -199,12 +208,17 @@ class PairDataset(torch.utils.data.Dataset):
 
     def _load(self, index: int) -> dict:
         record = self.records[index]
-        target = target_tensor(load_reference_image(record.target), self.resolution)  # (3, R, R)
+        image = load_reference_image(record.target)
+        target = target_tensor(image, self.resolution)  # (3, R, R)
         reference = load_reference(record)
-        ids = self.tokenizer(record.caption, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids[0]  # (77,)
         item = {"index": index, "target": target, "clip": self.clip_preprocess([reference])[0],  # (3, S, S)
-                "input_ids": ids, "modality": record.modality_id}
+                "caption": record.caption, "modality": record.modality_id,
+                "original_size": torch.tensor([image.height, image.width]),  # (2,) before resizing
+                "crop_top_left": torch.tensor(crop_top_left(*image.size, self.resolution))}  # (2,) (top, left)
+        if self.tokenizer is not None:
+            item["input_ids"] = self.tokenizer(record.caption, padding="max_length", truncation=True,
+                                               max_length=self.tokenizer.model_max_length,
+                                               return_tensors="pt").input_ids[0]  # (77,)
         if self.dino_preprocess is not None:
             item["dino"] = self.dino_preprocess([reference])[0]  # (3, S', S')
         return item

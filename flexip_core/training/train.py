@@ -3,11 +3,13 @@
     accelerate launch -m flexip_core.train --config train.toml [--set max_steps=100 ...]
     torchrun --nproc_per_node 2 -m flexip_core.train --config train.toml      # on CPU: gloo
 
-Frozen: UNet, VAE, text encoder, CLIP and DINOv2. Trained: both adapters' token providers and every
-cross-attention layer's branch key/value projections. Each sample draws its gate gamma from its modality's
-range (invariant high, variant low), mapped to (w_pres, w_pers) by the profile's gate curve at strength 1;
-text, image and both are dropped for a few percent of samples (classifier-free guidance); the loss is
-diffusers' noise-prediction MSE (epsilon, v or sample, as the scheduler's prediction_type says).
+Frozen: UNet, VAE, text encoder(s), CLIP and DINOv2. Trained: both adapters' token providers and every
+cross-attention layer's branch key/value projections. The base is SD1.5 or SDXL, as the profile's pipeline class
+says (SDXL's two text encoders, pooled text and size ids: flexip_core.training.conditioning). Each sample draws
+its gate gamma from its modality's range (invariant high, variant low), mapped to (w_pres, w_pers) by the
+profile's gate curve at strength 1; text, image and both are dropped for a few percent of samples
+(classifier-free guidance); the loss is diffusers' noise-prediction MSE (epsilon, v or sample, as the
+scheduler's prediction_type says).
 
 Every random draw of micro-step k on process r comes from a generator seeded by (seed, r, k), and the data
 order is a pure function of (seed, step), so resuming from a checkpoint continues the same run exactly.
@@ -30,6 +32,7 @@ from torch.nn import functional as F
 
 from flexip_core.generation.adapter_config import AdapterConfig, BranchConfig
 from flexip_core.generation.adapters import FlexIPAdapter, ImageFeatures, cross_attention_layers
+from flexip_core.training.conditioning import SD15Text, SDXLText, sdxl_time_ids
 from flexip_core.training.config import TrainConfig
 from flexip_core.training.data import MODALITIES, PairDataset, StepBatchSampler, read_manifest
 
@@ -75,14 +78,18 @@ class Frozen:
     """The frozen parts of the run, and how they turn records into latents, text states and image features."""
 
     unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
+    vae: torch.nn.Module  # in fp32 for SDXL under mixed precision (its VAE overflows in fp16, as diffusers notes)
+    text: SD15Text | SDXLText  # captions -> text states (SDXL: pooled embeds and size ids too)
     encoder: object  # SubjectEncoder (CLIP, and DINOv2 when an adapter needs it)
     noise_scheduler: object  # DDPMScheduler with the base's betas and prediction_type
     gate_curve: object  # the profile's GateCurve
     device: torch.device
     dtype: torch.dtype  # dtype of the frozen weights (the mixed-precision dtype, else fp32)
+
+    @property
+    def tokenizer(self):
+        """What PairDataset tokenizes captions with (SD1.5's tokenizer; None for SDXL, whose pipeline does)."""
+        return self.text.tokenizer
 
 
 @dataclass
@@ -94,6 +101,16 @@ class EncodedBatch:
     text: torch.Tensor  # (B, 77, C) text-encoder hidden states
     features: ImageFeatures  # (B, ...) reference image features
     modality: torch.Tensor  # (B,) index into data.MODALITIES
+    pooled: torch.Tensor | None = None  # (B, P) SDXL pooled text embeddings
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL size ids: original (h, w), crop (top, left), target (h, w)
+
+    def select(self, idx: torch.Tensor) -> EncodedBatch:
+        def pick(t):
+            return None if t is None else t[idx]
+
+        return EncodedBatch(self.latent_mean[idx], self.latent_std[idx], self.text[idx],
+                            self.features.map(lambda t: t[idx]), self.modality[idx], pick(self.pooled),
+                            pick(self.time_ids))
 
 
 class AdapterTrainingModel(torch.nn.Module):
@@ -108,7 +125,9 @@ class AdapterTrainingModel(torch.nn.Module):
         self.adapter = adapter
         self._unet = (unet,)
 
-    def forward(self, noisy_latents, timesteps, text, clip_embeds, clip_hidden, dino, w_pres, w_pers):
+    def forward(self, noisy_latents, timesteps, text, clip_embeds, clip_hidden, dino, w_pres, w_pers,
+                added_cond_kwargs=None):
+        """`added_cond_kwargs`: SDXL's {"text_embeds": (B, P), "time_ids": (B, 6)}; None for SD1.5."""
         from flexip_core.generation.attention import BranchInputs
 
         features = ImageFeatures(clip_embeds, clip_hidden, dino)
@@ -116,7 +135,8 @@ class AdapterTrainingModel(torch.nn.Module):
         pers = self.adapter.personalization(features, text)  # (B, Nq, C)
         inputs = BranchInputs(pres, pers, w_pres, w_pers, True, True, cache=None)
         return self._unet[0](noisy_latents, timesteps, encoder_hidden_states=text,
-                             cross_attention_kwargs={"flexip": inputs}, return_dict=False)[0]  # (B, 4, h, w)
+                             cross_attention_kwargs={"flexip": inputs}, added_cond_kwargs=added_cond_kwargs,
+                             return_dict=False)[0]  # (B, 4, h, w)
 
 
 def _scratch_adapter(config: TrainConfig, unet, clip, dino) -> FlexIPAdapter:
@@ -168,10 +188,16 @@ def load_models(config: TrainConfig, device: torch.device, dtype: torch.dtype) -
     from flexip_core.loading.assembly import apply_overrides, check_encoders, encoder_preprocess, resolve_placeholders
     from flexip_core.loading.profiles import load_profile
     from flexip_core.loading.sources import load_base, load_pretrained
+    from flexip_core.training.conditioning import base_family, text_conditioning, text_to_image_class
 
     profile = resolve_placeholders(apply_overrides(load_profile(config.profile), config.profile_overrides))
-    parts = load_base(profile.base, dtype, config=profile.base_config, lora=profile.lora).components
+    family = base_family(profile.pipeline)  # the task pipeline a profile names is trained as its text-to-image one
+    pipe = load_base(profile.base, dtype, config=profile.base_config, lora=profile.lora,
+                     pipeline=text_to_image_class(family))
+    parts = pipe.components
     unet = parts["unet"]
+    text = text_conditioning(family, pipe)
+    text.check_unet(unet)
 
     def load_clip():
         return load_pretrained(CLIPVisionModelWithProjection, profile.clip_encoder, dtype, part="clip_encoder")
@@ -184,9 +210,11 @@ def load_models(config: TrainConfig, device: torch.device, dtype: torch.dtype) -
 
     adapter, clip, dino = _initial_adapter(config, profile, unet, load_clip, load_dino)
     check_encoders(adapter, clip, dino, profile.clip_encoder, profile.dino_encoder)
-    for module in (unet, parts["vae"], parts["text_encoder"], clip, dino):
+    for module in (unet, parts["vae"], *text.modules, clip, dino):
         if module is not None:
             module.to(device, dtype).eval().requires_grad_(False)
+    if family == "sdxl" and dtype != torch.float32 and parts["vae"].config.force_upcast:
+        parts["vae"].to(torch.float32)  # diffusers' SDXL pipelines and training scripts run this VAE in fp32
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     encoder = SubjectEncoder(
@@ -196,19 +224,24 @@ def load_models(config: TrainConfig, device: torch.device, dtype: torch.dtype) -
     )
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
     adapter.to(device, torch.float32).train().requires_grad_(True)
-    frozen = Frozen(unet, parts["vae"], parts["text_encoder"], parts["tokenizer"], encoder, noise_scheduler,
-                    profile.gate_curve, device, dtype)
+    frozen = Frozen(unet, parts["vae"], text, encoder, noise_scheduler, profile.gate_curve, device, dtype)
     return frozen, adapter
 
 
 @torch.no_grad()
 def encode_batch(frozen: Frozen, raw: dict) -> EncodedBatch:
-    """Pixels and token ids from PairDataset -> latent moments, text states and image features (on CPU)."""
-    posterior = frozen.vae.encode(raw["target"].to(frozen.device, frozen.dtype)).latent_dist
-    text = frozen.text_encoder(raw["input_ids"].to(frozen.device))[0]  # (B, 77, C)
+    """Pixels and captions from PairDataset -> latent moments, text states, image features and, for SDXL, pooled
+    text and size ids (on CPU)."""
+    target = raw["target"]  # (B, 3, R, R)
+    posterior = frozen.vae.encode(target.to(frozen.device, frozen.vae.dtype)).latent_dist
+    text = frozen.text.encode(raw, frozen.device)  # (B, 77, C), SDXL: (B, P) pooled
     features = frozen.encoder.features_from_pixels(raw["clip"], raw.get("dino"))
-    return EncodedBatch(posterior.mean.float().cpu(), posterior.std.float().cpu(), text.float().cpu(), features,
-                        torch.as_tensor(raw["modality"]).long())
+    pooled = time_ids = None
+    if text.pooled is not None:
+        pooled = text.pooled.float().cpu()
+        time_ids = sdxl_time_ids(raw["original_size"], raw["crop_top_left"], target.shape[-1])  # (B, 6)
+    return EncodedBatch(posterior.mean.float().cpu(), posterior.std.float().cpu(), text.hidden.float().cpu(),
+                        features, torch.as_tensor(raw["modality"]).long(), pooled, time_ids)
 
 
 class EncodedStore:
@@ -227,15 +260,18 @@ class EncodedStore:
         order = [i for indices, _ in parts for i in indices]
         position = torch.empty(len(dataset), dtype=torch.long)
         position[torch.tensor(order)] = torch.arange(len(order))
-        cat = lambda name: torch.cat([getattr(b, name) for _, b in parts])[position]
-        self.latent_mean, self.latent_std = cat("latent_mean"), cat("latent_std")  # (N, 4, h, w) each
-        self.text, self.modality = cat("text"), cat("modality")  # (N, 77, C), (N,)
-        self.features = ImageFeatures.cat([b.features for _, b in parts]).map(lambda t: t[position])
+
+        def cat(name):
+            tensors = [getattr(b, name) for _, b in parts]
+            return None if tensors[0] is None else torch.cat(tensors)[position]
+
+        self.encoded = EncodedBatch(cat("latent_mean"), cat("latent_std"),  # (N, 4, h, w) each
+                                    cat("text"), ImageFeatures.cat([b.features for _, b in parts]).map(
+                                        lambda t: t[position]),  # (N, 77, C), (N, ...)
+                                    cat("modality"), cat("pooled"), cat("time_ids"))  # (N,), SDXL: (N, P), (N, 6)
 
     def batch(self, indices: list[int]) -> EncodedBatch:
-        idx = torch.tensor(indices)
-        return EncodedBatch(self.latent_mean[idx], self.latent_std[idx], self.text[idx],
-                            self.features.map(lambda t: t[idx]), self.modality[idx])
+        return self.encoded.select(torch.tensor(indices))
 
 
 # --- the loss ----------------------------------------------------------------------------------
@@ -250,8 +286,12 @@ class Draws:
 
 
 def training_loss(model, frozen: Frozen, batch: EncodedBatch, config: TrainConfig, generator: torch.Generator,
-                  empty_text: torch.Tensor, uncond: ImageFeatures) -> tuple[torch.Tensor, Draws]:
-    """Noise-prediction MSE of one micro-batch with modality-aware gammas and CFG dropout."""
+                  empty_text: torch.Tensor, uncond: ImageFeatures,
+                  empty_pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, Draws]:
+    """Noise-prediction MSE of one micro-batch with modality-aware gammas and CFG dropout.
+
+    `empty_text` (1, 77, C) and, for SDXL, `empty_pooled` (1, P) stand in for the text of text-dropped samples.
+    """
     size = batch.modality.shape[0]
     drop_text, drop_image = draw_dropout(size, config, generator)
     gammas = draw_gammas(batch.modality, config, generator)
@@ -278,6 +318,11 @@ def training_loss(model, frozen: Frozen, batch: EncodedBatch, config: TrainConfi
         raise ValueError(f"the base scheduler's prediction_type {prediction_type!r} is not supported")
 
     text = torch.where(drop_text.view(-1, 1, 1), empty_text, batch.text).to(device, frozen.dtype)  # (B, 77, C)
+    added = None
+    if batch.pooled is not None:  # SDXL: the pooled text drops with the text; the size ids stay
+        pooled = torch.where(drop_text.view(-1, 1), empty_pooled, batch.pooled).to(device, frozen.dtype)  # (B, P)
+        # fp32 size ids: the UNet embeds them in fp32 (sizes such as 1365 are not exact in bf16)
+        added = {"text_embeds": pooled, "time_ids": batch.time_ids.to(device)}  # (B, P), (B, 6)
 
     def choose(cond, none):
         if cond is None:
@@ -288,7 +333,8 @@ def training_loss(model, frozen: Frozen, batch: EncodedBatch, config: TrainConfi
     feats = [choose(c, u) for c, u in zip((batch.features.clip_embeds, batch.features.clip_hidden, batch.features.dino),
                                           (uncond.clip_embeds, uncond.clip_hidden, uncond.dino))]
     weights = torch.tensor([frozen.gate_curve.weights(float(g), 1.0) for g in gammas], device=device)  # (B, 2)
-    prediction = model(noisy.to(frozen.dtype), timesteps, text, *feats, weights[:, 0], weights[:, 1])
+    prediction = model(noisy.to(frozen.dtype), timesteps, text, *feats, weights[:, 0], weights[:, 1],
+                       added_cond_kwargs=added)
     loss = F.mse_loss(prediction.float(), target.float())
     return loss, Draws(gammas, batch.modality.clone(), drop_text, drop_image)
 
@@ -416,10 +462,7 @@ def train(config: TrainConfig, on_step: Callable[[StepReport], None] | None = No
     records, _ = read_manifest(config.manifest, config.verify_images, report=accelerator.is_main_process)
     dataset = PairDataset(records, config.resolution, frozen.encoder.clip_preprocess, frozen.encoder.dino_preprocess,
                           frozen.tokenizer)
-    empty_ids = frozen.tokenizer("", padding="max_length", max_length=frozen.tokenizer.model_max_length,
-                                 return_tensors="pt").input_ids
-    with torch.no_grad():
-        empty_text = frozen.text_encoder(empty_ids.to(frozen.device))[0].float().cpu()  # (1, 77, C)
+    empty = frozen.text.empty(frozen.device).to("cpu", torch.float32)  # (1, 77, C), SDXL: (1, P) pooled
     uncond = frozen.encoder.uncond()  # (1, ...) the "no image" features, as at inference
 
     # 3. Optimizer, schedule, accelerate
@@ -476,7 +519,8 @@ def train(config: TrainConfig, on_step: Callable[[StepReport], None] | None = No
             batch = next(batches)
             with accelerator.accumulate(model):
                 generator = micro_step_generator(config.seed, rank, micro_step)
-                loss, drawn = training_loss(model, frozen, batch, config, generator, empty_text, uncond)
+                loss, drawn = training_loss(model, frozen, batch, config, generator, empty.hidden, uncond,
+                                            empty.pooled)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
