@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from flexip_core.cli import model_options
     from flexip_core.generation.devices import pick_device, pick_dtype
     from flexip_core.generation.images import DEFAULT_LIMITS
+    from flexip_core.generation.pipeline import TASKS
     from flexip_core.loading.profiles import default_profile, load_profile
     from ui.engine import CoreEngine
     from ui.layout import build_studio, launch_options, studio_folder
@@ -53,9 +54,10 @@ def main(argv: list[str] | None = None) -> None:
 
     profile = args.profile or default_profile()
     try:  # a bad profile, device or dtype is refused now, not after the server is up
-        if load_profile(profile).pipeline != "StableDiffusionPipeline":
-            raise ValueError(f"profile {profile!r} is for another task ({load_profile(profile).pipeline}); the studio "
-                             "runs text-to-image profiles (use that profile from Python with pipeline_kwargs)")
+        if TASKS.get(load_profile(profile).pipeline) != "text-to-image":
+            raise ValueError(f"profile {profile!r} is for one task ({load_profile(profile).pipeline}); the studio "
+                             "starts on a text-to-image profile and offers the other tasks as its modes (Start image, "
+                             "Inpaint, Control)")
         device = pick_device(args.device)  # an unknown device, or CUDA on the CPU build of torch
         pick_dtype(args.dtype, device)
     except ValueError as error:

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.ui_fixtures import DREAMBENCH, REPO, AppServer
 
@@ -350,3 +351,98 @@ def test_arrow_keys_and_enter_render_the_gamma_they_set(mini_page):
     expect(info).to_contain_text(re.compile(r"γ 1.00 · strength .* identity score"))  # made by the sweep: at once
     no_error_badges(page)
     assert not page.server_errors
+
+
+# --- modes: each once in the browser; their screenshots are the docs' pictures -------------------------------------
+def mode_screenshot(page, name: str, tmp_path: Path) -> Path:
+    """The studio in a mode, tall enough to show the mode's inputs below the controls."""
+    page.set_viewport_size({"width": 1440, "height": 1250})
+    for close in page.locator(".toast-close").all():  # the notes were read; the picture shows the studio
+        close.click()
+    page.evaluate("window.scrollTo(0, 0)")
+    try:
+        return screenshot(page, name, tmp_path)
+    finally:
+        page.set_viewport_size({"width": 1440, "height": 900})
+
+
+def add_example_subject(page) -> None:
+    from playwright.sync_api import expect
+
+    from ui.files import EXAMPLES, ensure_examples, example_path
+
+    ensure_examples()
+    page.set_input_files("#subject-upload input[type=file]", str(example_path(EXAMPLES[0])))
+    expect(page.locator(".slot img")).to_have_count(1)
+    page.get_by_label("Prompt", exact=True).fill(EXAMPLES[0].prompt)
+
+
+def render_in_mode(page) -> None:
+    from playwright.sync_api import expect
+
+    history = page.locator("#history img").count()
+    page.click("#generate")
+    expect(page.locator("#history img")).to_have_count(history + 1)  # this render, finished
+    expect(page.locator("#info")).to_contain_text("identity score")
+    assert result_src(page)
+    no_error_badges(page)
+
+
+def test_start_image_on_the_offline_default_and_what_its_other_modes_need(mini_server, tmp_path):
+    """The offline default draws over a start picture; its base has no inpainting or ControlNet model, and those
+    modes say so."""
+    from playwright.sync_api import expect
+
+    from ui.files import EXAMPLES, example_path
+
+    with open_page(mini_server.url) as page:
+        add_example_subject(page)
+        page.get_by_label("Start image").check()
+        expect(page.locator("#denoise")).to_be_visible()
+        page.set_input_files("#mode-image input[type=file]", str(example_path(EXAMPLES[2])))
+        expect(page.locator("#mode-image img")).to_have_count(1)
+        render_in_mode(page)
+        png = tmp_path / "started.png"
+        png.write_bytes(page.request.get(result_src(page)).body())
+        with Image.open(png) as image:
+            assert "FlexIP task: image-to-image" in image.info["parameters"]
+        mode_screenshot(page, "mode-start-image.png", tmp_path)
+        for mode in ("Inpaint", "Control"):
+            page.get_by_label(mode, exact=True).check()
+            expect(page.locator("#mode-hint")).to_contain_text("needs real weights")
+
+
+def test_inpaint_into_a_scene_with_a_mask_drawn_in_the_browser(page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.set_input_files("#subject-upload input[type=file]", str(DREAMBENCH / "dog" / "00.jpg"))
+    expect(page.locator(".slot img")).to_have_count(1)
+    page.get_by_label("Prompt", exact=True).fill("a dog on the lawn")
+    page.get_by_label("Inpaint", exact=True).check()
+    expect(page.locator("#mode-image")).to_be_hidden()
+    page.set_input_files("#scene input[type=file]", str(DREAMBENCH / "dog" / "03.jpg"))
+    page.locator("#scene button[aria-label=Brush]").click()
+    box = page.locator("#scene canvas").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.5)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.65, box["y"] + box["height"] * 0.5, steps=10)
+    page.mouse.up()
+    render_in_mode(page)
+    png = tmp_path / "inpainted.png"
+    png.write_bytes(page.request.get(result_src(page)).body())
+    with Image.open(png) as image:
+        assert "FlexIP task: inpainting" in image.info["parameters"]
+    mode_screenshot(page, "mode-inpaint.png", tmp_path)
+
+
+def test_control_shows_the_edge_map_and_renders(page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.set_input_files("#subject-upload input[type=file]", str(DREAMBENCH / "dog" / "00.jpg"))
+    expect(page.locator(".slot img")).to_have_count(1)
+    page.get_by_label("Prompt", exact=True).fill("a dog")
+    page.get_by_label("Control", exact=True).check()
+    page.set_input_files("#mode-image input[type=file]", str(DREAMBENCH / "dog" / "01.jpg"))
+    expect(page.locator("#edge-view img")).to_have_count(1)  # computed here, shown beside the picture
+    render_in_mode(page)
+    mode_screenshot(page, "mode-control.png", tmp_path)

@@ -851,5 +851,5 @@ def test_app_refuses_bad_flags_before_serving(argv, message, capsys):
 def test_the_studio_refuses_a_profile_of_another_task_at_start():
     import app
 
-    with pytest.raises(SystemExit, match="profile 'sd15-inpaint' is for another task"):
+    with pytest.raises(SystemExit, match="profile 'sd15-inpaint' is for one task .* the other tasks as its modes"):
         app.main(["--profile", "sd15-inpaint", "--no-preload"])

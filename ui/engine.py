@@ -84,6 +84,7 @@ class CoreEngine:
     _device_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _notes: dict = field(default_factory=dict, init=False, repr=False)  # subject key -> the model's notes on its photos
     _tasks: dict = field(default_factory=dict, init=False, repr=False)  # (task, control kind) -> its FlexIPPipeline
+    _modes: dict = field(default_factory=dict, init=False, repr=False)  # mode -> why the profile cannot run it
 
     @property
     def schedulers(self) -> tuple[str, ...]:
@@ -122,13 +123,15 @@ class CoreEngine:
         return self._failure
 
     def modes(self) -> dict[str, str | None]:
-        from flexip_core.loading.profiles import load_profile  # a data file: no torch import
+        if not self._modes:
+            from flexip_core.generation.task_inputs import MODES
+            from flexip_core.loading.assembly import resolve_placeholders, task_unavailable
+            from flexip_core.loading.profiles import Profile, load_profile
 
-        profile = load_profile(self.profile)
-        control = None if profile.control else (
-            f"the {profile.name} profile names no ControlNet for its base: the Control mode needs real weights "
-            "(profile sd15 or sdxl) or the tiny test profile")
-        return {"start_image": None, "inpaint": None, "control": control}
+            parts = {k: v for k, v in self.overrides.items() if k in Profile.__dataclass_fields__}  # not device, ...
+            profile = resolve_placeholders(load_profile(self.profile).with_overrides(**parts))
+            self._modes.update({mode: task_unavailable(profile, task) for mode, task in MODES.items()})
+        return dict(self._modes)
 
     def _pipeline_for(self, task: TaskInputs | None):
         """The loaded FlexIPPipeline of the task (built once, sharing the models already loaded)."""

@@ -769,7 +769,8 @@ def mode_view(studio: Studio, *, mode: str) -> dict:
     """Show the inputs of the chosen mode only; a mode this profile cannot run says why (and what would run it)."""
     reason = studio.engine.modes().get(mode)
     hint = {"start_image": "Image to image: the picture is the start; Denoise says how much of it is repainted.",
-            "inpaint": "Paint (white) where the subject goes on the scene, or upload a mask; the rest is kept.",
+            "inpaint": "Paint where the subject goes on the scene, or upload a mask (white: the subject); the rest of "
+                       "the scene is kept.",
             "control": "The picture's edges (computed here) shape the result; the subject comes from the photos.",
             }.get(mode)
     return {**{name: gr.update(visible=mode in modes) for name, modes in MODE_VIEWS.items()},

@@ -188,8 +188,8 @@ def _mode_panel(out: dict) -> None:
                                visible=False, elem_id="denoise")
     out["scene"] = gr.ImageEditor(label="Scene · paint where the subject goes", type="pil", height=320,
                                   sources=["upload", "clipboard"], layers=False, transforms=[], visible=False,
-                                  brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed",
-                                                 default_size=24), elem_id="scene")
+                                  brush=gr.Brush(colors=["#ff2d87"], default_color="#ff2d87", color_mode="fixed",
+                                                 default_size=24), elem_id="scene")  # any colour marks the mask
     out["mask"] = gr.Image(label="…or upload a mask (white: where the subject goes)", type="filepath", height=120,
                            sources=["upload"], visible=False, elem_id="mask-upload")
     with gr.Row(equal_height=True):

@@ -185,6 +185,22 @@ def load_controlnets(sources, dtype):
     return [load_pretrained(ControlNetModel, source, dtype, part="controlnet") for source in sources]
 
 
+def task_unavailable(profile: Profile, task: str) -> str | None:
+    """Why `profile` cannot run `task` (image-to-image, inpainting, controlnet), read from its fields and, for
+    inpainting without an inpainting base, its UNet's config (no weights); None when it can."""
+    runs = "needs real weights (profile sd15 or sdxl) or the tiny test profile"
+    if task == "controlnet" and not profile.control:
+        return f"the {profile.name} profile names no ControlNet for its base: the Control mode {runs}"
+    if task == "inpainting" and not profile.inpaint_base and Path(profile.base).is_dir():
+        from diffusers import UNet2DConditionModel
+
+        channels = UNet2DConditionModel.load_config(profile.base, subfolder="unet")["in_channels"]
+        if channels not in (4, 9):
+            return (f"the {profile.name} profile's base draws in a {channels}-channel latent space, and diffusers' "
+                    f"inpainting takes 4 (or an inpainting model's 9): the Inpaint mode {runs}")
+    return None
+
+
 def load_task(flexip, task: str, control: str | None = None):
     """The profile's FlexIPPipeline for another task: image-to-image on the same components; inpainting on the
     profile's inpainting base when it names one (else the same components); the control task on the profile's
