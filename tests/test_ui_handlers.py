@@ -644,6 +644,15 @@ def test_each_mode_renders_with_its_inputs_and_records_them(studio, session, tmp
         assert restored["mode"] == mode
 
 
+def test_the_sweep_and_the_grid_run_in_a_mode(studio, session, tmp_path):
+    values = mode_form("control", mode_image=scene_png(tmp_path), control_scale=0.4)
+    collect(handlers.sweep(studio, session=session, gates_text="0, 1", **values))
+    collect(handlers.grid(studio, session=session, prompts_text="a toy\na toy at night", gates_text="0, 1", **values))
+    calls = studio.engine.calls
+    assert [c.gates for c in calls] == [(0.0, 1.0)] * 3 and all(c.task.mode == "control" for c in calls)
+    assert {dict(c.generation.task_inputs)["controlnet_conditioning_scale"] for c in calls} == {0.4}
+
+
 def test_a_new_picture_is_never_taken_for_the_last_one(studio, session, tmp_path):
     scene = scene_png(tmp_path)
     other = tmp_path / "other.png"
