@@ -446,3 +446,24 @@ def test_profile_paths_under_assets_resolve_from_any_working_folder(tmp_path, mo
     (tmp_path / "notes.txt").write_text("{}")
     with pytest.raises(ValueError, match="a profile file is .json .* or give one of the names .*mini"):
         load_profile(str(tmp_path / "notes.txt"))
+
+
+def test_an_sdxl_base_is_cached_only_with_its_second_text_encoder(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from flexip_core.loading.profiles import load_profile
+    from flexip_core.loading.sources import profile_cached
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    stub = tmp_path / "stub.bin"
+    stub.write_bytes(b"0")
+    base = ("model_index.json", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors")
+    ip = ("models/image_encoder/config.json", "models/image_encoder/model.safetensors",
+          "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors", "sdxl_models/ip-adapter_sdxl_vit-h.safetensors")
+    profile = load_profile("sdxl")
+    fake_hub_cache(tmp_path, profile.base, dict.fromkeys(base, stub))
+    fake_hub_cache(tmp_path, "h94/IP-Adapter", dict.fromkeys(ip, stub))
+    assert not profile_cached(profile)
+    fake_hub_cache(tmp_path, profile.base, {"text_encoder_2/model.safetensors": stub})
+    assert profile_cached(profile)

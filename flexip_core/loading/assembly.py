@@ -141,8 +141,9 @@ def check_encoders(adapter, clip, dino, clip_source: str, dino_source: str) -> N
             if expects != gives:
                 raise ValueError(
                     f"the {branch} branch ({cfg.kind}) expects {expects}-wide {what}, but the encoder {source} gives "
-                    f"{gives}; the SD1.5 IP-Adapter files need OpenCLIP ViT-H/14 (--clip-encoder "
-                    "h94/IP-Adapter:models/image_encoder)")
+                    f"{gives}; the SD1.5 IP-Adapter files and SDXL's *_vit-h ones need OpenCLIP ViT-H/14 "
+                    "(--clip-encoder h94/IP-Adapter:models/image_encoder), SDXL's other ones ViT-bigG "
+                    "(h94/IP-Adapter:sdxl_models/image_encoder)")
 
 
 def assemble(cls, name: str, *, device=None, dtype=None, attention=None, low_vram=None, **overrides):

@@ -359,6 +359,8 @@ def profile_cached(profile) -> bool:
         if not source:
             continue
         files = () if Path(split_source(source)[1] or "").suffix else CACHE_EVIDENCE.get(part, ())
+        if part == "base" and files and "XL" in profile.pipeline:  # SDXL's second text encoder
+            files = (*files, "text_encoder_2/model.safetensors")
         if not in_cache(source, files):
             return False
     return True
