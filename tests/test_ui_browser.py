@@ -377,6 +377,14 @@ def add_example_subject(page) -> None:
     page.get_by_label("Prompt", exact=True).fill(EXAMPLES[0].prompt)
 
 
+def shown_parameters(page, tmp_path: Path) -> str:
+    """The `parameters` chunk of the PNG the Result tab shows (the file Download gives)."""
+    png = tmp_path / "shown.png"
+    png.write_bytes(page.request.get(result_src(page)).body())
+    with Image.open(png) as image:
+        return image.info["parameters"]
+
+
 def render_in_mode(page) -> None:
     from playwright.sync_api import expect
 
@@ -402,10 +410,7 @@ def test_start_image_on_the_offline_default_and_what_its_other_modes_need(mini_s
         page.set_input_files("#mode-image input[type=file]", str(example_path(EXAMPLES[2])))
         expect(page.locator("#mode-image img")).to_have_count(1)
         render_in_mode(page)
-        png = tmp_path / "started.png"
-        png.write_bytes(page.request.get(result_src(page)).body())
-        with Image.open(png) as image:
-            assert "FlexIP task: image-to-image" in image.info["parameters"]
+        assert "FlexIP task: image-to-image" in shown_parameters(page, tmp_path)  # the mode is in the PNG
         mode_screenshot(page, "mode-start-image.png", tmp_path)
         for mode in ("Inpaint", "Control"):
             page.get_by_label(mode, exact=True).check()
@@ -428,10 +433,7 @@ def test_inpaint_into_a_scene_with_a_mask_drawn_in_the_browser(page, tmp_path):
     page.mouse.move(box["x"] + box["width"] * 0.65, box["y"] + box["height"] * 0.5, steps=10)
     page.mouse.up()
     render_in_mode(page)
-    png = tmp_path / "inpainted.png"
-    png.write_bytes(page.request.get(result_src(page)).body())
-    with Image.open(png) as image:
-        assert "FlexIP task: inpainting" in image.info["parameters"]
+    assert "FlexIP task: inpainting" in shown_parameters(page, tmp_path)  # the mode is in the PNG
     mode_screenshot(page, "mode-inpaint.png", tmp_path)
 
 
@@ -445,4 +447,5 @@ def test_control_shows_the_edge_map_and_renders(page, tmp_path):
     page.set_input_files("#mode-image input[type=file]", str(DREAMBENCH / "dog" / "01.jpg"))
     expect(page.locator("#edge-view img")).to_have_count(1)  # computed here, shown beside the picture
     render_in_mode(page)
+    assert "FlexIP task: controlnet" in shown_parameters(page, tmp_path)
     mode_screenshot(page, "mode-control.png", tmp_path)
