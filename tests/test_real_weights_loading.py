@@ -467,3 +467,20 @@ def test_an_sdxl_base_is_cached_only_with_its_second_text_encoder(monkeypatch, t
     assert not profile_cached(profile)
     fake_hub_cache(tmp_path, profile.base, {"text_encoder_2/model.safetensors": stub})
     assert profile_cached(profile)
+
+
+def test_gpu_check_sdxl_smoke_runs_end_to_end(tmp_path):
+    """benchmarks/gpu_check.py --family sdxl --smoke: the SDXL check on CPU with the tiny SDXL, every figure filled."""
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--family", "sdxl", "--smoke", "--json",
+                             str(report)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env=subprocess_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["family"] == "sdxl" and data["size"] == 64 and data["flexip_backend"] == "sdpa"
+    for key in ("plain_sdxl_it_s", "diffusers_ip_adapter_it_s", "flexip_it_s", "flexip_image_s", "low_vram_image_s",
+                "controlnet_image_s", "inpainting_image_s"):
+        assert data[key] > 0, key
+    assert data["flexip_peak_gb"] is None and data["low_vram_peak_gb"] is None  # peak memory is read on CUDA only
+    assert set(data["ratios_to_plain"]) == {"diffusers_ip_adapter", "flexip"}
+    assert "plain SDXL" in result.stdout and "ControlNet" in result.stdout and "inpainting" in result.stdout

@@ -1,10 +1,12 @@
-"""The real model architectures as config dicts (SD1.5, SDXL's UNet, OpenCLIP ViT-H/14, DINOv2-L, IP-Adapter).
+"""The real model architectures as config dicts (SD1.5, SDXL, OpenCLIP ViT-H/14, DINOv2-L, IP-Adapter).
 
 Copied from the published config files (stable-diffusion-v1-5/stable-diffusion-v1-5,
 stabilityai/stable-diffusion-xl-base-1.0, h94/IP-Adapter models/image_encoder, facebook/dinov2-large), so that
 benchmarks and tests can build random models of the true sizes without the Hub. Building one never downloads anything.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -49,6 +51,23 @@ SD15_TEXT_ENCODER = dict(
 SD15_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False,
     set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+)
+# stable-diffusion-xl-base-1.0 vae/config.json (AutoencoderKL): SD1.5's VAE with SDXL's scaling; force_upcast, as it
+# overflows in fp16 at 1024 px (diffusers' SDXL pipelines, and FlexIP's decoder, decode it in fp32)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+# stable-diffusion-xl-base-1.0 text_encoder/config.json: the same CLIP ViT-L/14 text tower as SD1.5's
+SDXL_TEXT_ENCODER = SD15_TEXT_ENCODER
+# stable-diffusion-xl-base-1.0 text_encoder_2/config.json (CLIPTextModelWithProjection; OpenCLIP ViT-bigG/14 text)
+SDXL_TEXT_ENCODER_2 = dict(
+    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, max_position_embeddings=77,
+    vocab_size=49408, hidden_act="gelu", projection_dim=1280, layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+    pad_token_id=1,
+)
+# stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (EulerDiscreteScheduler; the keys it takes)
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, timestep_spacing="leading",
+    steps_offset=1,
 )
 # h94/IP-Adapter models/image_encoder/config.json (CLIPVisionModelWithProjection; OpenCLIP ViT-H/14)
 VIT_H14_VISION = dict(
@@ -104,3 +123,31 @@ def build_vit_h14(device=None, dtype: torch.dtype = torch.float32, seed: int = 0
         model = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H14_VISION))
     return model.to(dtype).eval().requires_grad_(False)
 
+
+@contextmanager
+def _created_on(device, dtype: torch.dtype):
+    """Parameters created inside start on `device` in `dtype` (no float32 copy built first and cast down)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_sdxl(device=None, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Random unet, vae, text_encoder, text_encoder_2 and scheduler in the SDXL base 1.0 architecture, created on
+    `device` in `dtype` (the keys of `tiny.build_tiny_sdxl_base`; tokenizers aside)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with _created_on(device, dtype):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2))
+    parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    parts = {name: model.to(dtype).eval().requires_grad_(False) for name, model in parts.items()}
+    return dict(parts, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER))
