@@ -338,26 +338,16 @@ def flexip_sdxl(run: Settings, xl, encoder, adapter, photo, report: dict, **comm
     with torch.device(run.device):
         controlnet = ControlNetModel.from_unet(xl.unet).to(run.dtype).eval().requires_grad_(False)
     control = {"image": photo.resize((run.size, run.size))}
-    report["controlnet_image_s"] = round(task_image_s(run, for_task(pipe, "controlnet", controlnet=controlnet),
+    report["controlnet_image_s"] = round(task_image_s(run, pipe.for_task("controlnet", controlnet=controlnet),
                                                       control, **flexip), 3)
 
     # 6. inpainting on the base's 4-channel UNet (diffusers blends the kept latents back in): the left half repainted
     mask = Image.new("L", (run.size, run.size), 0)
     mask.paste(255, (0, 0, run.size // 2, run.size))
     inpaint = {"image": photo.resize((run.size, run.size)), "mask_image": mask, "strength": 1.0}  # from noise
-    report["inpainting_image_s"] = round(task_image_s(run, for_task(pipe, "inpainting"), inpaint, **flexip), 3)
+    report["inpainting_image_s"] = round(task_image_s(run, pipe.for_task("inpainting"), inpaint, **flexip), 3)
     pipe.detach()
     return subject
-
-
-def for_task(pipe: FlexIPPipeline, task: str, **components) -> FlexIPPipeline:
-    """`pipe.for_task(...)`. Of diffusers' SDXL pipelines only the text-to-image one has `default_sample_size`,
-    which FlexIPPipeline.defaults reads for SDXL without a profile; the task's pipeline borrows it (a no-op once
-    `defaults` falls back to the UNet's sample_size)."""
-    derived = pipe.for_task(task, **components)
-    if pipe.family == "sdxl" and not hasattr(derived.pipe, "default_sample_size"):
-        derived.pipe.default_sample_size = pipe.pipe.default_sample_size
-    return derived
 
 
 def task_image_s(run: Settings, flexip: FlexIPPipeline, inputs: dict, **call) -> float:

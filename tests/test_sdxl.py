@@ -169,6 +169,8 @@ def test_attach_and_detach_on_a_users_sdxl_pipeline(tiny):
     gated = [n for n, p in pipe.unet.attn_processors.items() if isinstance(p, GatedCrossAttnProcessor)]
     assert flexip.family == "sdxl" and len(gated) == len(flexip.adapter.config.layers) == 8
     assert (flexip.defaults.height, flexip.defaults.guidance_scale) == (64, 5.0)  # diffusers' SDXL: the UNet's size
+    inpaint = flexip.for_task("inpainting")  # diffusers' other SDXL pipelines have no default_sample_size
+    assert inpaint.defaults.height == 64 and inpaint.pipe.unet is pipe.unet
     assert flexip.detach() is pipe
     assert {name: type(p) for name, p in pipe.unet.attn_processors.items()} == own
 

@@ -212,7 +212,9 @@ class FlexIPPipeline:
         if self.profile:
             return self.profile.defaults
         if self.family == "sdxl":
-            side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+            # only diffusers' SDXL text-to-image pipeline has default_sample_size; the others take the UNet's
+            sample = getattr(self.pipe, "default_sample_size", self.pipe.unet.config.sample_size)
+            side = sample * self.pipe.vae_scale_factor
             return Defaults(height=side, width=side, guidance_scale=5.0, scheduler=None, max_side=MAX_SIDE)
         return Defaults(scheduler=None)
 
