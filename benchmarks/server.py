@@ -76,15 +76,16 @@ def slider_release(mode: Mode) -> tuple[Section, dict]:
         return section, {"skipped": section.skipped}
     from gradio_client import Client, handle_file
 
-    from ui.handlers import CONTROLS
+    from ui.handlers import CONTROLS, MODE_INPUTS, TEXT_MODE
     from ui.state import MAX_PHOTOS
 
     settings = dict(prompt="a photo of the subject on the beach", negative_prompt="", gate=0.5, strength=1.0, seed=7,
                     num_inference_steps=STEPS, guidance_scale=7.5, width=SIZE, height=SIZE, scheduler="dpmpp_2m",
                     pres_from=0.0, pres_until=1.0, pers_from=0.0, pers_until=1.0)
 
-    def form(gate: float) -> list:  # the UI's settings in layout order, then one weight per photo slot
-        return [{**settings, "gate": gate}[name] for name in CONTROLS] + [1.0] * MAX_PHOTOS
+    def form(gate: float) -> list:  # the UI's settings in layout order, one weight per photo slot, the mode panel
+        return ([{**settings, "gate": gate}[name] for name in CONTROLS] + [1.0] * MAX_PHOTOS
+                + [TEXT_MODE[name] for name in MODE_INPUTS])
 
     with tempfile.TemporaryDirectory() as folder:
         photo = Path(folder) / "subject.png"
@@ -205,7 +206,7 @@ def _ui_event(url: str, photo: Path, profile: str):
     from gradio_client import Client, handle_file
 
     from flexip_core.loading.profiles import load_profile
-    from ui.handlers import CONTROLS
+    from ui.handlers import CONTROLS, MODE_INPUTS, TEXT_MODE
     from ui.state import MAX_PHOTOS
 
     client = Client(url, verbose=False)
@@ -215,7 +216,7 @@ def _ui_event(url: str, photo: Path, profile: str):
                     num_inference_steps=d.num_inference_steps, guidance_scale=d.guidance_scale, width=d.width,
                     height=d.height, scheduler=d.scheduler, pres_from=0.0, pres_until=1.0,
                     pers_from=0.0, pers_until=1.0)
-    form = [settings[name] for name in CONTROLS] + [1.0] * MAX_PHOTOS
+    form = [settings[name] for name in CONTROLS] + [1.0] * MAX_PHOTOS + [TEXT_MODE[name] for name in MODE_INPUTS]
 
     def generate() -> float:
         started = time.perf_counter()

@@ -618,8 +618,7 @@ def mask_png(tmp_path, size=(96, 64), box=(30, 20, 70, 50), name="mask.png") -> 
 
 
 def mode_form(mode: str, **values) -> dict:
-    return {**form(), "mode": mode, "mode_image": None, "scene": None, "mask": None, "denoise": 0.6,
-            "control": "canny", "control_scale": 1.0, **values}
+    return {**form(), **handlers.TEXT_MODE, "mode": mode, **values}
 
 
 def test_each_mode_renders_with_its_inputs_and_records_them(studio, session, tmp_path):

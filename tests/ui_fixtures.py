@@ -189,11 +189,10 @@ def ui_form(max_photos: int = 4, **values) -> list:
     """Positional inputs of the UI's undocumented endpoints (/ui_generate after lock_seed, /ui_release):
     the generation controls in layout order (ui.handlers.CONTROLS), one weight per photo slot, then the mode panel's
     inputs (ui.handlers.MODE_INPUTS; text-to-image)."""
-    from ui.handlers import CONTROLS, MODE_INPUTS
+    from ui.handlers import CONTROLS, MODE_INPUTS, TEXT_MODE
 
     defaults = dict(prompt="a photo of the subject", negative_prompt="", gate=0.5, strength=1.0, seed=1,
                     num_inference_steps=4, guidance_scale=7.5, width=64, height=64, scheduler="dpmpp_2m",
-                    pres_from=0.0, pres_until=1.0, pers_from=0.0, pers_until=1.0, mode="text", mode_image=None,
-                    scene=None, mask=None, denoise=0.6, control="canny", control_scale=1.0)
+                    pres_from=0.0, pres_until=1.0, pers_from=0.0, pers_until=1.0, **TEXT_MODE)
     defaults.update(values)
     return [defaults[name] for name in CONTROLS] + [1.0] * max_photos + [defaults[name] for name in MODE_INPUTS]

@@ -45,6 +45,8 @@ WINDOW_PRESETS = {"whole run": (0.0, 1.0), "identity early": (0.0, 0.5), "identi
 # "text" is text-to-image, the others are task_inputs.MODES.
 MODE_INPUTS = ("mode", "mode_image", "scene", "mask", "denoise", "control", "control_scale")
 MODE_SETTINGS = ("mode", "denoise", "control", "control_scale")  # what a PNG or a history click restores
+TEXT_MODE = dict(mode="text", mode_image=None, scene=None, mask=None, denoise=0.6, control="canny",
+                 control_scale=1.0)  # the mode panel as the page starts: text to image (MODE_INPUTS' values)
 MODE_OF_TASK = {task: mode for mode, task in MODES.items()} | {"text-to-image": "text"}
 # The API's argument names for these where they differ (a public contract kept from before the fields were renamed).
 API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "pres_until": "identity_early"}
