@@ -24,6 +24,42 @@ def port_number(text: str) -> int:
     return int(text)
 
 
+def auth_pair(text: str) -> tuple[str, str]:
+    """argparse type of --auth: user:password, both non-empty (the password may hold ':')."""
+    user, colon, password = text.partition(":")
+    if not colon or not user.strip() or not password:
+        raise argparse.ArgumentTypeError("--auth takes user:password (both non-empty), e.g. --auth ana:s3cret")
+    return user.strip(), password
+
+
+def read_auth_file(path: str) -> list[tuple[str, str]]:
+    """The user:password lines of an --auth-file (blank lines and # comments skipped); ValueError names the file and
+    the line that is wrong, or why the file cannot be read."""
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--auth-file {path}: cannot be read ({error.strerror or error})") from None
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                pairs.append(auth_pair(line.strip()))
+            except argparse.ArgumentTypeError:
+                raise ValueError(f"--auth-file {path}, line {number}: expected user:password") from None
+    if not pairs:
+        raise ValueError(f"--auth-file {path}: no user:password line in it")
+    return pairs
+
+
+def access_warning(listen: bool, share: bool, credentials: list) -> str | None:
+    """What start says when the studio is reachable by others without a password."""
+    if credentials or not (listen or share):
+        return None
+    where = "a public gradio.live link" if share else "every interface (--listen)"
+    return (f"serving on {where} without --auth: anyone who can reach it can use the studio, its GPU and its "
+            "files; add --auth user:password or --auth-file FILE")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from flexip_core.cli import add_model_flags  # argparse only: no torch import
 
@@ -31,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=port_number, help="port to serve on (default: first free from 7860)")
     parser.add_argument("--listen", action="store_true", help="serve on all interfaces (0.0.0.0), not only localhost")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link")
+    parser.add_argument("--auth", type=auth_pair, action="append", default=[], metavar="USER:PASSWORD",
+                        help="require this login (Gradio's own authentication); repeat for more users")
+    parser.add_argument("--auth-file", default=None, metavar="FILE",
+                        help="logins from a file, one user:password a line")
     parser.add_argument("--no-preload", dest="preload", action="store_false",
                         help="load the models on the first render instead of right after the server starts")
     parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
@@ -60,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                              "Inpaint, Control)")
         device = pick_device(args.device)  # an unknown device, or CUDA on the CPU build of torch
         pick_dtype(args.dtype, device)
+        credentials = args.auth + (read_auth_file(args.auth_file) if args.auth_file else [])
     except ValueError as error:
         raise SystemExit(f"app.py: error: {error}") from None
     engine = CoreEngine(profile, model_options(args))  # the same flags as the command line
@@ -71,9 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     demo.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,
         max_file_size=DEFAULT_LIMITS.max_bytes, allowed_paths=[], show_error=True, prevent_thread_lock=True,
-        footer_links=["api", "gradio"], **launch_options(),
+        footer_links=["api", "gradio"], auth=credentials or None, **launch_options(),
     )
-    logger.info("FlexIP Studio serving on %s (profile %s)", demo.local_url, profile)
+    logger.info("FlexIP Studio serving on %s (profile %s%s)", demo.local_url, profile,
+                f", login required for {len(credentials)} user(s)" if credentials else "")
+    warning = access_warning(args.listen, args.share, credentials)
+    if warning:
+        logger.warning(warning)
     if args.preload:
         threading.Thread(target=_preload, args=(engine,), name="flexip-preload", daemon=True).start()
     threading.Thread(target=_prune_hourly, args=(folder,), name="flexip-prune", daemon=True).start()
