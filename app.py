@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="require this login (Gradio's own authentication); repeat for more users")
     parser.add_argument("--auth-file", default=None, metavar="FILE",
                         help="logins from a file, one user:password a line")
+    parser.add_argument("--outputs", default="outputs", metavar="DIR",
+                        help="where every render is kept and indexed, across restarts (default: ./outputs)")
     parser.add_argument("--no-preload", dest="preload", action="store_false",
                         help="load the models on the first render instead of right after the server starts")
     parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     from flexip_core.generation.pipeline import TASKS
     from flexip_core.loading.profiles import default_profile, load_profile
     from ui.engine import CoreEngine
+    from ui.gallery import Gallery
     from ui.layout import build_studio, launch_options, studio_folder
     from ui.state import Studio
 
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         device = pick_device(args.device)  # an unknown device, or CUDA on the CPU build of torch
         pick_dtype(args.dtype, device)
         credentials = args.auth + (read_auth_file(args.auth_file) if args.auth_file else [])
+        gallery = Gallery.open(args.outputs)  # a folder that cannot be written is refused now, by name
     except ValueError as error:
         raise SystemExit(f"app.py: error: {error}") from None
     engine = CoreEngine(profile, model_options(args))  # the same flags as the command line
@@ -108,14 +112,16 @@ def main(argv: list[str] | None = None) -> None:
     folder = studio_folder()  # photos and results of this run, served as they are; removed on exit
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     signal.signal(signal.SIGTERM, _exit_on_terminate)
-    demo = build_studio(Studio(engine=engine, folder=folder))
+    demo = build_studio(Studio(engine=engine, folder=folder, gallery=gallery))
     demo.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,
-        max_file_size=DEFAULT_LIMITS.max_bytes, allowed_paths=[], show_error=True, prevent_thread_lock=True,
+        max_file_size=DEFAULT_LIMITS.max_bytes, show_error=True, prevent_thread_lock=True,
+        allowed_paths=[str(gallery.images_folder), str(gallery.subjects_folder)],  # not its index, nothing else
         footer_links=["api", "gradio"], auth=credentials or None, **launch_options(),
     )
-    logger.info("FlexIP Studio serving on %s (profile %s%s)", demo.local_url, profile,
-                f", login required for {len(credentials)} user(s)" if credentials else "")
+    logger.info("FlexIP Studio serving on %s (profile %s%s); renders kept in %s (%d so far)", demo.local_url, profile,
+                f", login required for {len(credentials)} user(s)" if credentials else "", gallery.folder,
+                gallery.count())
     warning = access_warning(args.listen, args.share, credentials)
     if warning:
         logger.warning(warning)

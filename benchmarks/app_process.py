@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -19,9 +21,14 @@ def free_port() -> int:
 
 
 class AppServer:
-    """The studio on a free port; `ready_after` is the seconds from start until the page answered."""
+    """The studio on a free port; `ready_after` is the seconds from start until the page answered. Its renders go
+    to `outputs`: the `--outputs` given, else a new temporary folder removed by stop()."""
 
     def __init__(self, *args: str, log: Path | None = None, timeout: float = 120.0):
+        self._own_outputs = "--outputs" not in args
+        if self._own_outputs:
+            args = (*args, "--outputs", tempfile.mkdtemp(prefix="studio-outputs-"))
+        self.outputs = Path(args[args.index("--outputs") + 1])
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = log or REPO / ".cache" / f"app-{self.port}.log"
@@ -67,3 +74,5 @@ class AppServer:
                 self.process.kill()
                 self.process.wait()
         self._log_file.close()
+        if self._own_outputs:
+            shutil.rmtree(self.outputs, ignore_errors=True)

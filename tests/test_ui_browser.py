@@ -449,3 +449,30 @@ def test_control_shows_the_edge_map_and_renders(page, tmp_path):
     render_in_mode(page)
     assert "FlexIP task: controlnet" in shown_parameters(page, tmp_path)
     mode_screenshot(page, "mode-control.png", tmp_path)
+
+
+def test_the_gallery_tab_and_history_after_a_restart(tmp_path):
+    """Renders of an earlier run are in the history strip and the Gallery tab of a new one on the same outputs."""
+    from gradio_client import Client, handle_file
+    from playwright.sync_api import expect
+
+    outputs = ["--profile", "tiny", "--outputs", str(tmp_path / "outputs")]
+    first = AppServer(*outputs)
+    try:
+        Client(first.url, verbose=False).predict(photos=[handle_file(str(DREAMBENCH / "dog" / "00.jpg"))],
+                                                 prompt="a dog kept for later", seed=11, steps=1, api_name="/generate")
+    finally:
+        first.stop()
+    second = AppServer(*outputs)
+    try:
+        with open_page(second.url) as page:
+            expect(page.locator("#history img")).to_have_count(1)
+            page.get_by_role("tab", name="Gallery").click()
+            expect(page.locator("#gallery-grid img")).to_have_count(1)
+            expect(page.locator("#gallery-info")).to_contain_text("1 kept render")
+            page.locator("#gallery-grid img").first.click()
+            expect(page.locator("#info")).to_contain_text("from the gallery")
+            assert page.get_by_label("Prompt", exact=True).input_value() == "a dog kept for later"
+            no_error_badges(page)
+    finally:
+        second.stop()

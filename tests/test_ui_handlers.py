@@ -16,7 +16,7 @@ from flexip_core.generation.settings import MAX_SEED, Generation
 from tests.ui_fixtures import FakeEngine, bad_uploads, odd_mode_uploads, png_bytes
 from ui import handlers
 from ui.engine import Done, Step, stream_render
-from ui.files import save_result
+from ui.gallery import Gallery
 from ui.handlers import API_NAMES, ensure_loaded, parse_prompts, read_form
 from ui.layout import bind
 from ui.state import Session, Studio, read_png_generation
@@ -76,6 +76,14 @@ def session(studio, photo) -> Session:
     session = Session()
     handlers.add_photos(studio, session=session, files=[photo])
     return session
+
+
+def save_result(image: Image.Image, parameters: dict, folder: Path) -> str:
+    """A PNG with the parameters chunk, as the studio writes one (outside a gallery)."""
+    from flexip_core.generation.metadata import save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(save_png(image, folder / "made.png", parameters))
 
 
 def chunk(path: str) -> str:
@@ -861,3 +869,59 @@ def test_the_studio_refuses_a_profile_of_another_task_at_start():
 
     with pytest.raises(SystemExit, match="profile 'sd15-inpaint' is for one task .* the other tasks as its modes"):
         app.main(["--profile", "sd15-inpaint", "--no-preload"])
+
+
+# --- the gallery: renders kept on disk, across restarts -----------------------------------------------------------
+def test_renders_are_kept_and_a_restarted_studio_shows_them(studio, session, tmp_path):
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=5, prompt="a toy in the snow")))
+    collect(handlers.sweep(studio, session=session, gates_text="0, 1", **form(seed=6)))
+    assert studio.gallery.count() == 3 and all(studio.gallery.contains(r.path) for r in session.history)
+    again = Studio(engine=FakeEngine(), folder=tmp_path / "second-run", gallery=Gallery.open(studio.gallery.folder))
+    fresh = Session()
+    shown = handlers.load_history(again, session=fresh)
+    assert [caption for _, caption in shown["history"]][0].startswith("γ 1.00 · seed 6")  # newest first
+    assert len(shown["history"]) == 3 and fresh.history[-1].generation.prompt == "a toy in the snow"
+
+
+def test_the_gallery_tab_searches_opens_deletes_and_gives_the_subject_back(studio, session, tmp_path):
+    for seed, prompt, gate in ((1, "a toy on the beach", 0.2), (2, "a toy in the snow", 0.9)):
+        collect(handlers.generate(studio, session=session, lock_seed=True, **form(seed=seed, prompt=prompt, gate=gate)))
+    view = handlers.gallery_view(studio, session=session, query="SNOW")
+    assert len(view["gallery_grid"]) == 1 and "1 kept render" in view["gallery_info"]
+    assert len(handlers.gallery_view(studio, session=session, gate_min=0.5)["gallery_grid"]) == 1
+    assert len(handlers.gallery_view(studio, session=session, sort="gate")["gallery_grid"]) == 2
+    handlers.gallery_view(studio, session=session)  # newest first: the click opens what it shows
+    opened = handlers.select_gallery(studio, gr.SelectData(None, {"index": 0, "value": None}), session=session)
+    assert opened["seed"] == 2 and opened["prompt"] == "a toy in the snow"  # its settings are back
+    session.photos = []
+    back = handlers.reuse_subject(studio, session=session)
+    assert [p.name for p in session.photos] == ["red_toy.png"] and back["slot0"]["visible"]
+    handlers.gallery_view(studio, session=session, query="snow")
+    handlers.select_gallery(studio, gr.SelectData(None, {"index": 0, "value": None}), session=session)
+    after = handlers.delete_from_gallery(studio, session=session, query="")
+    assert len(after["gallery_grid"]) == 1 and studio.gallery.count() == 1
+    assert all("snow" not in r.generation.prompt for r in session.history)
+
+
+def test_the_history_endpoint_lists_kept_renders(studio, photo):
+    for seed in (3, 4):
+        run_api(handlers.api_generate, studio, photos=[photo], **api_form(seed=seed, prompt=f"toy {seed}"))
+    out = handlers.api_history(studio, query="", limit=10)
+    assert [p["seed"] for p in out["api_parameters"]] == [4, 3] and len(out["api_images"]) == 2
+    assert handlers.api_history(studio, query="toy 3", limit=5)["api_parameters"][0]["seed"] == 3
+    for limit in (0, 2.5, "many"):
+        with pytest.raises(gr.Error, match="limit"):
+            handlers.api_history(studio, limit=limit)
+
+
+def test_a_full_disk_fails_that_render_clearly_and_the_next_one_works(studio, session, monkeypatch):
+    import errno
+    import os
+
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    updates = refusal(handlers.generate(studio, session=session, lock_seed=True, **form()), "No space left")
+    assert "not rendered" in updates[-1]["info"] and studio.gallery.count() == 0
+    monkeypatch.setattr(os, "replace", real)
+    collect(handlers.generate(studio, session=session, lock_seed=True, **form()))
+    assert studio.gallery.count() == 1

@@ -12,24 +12,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from flexip_core.generation.metadata import save_png
-
 logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 EXAMPLE_SIDE = 256  # rendered size of an example photo, px
-
-
-def save_result(image: Image.Image, parameters: dict, folder: Path, stem: str = "flexip") -> str:
-    """Write `image` as a PNG with the A1111-style parameters chunk; returns its path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    gate = parameters.get("gate")
-    seed = parameters.get("seed")
-    label = f"-g{float(gate):.2f}" if isinstance(gate, (int, float)) else ""
-    label += f"-s{seed}" if seed is not None else ""
-    path = folder / f"{stem}{label}-{uuid.uuid4().hex[:8]}.png"
-    save_png(image, path, parameters)
-    return str(path)
 
 
 def zip_results(paths: list[str], folder: Path, stem: str = "flexip-sweep") -> str:

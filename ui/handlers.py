@@ -32,8 +32,20 @@ from flexip_core.generation.settings import MAX_SEED, Generation, parse_gates
 from flexip_core.generation.task_inputs import MODES, TaskInputs, prepare
 
 from .engine import Done, RenderCancelled, Step, stream_render
-from .files import EXAMPLES, ensure_examples, example_path, save_result, zip_results
-from .state import Photo, Result, Run, Session, Studio, accept_photos, fingerprint, open_photo, read_png_generation
+from .files import EXAMPLES, ensure_examples, example_path, zip_results
+from .gallery import GalleryWriteError
+from .state import (
+    MAX_HISTORY,
+    Photo,
+    Result,
+    Run,
+    Session,
+    Studio,
+    accept_photos,
+    fingerprint,
+    open_photo,
+    read_png_generation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +265,7 @@ async def render(studio: Studio, photos: Sequence[Photo], generation: Generation
     references = [open_photo(studio, photo) for photo in photos]
     weights = [photo.weight for photo in photos]
     subject = fingerprint(list(photos))
+    studio.gallery.remember_subject(subject, [p.path for p in photos], weights, [p.name for p in photos])
     batches = [[gate] for gate in gates] if one_at_a_time else [list(gates)]
     results: list[Result] = []
     halt = run.halted if run is not None else None
@@ -286,9 +299,10 @@ class Stopped(Exception):
 
 
 def _save(studio: Studio, subject: str, done: Done) -> list[Result]:
-    return [Result(path=save_result(r.image, r.parameters, studio.results_folder), generation=r.generation,
-                   identity=r.identity, subject=subject, parameters=r.parameters, warnings=r.warnings)
-            for r in done.results]
+    """Each render into the gallery (the PNG written atomically, then indexed); GalleryWriteError when it cannot."""
+    entries = [studio.gallery.add(r.image, r.parameters, subject=subject, identity=r.identity, warnings=r.warnings)
+               for r in done.results]
+    return [replace(Result.from_entry(entry), generation=r.generation) for entry, r in zip(entries, done.results)]
 
 
 # --- how the page answers: runs, messages, the stopped state -------------------------------------------
@@ -340,7 +354,7 @@ def still_showing(session: Session) -> str:
 
 def refused(session: Session, error: Exception, label: str = "") -> dict:
     """A toast and the line for an action that did not happen; every other output stays as it was."""
-    if isinstance(error, (ValueError, NotLoaded)):
+    if isinstance(error, (ValueError, NotLoaded, GalleryWriteError)):
         why = str(error)
         logger.info("not rendered: %s", why)
     else:  # unexpected: with its traceback in the log, and said on the page
@@ -760,6 +774,106 @@ async def grid(studio: Studio, *, session: Session, prompts_text: str, gates_tex
     names = " · ".join(f"row {number}: *{prompt}*" for number, (prompt, _) in enumerate(rows, start=1))
     yield {**grid_view(session), "session": session,
            "info": f"grid of {len(prompts)} prompts × {len(gates)} γ values · **seed {generation.seed}** · {names}"}
+
+
+# --- the gallery: every render kept on disk, across restarts -------------------------------------------
+GALLERY_PAGE = 60  # renders shown at once in the Gallery tab
+GALLERY_SORTS = ("newest", "oldest", "gate", "identity")
+
+
+def load_history(studio: Studio, *, session: Session) -> dict:
+    """The page opened: the history strip shows the newest renders the gallery keeps, earlier runs' included."""
+    if not session.history:
+        session.history = [Result.from_entry(entry) for entry in studio.gallery.entries(limit=MAX_HISTORY)]
+    return {"history": [(r.path, r.caption) for r in session.history], "session": session}
+
+
+def gallery_view(studio: Studio, *, session: Session, query: str = "", sort: str = "newest", gate_min=None,
+                 gate_max=None, this_subject: bool = False) -> dict:
+    """The Gallery tab: the kept renders matching the search (prompt words), γ range and subject, sorted."""
+    filters = dict(subject=session.subject() if this_subject and session.photos else None,
+                   gate_min=gate_min, gate_max=gate_max)
+    try:
+        entries = studio.gallery.entries(str(query or ""), sort=sort, limit=GALLERY_PAGE, **filters)
+        total = studio.gallery.count(str(query or ""), **filters)
+    except ValueError as error:
+        toast(str(error))
+        return {"gallery_info": f"✕ {error}"}
+    session.gallery_shown = [entry.id for entry in entries]
+    shown = f"the first {len(entries)} of " if total > len(entries) else ""
+    return {"gallery_grid": [(e.path, f"{Result.from_entry(e).caption} · {e.created[:16].replace('T', ' ')}")
+                             for e in entries],
+            "gallery_info": f"{shown}{total} kept render{'s' * (total != 1)} in `{studio.gallery.folder}` · click one "
+                            "to open it and put its settings back", "session": session}
+
+
+def select_gallery(studio: Studio, evt: gr.SelectData, *, session: Session) -> dict:
+    """A kept render was clicked: it shows large and its settings go back into the controls."""
+    index = evt.index if isinstance(evt.index, int) else evt.index[0]
+    entry = studio.gallery.get(session.gallery_shown[index]) if 0 <= index < len(session.gallery_shown) else None
+    if entry is None:
+        return {"gallery_info": "✕ that render is no longer kept; refresh the gallery"}
+    session.gallery_selected, session.current = entry.id, Result.from_entry(entry)
+    return {**show(session, session.current), **restore_outputs(entry.generation),
+            "info": f"{describe(session.current)} · from the gallery; its settings are back in the controls"}
+
+
+def delete_from_gallery(studio: Studio, *, session: Session, **view) -> dict:
+    """Delete the render last clicked in the Gallery tab (its file and its row), then show the gallery again."""
+    if session.gallery_selected is None:
+        toast("click a render in the gallery first, then Delete")
+        return {}
+    studio.gallery.delete(session.gallery_selected)
+    session.history = [r for r in session.history if Path(r.path).exists()]
+    session.gallery_selected = None
+    return {**gallery_view(studio, session=session, **view), "history": [(r.path, r.caption) for r in session.history]}
+
+
+def reuse_subject(studio: Studio, *, session: Session) -> dict:
+    """Make the subject of the render last clicked in the Gallery tab the current one (its photos and weights)."""
+    entry = studio.gallery.get(session.gallery_selected) if session.gallery_selected is not None else None
+    subject = studio.gallery.subject(entry.subject) if entry is not None and entry.subject else None
+    if subject is None:
+        toast("click a render in the gallery first (one made in this studio, whose photos were kept)")
+        return {}
+    photos = []
+    for path, weight, name in zip(subject.photos, subject.weights, subject.names, strict=True):
+        accepted, rejected = accept_photos([path], studio.photos_folder)
+        for problem in rejected:
+            toast(f"{name}: {problem.reason}")
+        photos += [replace(photo, weight=weight, name=name) for photo in accepted]
+    if not photos:
+        return {}
+    session.photos = photos[:studio.max_photos]
+    return {"session": session, **slot_updates(session, studio.max_photos),
+            "info": f"subject back: {', '.join(subject.names)} ({subject.renders} render(s) kept)"}
+
+
+def api_history(studio: Studio, *, query: str = "", limit: float = 50) -> dict:
+    """The renders the studio keeps, newest first.
+
+    Args:
+        query: words the prompt contains (case-insensitive); empty: all.
+        limit: how many, 1 to 1000.
+
+    Returns the PNGs and, per PNG, its settings, identity score, file name, id and creation time (UTC)."""
+    try:
+        entries = studio.gallery.entries(str(query or ""), limit=_whole_number(limit, "limit"))
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    return {"api_images": [e.path for e in entries] or None, "api_parameters": [
+        {**e.parameters, "identity_score": e.identity, "file": Path(e.path).name, "id": e.id, "created": e.created,
+         "warnings": list(e.warnings)} for e in entries]}
+
+
+def _whole_number(value, name: str) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if not number.is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
 
 
 # --- the mode panel ------------------------------------------------------------------------------------

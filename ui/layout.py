@@ -217,6 +217,22 @@ def _result_panel(out: dict) -> dict:
                                               object_fit="contain", elem_id="sweep-gallery", interactive=False,
                                               fit_columns=False)
             out["sweep_zip"] = gr.DownloadButton("Download all (zip)", interactive=False, size="sm")
+        with gr.Tab("Gallery", id="gallery") as out["gallery_tab"]:
+            with gr.Row(equal_height=True):
+                out["gallery_query"] = gr.Textbox(label="Search prompts", scale=3, elem_id="gallery-query")
+                out["gallery_sort"] = gr.Dropdown(list(handlers.GALLERY_SORTS), value="newest", label="Sort",
+                                                  scale=1, min_width=90)
+                out["gallery_gate_min"] = gr.Number(0.0, label="γ from", minimum=0, maximum=1, step=0.05,
+                                                    min_width=70)
+                out["gallery_gate_max"] = gr.Number(1.0, label="γ to", minimum=0, maximum=1, step=0.05, min_width=70)
+            out["gallery_this_subject"] = gr.Checkbox(False, label="only the current subject")
+            out["gallery_grid"] = gr.Gallery(label="kept renders (newest first)", columns=6, height=300,
+                                             allow_preview=False, object_fit="cover", elem_id="gallery-grid",
+                                             interactive=False, fit_columns=False)
+            with gr.Row():
+                buttons["gallery_subject"] = gr.Button("Use its subject", size="sm", elem_id="gallery-subject")
+                buttons["gallery_delete"] = gr.Button("Delete", size="sm", variant="stop", elem_id="gallery-delete")
+            out["gallery_info"] = gr.Markdown(elem_id="gallery-info")
         with gr.Tab("Prompt × γ grid", id="grid"):
             with gr.Row(equal_height=True):
                 out["prompts_text"] = gr.Textbox(label="Prompts, one per line (up to 4)", lines=3, scale=3)
@@ -245,8 +261,10 @@ def _api_panel(out: dict) -> dict:
         out["api_denoise"] = gr.Number(0.6, label="denoise")
         out["api_control"] = gr.Textbox("canny", label="control")
         out["api_control_scale"] = gr.Number(1.0, label="control_scale")
+        out["api_query"] = gr.Textbox("", label="query")
+        out["api_limit"] = gr.Number(50, label="limit")
         return {name: gr.Button(name) for name in ("api_generate", "api_sweep", "api_start_image", "api_inpaint",
-                                                   "api_control")}
+                                                   "api_control", "api_history")}
 
 
 def build_studio(studio: Studio) -> gr.Blocks:
@@ -300,6 +318,31 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
         buttons[f"api_{mode}"].click(bind(getattr(handlers, f"api_{mode}"), out, studio),
                                      inputs_kwargs={**api_inputs, "image": out["api_image"], **extra},
                                      outputs=components(out, "api_images", "api_parameters"), api_name=mode, **GPU)
+
+    buttons["api_history"].click(bind(handlers.api_history, out, studio),
+                                 inputs_kwargs={"query": out["api_query"], "limit": out["api_limit"]},
+                                 outputs=components(out, "api_images", "api_parameters"), api_name="history",
+                                 concurrency_limit=4)
+
+    # The gallery: the history strip starts from it; its tab searches, opens, deletes and gives back subjects
+    demo.load(bind(handlers.load_history, out, studio), inputs_kwargs={"session": out["session"]},
+              outputs=components(out, "history", "session"), api_visibility="private", queue=False)
+    view = {"session": out["session"], "query": out["gallery_query"], "sort": out["gallery_sort"],
+            "gate_min": out["gallery_gate_min"], "gate_max": out["gallery_gate_max"],
+            "this_subject": out["gallery_this_subject"]}
+    view_outputs = components(out, "gallery_grid", "gallery_info", "session")
+    for trigger in (out["gallery_tab"].select, out["gallery_query"].submit, out["gallery_sort"].change,
+                    out["gallery_gate_min"].submit, out["gallery_gate_max"].submit, out["gallery_this_subject"].change):
+        trigger(bind(handlers.gallery_view, out, studio), inputs_kwargs=view, outputs=view_outputs,
+                api_visibility="private", queue=False, show_progress="hidden")
+    out["gallery_grid"].select(bind(handlers.select_gallery, out, studio), inputs_kwargs={"session": out["session"]},
+                               outputs=[*shown, *restored], api_visibility="private", queue=False)
+    buttons["gallery_delete"].click(bind(handlers.delete_from_gallery, out, studio), inputs_kwargs=view,
+                                    outputs=[*view_outputs, out["history"]], api_visibility="private", queue=False)
+    buttons["gallery_subject"].click(bind(handlers.reuse_subject, out, studio),
+                                     inputs_kwargs={"session": out["session"]},
+                                     outputs=[out["info"], out["session"], *slots],
+                                     api_visibility="private", queue=False)
 
     # The mode panel: the chosen mode's inputs, and the edge map the Control mode follows
     out["mode"].change(bind(handlers.mode_view, out, studio), inputs_kwargs={"mode": out["mode"]},

@@ -19,6 +19,7 @@ from flexip_core.generation.metadata import read_generation
 from flexip_core.generation.settings import Generation
 
 from .engine import Engine
+from .gallery import Entry, Gallery
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +35,14 @@ class Studio:
     """What every handler shares."""
 
     engine: Engine  # shared by all users; never mutated per request
-    folder: Path  # where the app writes validated photos and results (the only files it serves back)
+    folder: Path  # where the app writes validated photos, zips and previews for this run (served as they are)
     max_photos: int = MAX_PHOTOS  # subject photos per session
     decoded: OrderedDict = field(default_factory=OrderedDict, repr=False)  # photo digest -> RGB image, newest last
+    gallery: Gallery | None = None  # every render and subject, on disk and indexed (--outputs); default: in `folder`
+
+    def __post_init__(self):
+        if self.gallery is None:
+            object.__setattr__(self, "gallery", Gallery.open(Path(self.folder) / "outputs"))
 
     @property
     def photos_folder(self) -> Path:
@@ -79,6 +85,12 @@ class Result:
         """γ and identity score only: for a row rendered with one seed (a sweep), where the seed says nothing."""
         return self._caption("")
 
+    @classmethod
+    def from_entry(cls, entry: Entry) -> Result:
+        """A render the gallery kept (this run's or an earlier one's)."""
+        return cls(path=entry.path, generation=entry.generation, identity=entry.identity, subject=entry.subject,
+                   parameters=entry.parameters, warnings=entry.warnings)
+
     def _caption(self, seed: str) -> str:
         score = "" if self.identity is None else f" · id {self.identity:.2f}"
         return f"γ {self.generation.gate:.2f}{seed}{score}"
@@ -110,6 +122,8 @@ class Session:
     run: Run | None = None  # the render in flight, if any
     cancelled: Run | None = None  # the last render cancelled before it finished, until Stop reports it
     told: set[tuple[str, str]] = field(default_factory=set)  # (subject, warning) toasts shown: each once per subject
+    gallery_shown: list[int] = field(default_factory=list)  # the Gallery tab's entry ids, in the order shown
+    gallery_selected: int | None = None  # the entry last clicked there
     mode_settings: dict = field(default_factory=dict)  # mode -> the Generation fields of its last request (task,
     #   task_inputs with its pictures' digests, size), so that the slider finds that mode's renders without the pictures
 
