@@ -534,7 +534,9 @@ def add_photos(studio: Studio, *, session: Session, files: list[str] | None) -> 
         session.photos.append(photo)
         known.add(photo.digest)
     logger.info("subject now has %d photo(s); %d rejected", len(session.photos), len(rejected))
-    return {"session": session, "files": None, **slot_updates(session, studio.max_photos)}
+    session.uploads += 1
+    return {"session": session, "files": None, "uploads_done": str(session.uploads),
+            **slot_updates(session, studio.max_photos)}
 
 
 def remove_photo(studio: Studio, *, session: Session, index: int) -> dict:

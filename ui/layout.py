@@ -99,6 +99,9 @@ def _subject_panel(out: dict, max_photos: int) -> dict:
                 elem_classes="panel-title")
     out["files"] = gr.File(label="Subject photos", show_label=False, file_count="multiple", type="filepath",
                            height=112, elem_id="subject-upload")
+    # How many uploads the server has answered (hidden): the page's script holds a Generate clicked before the answer
+    out["uploads_done"] = gr.Textbox("0", elem_id="uploads-done", container=False, interactive=False,
+                                     elem_classes="page-only")
     with gr.Row(elem_classes="slots"):
         for i in range(max_photos):
             with gr.Column(visible=False, elem_classes="slot", min_width=120) as out[f"slot{i}"]:
@@ -212,7 +215,7 @@ def _result_panel(out: dict) -> dict:
         with gr.Tab("γ sweep", id="sweep"):
             with gr.Row(equal_height=True):
                 out["gates_text"] = gr.Textbox(DEFAULT_GATES, label="γ values (same seed, one batch)", scale=3)
-                buttons["sweep"] = gr.Button("Run sweep", variant="primary", scale=1)
+                buttons["sweep"] = gr.Button("Run sweep", variant="primary", scale=1, elem_id="run-sweep")
             out["sweep_gallery"] = gr.Gallery(label="reference, then each γ", columns=6, height=300,
                                               object_fit="contain", elem_id="sweep-gallery", interactive=False,
                                               fit_columns=False)
@@ -236,7 +239,7 @@ def _result_panel(out: dict) -> dict:
         with gr.Tab("Prompt × γ grid", id="grid"):
             with gr.Row(equal_height=True):
                 out["prompts_text"] = gr.Textbox(label="Prompts, one per line (up to 4)", lines=3, scale=3)
-                buttons["grid"] = gr.Button("Run grid", variant="primary", scale=1)
+                buttons["grid"] = gr.Button("Run grid", variant="primary", scale=1, elem_id="run-grid")
             out["grid_view"] = gr.HTML(handlers.grid_table([]), elem_id="grid-view")  # rows: prompts, columns: γ
             out["grid_zip"] = gr.DownloadButton("Download all (zip)", interactive=False, size="sm")
     out["info"] = gr.Markdown("Release the γ slider to render; drag it to see renders already made.",
@@ -359,7 +362,7 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
 
     # Subject panel
     out["files"].upload(bind(handlers.add_photos, out, studio), inputs_kwargs={"session": out["session"],
-                        "files": out["files"]}, outputs=[out["session"], out["files"], *slots],
+                        "files": out["files"]}, outputs=[out["session"], out["files"], out["uploads_done"], *slots],
                         api_visibility="undocumented", api_name="add_photos", concurrency_limit=4)
     for i in range(max_photos):
         buttons[f"remove{i}"].click(bind(handlers.remove_photo, out, studio, index=i),

@@ -122,6 +122,7 @@ class Session:
     run: Run | None = None  # the render in flight, if any
     cancelled: Run | None = None  # the last render cancelled before it finished, until Stop reports it
     told: set[tuple[str, str]] = field(default_factory=set)  # (subject, warning) toasts shown: each once per subject
+    uploads: int = 0  # uploads answered (add_photos calls), for the page's script
     gallery_shown: list[int] = field(default_factory=list)  # the Gallery tab's entry ids, in the order shown
     gallery_selected: int | None = None  # the entry last clicked there
     mode_settings: dict = field(default_factory=dict)  # mode -> the Generation fields of its last request (task,

@@ -66,4 +66,32 @@
     clearTimeout(pending);
     pending = setTimeout(() => release(target), PAUSE_MS);
   });
+
+  // 4. A photo dropped, pasted or chosen is checked by the server before it joins the subject. A render clicked
+  //    meanwhile (Generate, Run sweep, Run grid) waits for that answer, the server's count of answered uploads
+  //    (#uploads-done) moving on, instead of rendering without the photo; after UPLOAD_WAIT_MS it goes anyway.
+  const UPLOAD_WAIT_MS = 20000;
+  const answered = () => {
+    const box = document.querySelector("#uploads-done textarea, #uploads-done input");
+    return box ? box.value : null;
+  };
+  let upload = null; // {count: answered() when it started, since: ms}
+  const inUpload = (target) => target instanceof Element && target.closest("#subject-upload");
+  const started = (event) => {
+    if (inUpload(event.target) && upload === null) upload = { count: answered(), since: Date.now() };
+  };
+  document.addEventListener("change", started, true);
+  document.addEventListener("drop", started, true);
+  const uploading = () => {
+    if (upload !== null && (answered() !== upload.count || Date.now() - upload.since > UPLOAD_WAIT_MS)) upload = null;
+    return upload !== null;
+  };
+  document.addEventListener("click", (event) => {
+    const button = event.target instanceof Element && event.target.closest("#generate, #run-sweep, #run-grid");
+    if (!button || !uploading()) return;
+    event.preventDefault();
+    event.stopImmediatePropagation();
+    const retry = () => (uploading() ? setTimeout(retry, 100) : button.click());
+    setTimeout(retry, 100);
+  }, true);
 }
