@@ -95,7 +95,7 @@ def slider_release(mode: Mode) -> tuple[Section, dict]:
             client = Client(app.url, verbose=False)
             client.predict([handle_file(str(photo))], api_name="/add_photos")
             started = time.perf_counter()
-            client.predict(True, *form(0.5), api_name="/ui_generate")  # loads the models (or waits for the preload)
+            client.predict(True, *form(0.5), 1, api_name="/ui_generate")  # loads the models (or waits for the preload)
             first_render = time.perf_counter() - started
             gates = [round(0.05 + 0.9 * i / max(1, mode.releases), 3) for i in range(mode.releases + 1)]
             release_once(client, form(gates[0]))  # warm-up
@@ -220,7 +220,7 @@ def _ui_event(url: str, photo: Path, profile: str):
 
     def generate() -> float:
         started = time.perf_counter()
-        outputs = client.predict(False, *form, api_name="/ui_generate")
+        outputs = client.predict(False, *form, 1, api_name="/ui_generate")
         assert re.search(r"identity score", str(outputs)), outputs
         return time.perf_counter() - started
 

@@ -154,8 +154,10 @@ def paste_image(page, path: Path) -> None:
     }""", data)
 
 
-def test_upload_prompt_generate_and_slide(page, tmp_path):
+def test_upload_prompt_generate_and_slide(page, server, tmp_path):
     from playwright.sync_api import expect
+
+    kept = kept_in_history(page, server)
 
     page.set_input_files("#subject-upload input[type=file]", [str(DREAMBENCH / "dog" / "00.jpg"),
                                                               str(DREAMBENCH / "dog" / "01.jpg")])
@@ -177,10 +179,10 @@ def test_upload_prompt_generate_and_slide(page, tmp_path):
     gate = page.locator("#gate-slider input[type=number]").input_value()
     expect(info).to_contain_text(f"γ {float(gate):.2f}")
     assert float(gate) > 0.6 and result_src(page) != first
-    expect(page.locator("#history img")).to_have_count(2)
+    expect(page.locator("#history img")).to_have_count(kept + 2)
     assert page.evaluate("document.scrollingElement.scrollHeight") <= 900  # one screen at 1440x900
 
-    page.locator("#history img").last.click()  # the first result: its settings come back
+    page.locator("#history img").nth(1).click()  # the first result: its settings come back
     expect(page.locator("#gate-slider input[type=number]")).to_have_value("0.5")
 
     png = tmp_path / "result.png"  # the PNG the page shows and downloads carries its settings ...
@@ -388,9 +390,13 @@ def shown_parameters(page, tmp_path: Path) -> str:
 def render_in_mode(page) -> None:
     from playwright.sync_api import expect
 
-    history = page.locator("#history img").count()
+    newest = page.locator("#history img").first
+    before = newest.get_attribute("src") if page.locator("#history img").count() else None
     page.click("#generate")
-    expect(page.locator("#history img")).to_have_count(history + 1)  # this render, finished
+    if before is None:  # this render, finished: the newest in the history (the strip keeps the last 24)
+        expect(page.locator("#history img")).to_have_count(1)
+    else:
+        expect(newest).not_to_have_attribute("src", before)
     expect(page.locator("#info")).to_contain_text("identity score")
     assert result_src(page)
     no_error_badges(page)
@@ -404,6 +410,7 @@ def test_start_image_on_the_offline_default_and_what_its_other_modes_need(mini_s
     from ui.files import EXAMPLES, example_path
 
     with open_page(mini_server.url) as page:
+        kept_in_history(page, mini_server)
         add_example_subject(page)
         page.get_by_label("Start image").check()
         expect(page.locator("#denoise")).to_be_visible()
@@ -417,9 +424,10 @@ def test_start_image_on_the_offline_default_and_what_its_other_modes_need(mini_s
             expect(page.locator("#mode-hint")).to_contain_text("needs real weights")
 
 
-def test_inpaint_into_a_scene_with_a_mask_drawn_in_the_browser(page, tmp_path):
+def test_inpaint_into_a_scene_with_a_mask_drawn_in_the_browser(page, server, tmp_path):
     from playwright.sync_api import expect
 
+    kept_in_history(page, server)
     page.set_input_files("#subject-upload input[type=file]", str(DREAMBENCH / "dog" / "00.jpg"))
     expect(page.locator(".slot img")).to_have_count(1)
     page.get_by_label("Prompt", exact=True).fill("a dog on the lawn")
@@ -437,9 +445,10 @@ def test_inpaint_into_a_scene_with_a_mask_drawn_in_the_browser(page, tmp_path):
     mode_screenshot(page, "mode-inpaint.png", tmp_path)
 
 
-def test_control_shows_the_edge_map_and_renders(page, tmp_path):
+def test_control_shows_the_edge_map_and_renders(page, server, tmp_path):
     from playwright.sync_api import expect
 
+    kept_in_history(page, server)
     page.set_input_files("#subject-upload input[type=file]", str(DREAMBENCH / "dog" / "00.jpg"))
     expect(page.locator(".slot img")).to_have_count(1)
     page.get_by_label("Prompt", exact=True).fill("a dog")
@@ -478,16 +487,32 @@ def test_the_gallery_tab_and_history_after_a_restart(tmp_path):
         second.stop()
 
 
-def test_generate_clicked_right_after_a_drop_waits_for_the_photo(page):
+def kept_in_history(page, server) -> int:
+    """How many renders the history strip shows once the page has loaded it from the server's gallery (earlier
+    tests on the same server leave theirs there)."""
+    from gradio_client import Client
+    from playwright.sync_api import expect
+
+    from ui.state import MAX_HISTORY
+
+    kept = len(Client(server.url, verbose=False).predict(query="", limit=MAX_HISTORY, api_name="/history")[1])
+    expect(page.locator("#history img")).to_have_count(kept)
+    return kept
+
+
+def test_generate_clicked_right_after_a_drop_waits_for_the_photo(page, server):
     """The upload race: a photo dropped and Generate clicked at once renders that photo (three times over: the race
     lost two of three tries before)."""
     from playwright.sync_api import expect
 
+    from ui.state import MAX_HISTORY
+
+    kept = kept_in_history(page, server)
     page.get_by_label("Prompt", exact=True).fill("a dog")
     for round_ in range(3):
         page.set_input_files("#subject-upload input[type=file]", str(DREAMBENCH / "dog" / f"0{round_}.jpg"))
         page.click("#generate")  # no wait for the thumbnail
-        expect(page.locator("#history img")).to_have_count(round_ + 1)
+        expect(page.locator("#history img")).to_have_count(min(kept + round_ + 1, MAX_HISTORY))
         expect(page.locator("#info")).not_to_contain_text("add at least one photo")
         page.locator(".slot button.remove").first.click()  # the next round starts from no photo again
         expect(page.locator(".slot img")).to_have_count(0)

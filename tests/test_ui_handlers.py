@@ -925,3 +925,14 @@ def test_a_full_disk_fails_that_render_clearly_and_the_next_one_works(studio, se
     monkeypatch.setattr(os, "replace", real)
     collect(handlers.generate(studio, session=session, lock_seed=True, **form()))
     assert studio.gallery.count() == 1
+
+
+def test_a_batch_renders_consecutive_seeds_in_one_call(studio, session):
+    updates = collect(handlers.generate(studio, session=session, lock_seed=True, batch=3, **form(seed=20)))
+    [call] = studio.engine.calls
+    assert call.gates == (0.5,) and [r.generation.seed for r in session.history] == [20, 21, 22]
+    assert "a batch of 3 (seeds 20–22), all in the history" in updates[-1]["info"]
+    assert session.current.generation.seed == 20 and studio.gallery.count() == 3
+    for bad in (0, 9, 2.5, "lots"):
+        refusal(handlers.generate(studio, session=session, lock_seed=True, batch=bad, **form()), "images per click")
+    assert len(studio.engine.calls) == 1

@@ -158,10 +158,10 @@ def test_two_clients_at_once_each_get_their_own_result(server, photos):
 def test_ui_session_generate_release_and_cancel(server, photos):
     client = Client(server.url, verbose=False)
     client.predict([photos[0]], api_name="/add_photos")
-    first = client.predict(True, *ui_form(seed=9, gate=0.2, num_inference_steps=3), api_name="/ui_generate")
+    first = client.predict(True, *ui_form(seed=9, gate=0.2, num_inference_steps=3), 1, api_name="/ui_generate")
     assert "seed 9" in first[1] and "γ 0.20" in first[1]
     stranger = Client(server.url, verbose=False)  # another user's session holds none of these photos
-    refused = stranger.predict(True, *ui_form(), api_name="/ui_generate")  # said on the line, not as an error
+    refused = stranger.predict(True, *ui_form(), 1, api_name="/ui_generate")  # said on the line, not as an error
     assert "not rendered: add at least one photo" in refused[1]
 
     # Release the slider: same seed, new γ, previews streamed before the final image.
@@ -171,7 +171,7 @@ def test_ui_session_generate_release_and_cancel(server, photos):
     assert any("step 1 of 3" in info for info in infos) and "γ 0.60" in infos[-1] and "identity score" in infos[-1]
 
     # A long run, cancelled after its first preview, leaves the server ready for the next request.
-    job = client.submit(True, *ui_form(seed=10, num_inference_steps=400), api_name="/ui_generate")
+    job = client.submit(True, *ui_form(seed=10, num_inference_steps=400), 1, api_name="/ui_generate")
     deadline = time.time() + 120
     while not any("step" in str(output[1]) for output in job.outputs()) and time.time() < deadline:
         time.sleep(0.1)
@@ -238,3 +238,10 @@ def test_each_bad_mode_input_is_named_and_the_server_keeps_serving(client, photo
     with pytest.raises(Exception, match=re.escape(words)):
         mode_call(client, photos, scene, api_name, **changes)
     assert len(mode_call(client, photos, scene, "/start_image")[0]) == 1  # still serving
+
+
+def test_generate_takes_a_batch_of_consecutive_seeds(client, photos):
+    images, parameters = quick_generate(client, photos, seed=40, batch=3)
+    assert len(images) == 3 and [p["seed"] for p in parameters] == [40, 41, 42]
+    with pytest.raises(Exception, match="images per click must be a whole number from 1 to 8"):
+        quick_generate(client, photos, batch=9)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image
@@ -72,7 +72,8 @@ class FakeEngine:
     def modes(self) -> dict:
         return {"start_image": None, "inpaint": None, "control": self.control_missing}
 
-    def render(self, references, weights, generation: Generation, gates, on_step=None, task=None) -> list[Rendered]:
+    def render(self, references, weights, generation: Generation, gates, on_step=None, task=None,
+               images: int = 1) -> list[Rendered]:
         for gate in gates:
             if not 0.0 <= gate <= 1.0:
                 raise ValueError(f"gate (γ) must be a number in [0, 1], got {gate}")
@@ -88,7 +89,7 @@ class FakeEngine:
                 except Exception:
                     self.cancelled.set()
                     raise
-        made = [generation.at(gate) for gate in gates]
+        made = [replace(generation.at(gate), seed=generation.seed + i) for gate in gates for i in range(images)]
         size = task.pipeline_kwargs["image"].size if task is not None and task.height is None else None
         return [
             Rendered(image=Image.new("RGB", size or (g.width, g.height), _colour(g.gate, g.seed)), generation=g,
@@ -186,7 +187,8 @@ def odd_mode_uploads(folder: Path) -> dict[str, tuple[Path, tuple[int, int]]]:
 
 
 def ui_form(max_photos: int = 4, **values) -> list:
-    """Positional inputs of the UI's undocumented endpoints (/ui_generate after lock_seed, /ui_release):
+    """Positional inputs of the UI's undocumented endpoints (/ui_generate after lock_seed and before the images per
+    click, /ui_release):
     the generation controls in layout order (ui.handlers.CONTROLS), one weight per photo slot, then the mode panel's
     inputs (ui.handlers.MODE_INPUTS; text-to-image)."""
     from ui.handlers import CONTROLS, MODE_INPUTS, TEXT_MODE

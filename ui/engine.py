@@ -65,11 +65,12 @@ class Engine(Protocol):
         run it (None when it can)."""
 
     def render(self, references: Sequence[Image.Image], weights: Sequence[float], generation: Generation,
-               gates: Sequence[float], on_step: StepCallback | None = None, task: TaskInputs | None = None
-               ) -> list[Rendered]:
-        """Render `generation` once per γ of `gates` (one batch) for the subject in `references` (validated RGB
-        photos, one weight each), in the mode `task` describes (None: text-to-image); ValueError for bad settings
-        or a mode the profile cannot run, RenderCancelled when stopped."""
+               gates: Sequence[float], on_step: StepCallback | None = None, task: TaskInputs | None = None,
+               images: int = 1) -> list[Rendered]:
+        """Render `generation` once per γ of `gates` (one batch), or `images` times at its one γ with consecutive
+        seeds, for the subject in `references` (validated RGB photos, one weight each), in the mode `task` describes
+        (None: text-to-image); ValueError for bad settings or a mode the profile cannot run, RenderCancelled when
+        stopped."""
 
 
 @dataclass
@@ -151,8 +152,8 @@ class CoreEngine:
         return self._pipe.defaults if self._pipe is not None else load_profile(self.profile).defaults
 
     def render(self, references: Sequence[Image.Image], weights: Sequence[float], generation: Generation,
-               gates: Sequence[float], on_step: StepCallback | None = None, task: TaskInputs | None = None
-               ) -> list[Rendered]:
+               gates: Sequence[float], on_step: StepCallback | None = None, task: TaskInputs | None = None,
+               images: int = 1) -> list[Rendered]:
         from flexip_core import GenerationCancelled
 
         self.load()
@@ -172,7 +173,7 @@ class CoreEngine:
             kwargs = dict(task.pipeline_kwargs) if task is not None else None
             try:
                 out = pipe(subject=subject, gate=[float(g) for g in gates], generation=generation, callback=callback,
-                           pipeline_kwargs=kwargs)
+                           pipeline_kwargs=kwargs, num_images=images)
             except GenerationCancelled as stop:
                 raise RenderCancelled(str(stop)) from None
             scores = pipe.identity_score(out.images, subject, references)
@@ -199,7 +200,7 @@ class Done:
 async def stream_render(engine: Engine, references: Sequence[Image.Image], weights: Sequence[float],
                         generation: Generation, gates: Sequence[float], preview_every: float = 0.0,
                         on_step: Callable[[Step], None] | None = None, halt: threading.Event | None = None,
-                        task: TaskInputs | None = None) -> AsyncIterator[Step | Done]:
+                        task: TaskInputs | None = None, images: int = 1) -> AsyncIterator[Step | Done]:
     """Yield the newest Step at most once per `preview_every` seconds (and none that a slower consumer has not
     taken in time), then one Done; `on_step` sees every step that arrives (a progress count). Setting `halt` (Stop)
     ends the render at its next step. Errors from the engine (ValueError, RenderCancelled when halted, ...) are
@@ -221,7 +222,8 @@ async def stream_render(engine: Engine, references: Sequence[Image.Image], weigh
 
     def work() -> None:
         try:
-            post("done", Done(engine.render(references, weights, generation, gates, on_step=report, task=task)))
+            post("done", Done(engine.render(references, weights, generation, gates, on_step=report, task=task,
+                                            images=images)))
         except BaseException as error:  # handed to the consumer, which re-raises it
             post("error", error)
 

@@ -63,6 +63,7 @@ MODE_OF_TASK = {task: mode for mode, task in MODES.items()} | {"text-to-image": 
 # The API's argument names for these where they differ (a public contract kept from before the fields were renamed).
 API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "pres_until": "identity_early"}
 MAX_SWEEP = 9  # γ values in one sweep or grid row
+MAX_BATCH_IMAGES = 8  # images per Generate click (consecutive seeds, one batched call)
 MAX_GRID_PROMPTS = 4  # rows of the prompt × γ grid
 PREVIEW_SIDE = 256  # previews are upscaled to about this size so the browser shows blocks, not a blur
 PREVIEW_EVERY_S = 0.25  # at most four previews a second: each is an encode, a message and a fetch for the browser
@@ -157,6 +158,17 @@ def read_request(studio: Studio, session: Session, form: dict
         session.mode_settings[task.mode] = {"task": generation.task, "task_inputs": generation.task_inputs,
                                             "height": generation.height, "width": generation.width}
     return photos, generation, task
+
+
+def read_batch(value) -> int:
+    """Images per click: a whole number from 1 to MAX_BATCH_IMAGES (ValueError says so)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer() or not 1 <= number <= MAX_BATCH_IMAGES:
+        raise ValueError(f"images per click must be a whole number from 1 to {MAX_BATCH_IMAGES}, got {value!r}")
+    return int(number)
 
 
 def read_task(studio: Studio, values: dict, generation: Generation) -> TaskInputs | None:
@@ -256,7 +268,7 @@ def check_request(studio: Studio, photos: Sequence[Photo], generation: Generatio
 
 async def render(studio: Studio, photos: Sequence[Photo], generation: Generation, gates: Sequence[float],
                  run: Run | None = None, progress: gr.Progress | None = None, one_at_a_time: bool = False,
-                 task: TaskInputs | None = None) -> AsyncIterator[Preview | list[Result]]:
+                 task: TaskInputs | None = None, images: int = 1) -> AsyncIterator[Preview | list[Result]]:
     """Yield a Preview at most every PREVIEW_EVERY_S, then the list of saved Results (one per γ); `run` follows
     the step count. `one_at_a_time` renders the γ values as separate batches of one (less device memory, more
     time). ValueError for a refused request (before anything renders) or a setting the engine refuses; NotLoaded."""
@@ -281,7 +293,8 @@ async def render(studio: Studio, photos: Sequence[Photo], generation: Generation
         track(Step(0, generation.num_inference_steps, []))
         try:
             async for event in stream_render(studio.engine, references, weights, generation, batch,
-                                             preview_every=PREVIEW_EVERY_S, on_step=track, halt=halt, task=task):
+                                             preview_every=PREVIEW_EVERY_S, on_step=track, halt=halt, task=task,
+                                             images=images):
                 if isinstance(event, Step):
                     yield Preview(event.step, event.total, [_upscale(image) for image in event.previews], batch)
                 elif isinstance(event, Done):
@@ -567,29 +580,36 @@ async def example(studio: Studio, *, session: Session, name: str, gates_text: st
 
 
 # --- generation: Generate, the γ slider, history, seed, PNG restore -------------------------------------
-async def _render_one(studio: Studio, session: Session, generation: Generation, task: TaskInputs | None):
-    label = f"**seed {generation.seed}** · γ {generation.gate:.2f}"
+async def _render_one(studio: Studio, session: Session, generation: Generation, task: TaskInputs | None,
+                      images: int = 1):
+    """Render one image (or a batch of `images` with consecutive seeds, the first shown large, all in the history)."""
+    seeds = f"seeds {generation.seed}–{generation.seed + images - 1}" if images > 1 else f"seed {generation.seed}"
+    label = f"**{seeds}** · γ {generation.gate:.2f}"
     async with running(session, "image", label) as run:
         yield {"seed": generation.seed, "info": f"{label} · {starting(studio)}"}
         try:
-            async for event in render(studio, session.photos, generation, [generation.gate], run, task=task):
+            async for event in render(studio, session.photos, generation, [generation.gate], run, task=task,
+                                      images=images):
                 if isinstance(event, Preview):
                     yield {"result": event.images[0], "info": f"{label} · {run.progress}"}
                 elif event:
-                    result = event[0]
-                    session.remember(result)
-                    session.current = result
+                    for result in reversed(event):  # the history lists the first seed first
+                        session.remember(result)
+                    session.current = event[0]
                     warn_once(session, event)
-                    yield show(session, result)
+                    more = f" · a batch of {len(event)} ({seeds}), all in the history" if len(event) > 1 else ""
+                    yield {**show(session, event[0]), "info": describe(event[0]) + more}
         except Stopped:
             yield stopped(studio, session, run)
         except Exception as error:  # said on the page (and logged); the last finished image goes back
             yield {**large(session, session.current), **refused(session, error, label)}
 
 
-async def generate(studio: Studio, *, session: Session, lock_seed: bool, **form):
-    """Generate one image with the current settings; a new random seed unless the seed is locked."""
+async def generate(studio: Studio, *, session: Session, lock_seed: bool, batch=1, **form):
+    """Generate one image with the current settings, or a batch of `batch` (1 to MAX_BATCH_IMAGES) with consecutive
+    seeds in one call; a new random seed unless the seed is locked."""
     try:
+        images = read_batch(batch)
         session.photos, generation, task = read_request(studio, session, form)
         check_request(studio, session.photos, generation)
     except ValueError as error:
@@ -597,7 +617,7 @@ async def generate(studio: Studio, *, session: Session, lock_seed: bool, **form)
         return
     if not lock_seed:
         generation = replace(generation, seed=random_seed())
-    async for values in _render_one(studio, session, generation, task):
+    async for values in _render_one(studio, session, generation, task, images):
         yield values
 
 
@@ -936,10 +956,10 @@ def _api_generation(settings: dict) -> Generation:
 
 
 async def _api_run(studio: Studio, photos: list[Photo], generation: Generation, gates: list[float], progress,
-                   task: TaskInputs | None = None) -> tuple[list[str], list[dict]]:
+                   task: TaskInputs | None = None, images: int = 1) -> tuple[list[str], list[dict]]:
     """The PNGs of one render and, per PNG, its parameters with its identity score, file name and warnings."""
     results: list[Result] = []
-    async for event in render(studio, photos, generation, gates, progress=progress, task=task):
+    async for event in render(studio, photos, generation, gates, progress=progress, task=task, images=images):
         if isinstance(event, Preview):
             if progress is not None:
                 progress((event.step, event.total), desc="denoising", unit="steps")
@@ -951,13 +971,14 @@ async def _api_run(studio: Studio, photos: list[Photo], generation: Generation, 
          "warnings": notes + list(result.warnings)} for result in results]
 
 
-async def api_generate(studio: Studio, *, photos: list[str] | None, weights: str = "", progress=gr.Progress(),
-                       **settings) -> dict:
-    """Generate one image of the subject.
+async def api_generate(studio: Studio, *, photos: list[str] | None, weights: str = "", batch: float = 1,
+                       progress=gr.Progress(), **settings) -> dict:
+    """Generate one image of the subject (or a batch with consecutive seeds).
 
     Args:
         photos: image files of one subject.
         weights: optional, one number per photo ("1, 0.5").
+        batch: images in one call, 1 to 8, with seeds seed, seed + 1, ...
         settings: prompt, negative_prompt, gate, strength, seed (-1: a random one), steps, guidance, width, height,
             scheduler, and the branch windows (fractions of the steps, a branch acts where from <= progress <
             until): pres_from, identity_early (the identity branch's until), pers_from, pers_until.
@@ -965,9 +986,10 @@ async def api_generate(studio: Studio, *, photos: list[str] | None, weights: str
     Returns the PNG (with its `parameters` chunk) and a list with its settings (named as Generation.to_parameters()
     names them), identity score, file name and warnings; bad input raises gr.Error with the message."""
     try:
+        images = read_batch(batch)
         subject = _api_subject(studio, photos, weights)
         generation = _api_generation(settings)
-        paths, described = await _api_run(studio, subject, generation, [generation.gate], progress)
+        paths, described = await _api_run(studio, subject, generation, [generation.gate], progress, images=images)
     except (ValueError, NotLoaded) as error:
         raise gr.Error(str(error)) from None
     return {"api_images": paths, "api_parameters": described}

@@ -142,6 +142,8 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
         out["strength"] = gr.Slider(0, 2, 1.0, step=0.05, label="Strength", elem_id="strength-slider", scale=3)
         out["seed"] = gr.Number(0, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED, scale=2, min_width=110,
                                 elem_id="seed")  # -1: a random one
+        out["batch"] = gr.Number(1, label="Images", precision=0, scale=1, min_width=70, elem_id="batch",
+                                 info=None)  # per Generate click, consecutive seeds; 1 to 8, checked by the handler
     with gr.Row(equal_height=True):
         out["lock_seed"] = gr.Checkbox(False, label="Lock seed", scale=1, min_width=90, elem_id="lock-seed")
         buttons["dice"] = gr.Button("Random seed", scale=1, min_width=90, size="sm", elem_id="random-seed")
@@ -264,6 +266,7 @@ def _api_panel(out: dict) -> dict:
         out["api_denoise"] = gr.Number(0.6, label="denoise")
         out["api_control"] = gr.Textbox("canny", label="control")
         out["api_control_scale"] = gr.Number(1.0, label="control_scale")
+        out["api_batch"] = gr.Number(1, label="batch")  # unbounded here: the handler's check names it
         out["api_query"] = gr.Textbox("", label="query")
         out["api_limit"] = gr.Number(50, label="limit")
         return {name: gr.Button(name) for name in ("api_generate", "api_sweep", "api_start_image", "api_inpaint",
@@ -309,7 +312,8 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     out["window_preset"].change(bind(handlers.window_preset, out), inputs_kwargs={"preset": out["window_preset"]},
                                 outputs=components(out, "pres_from", "pres_until"), queue=False,
                                 api_visibility="private")
-    buttons["api_generate"].click(bind(handlers.api_generate, out, studio), inputs_kwargs=api_inputs,
+    buttons["api_generate"].click(bind(handlers.api_generate, out, studio),
+                                  inputs_kwargs={**api_inputs, "batch": out["api_batch"]},
                                   outputs=components(out, "api_images", "api_parameters"), api_name="generate", **GPU)
     buttons["api_sweep"].click(bind(handlers.api_sweep, out, studio),
                                inputs_kwargs={**api_inputs, "gates": out["gates"]},
@@ -373,7 +377,8 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
                                api_visibility="private", **quiet)
 
     # Generation
-    generate_kwargs = dict(inputs_kwargs={"session": out["session"], "lock_seed": out["lock_seed"], **form},
+    generate_kwargs = dict(inputs_kwargs={"session": out["session"], "lock_seed": out["lock_seed"], **form,
+                                          "batch": out["batch"]},  # last: the events' positional order is kept
                            outputs=shown, api_visibility="undocumented", **quiet, **GPU)
     gen = buttons["generate"].click(bind(handlers.generate, out, studio), api_name="ui_generate", **generate_kwargs)
     gen_submit = out["prompt"].submit(bind(handlers.generate, out, studio), api_name="ui_generate_submit",

@@ -25,7 +25,7 @@ from flexip_core.generation.encoders import SubjectEmbedding, SubjectEncoder
 from flexip_core.generation.gate import GateCurve, GateSchedule, as_schedule, check_unit
 from flexip_core.generation.preview import latents_to_previews
 from flexip_core.generation.schedulers import make_scheduler, scheduler_name
-from flexip_core.generation.settings import MAX_BATCH, MAX_SIDE, Generation
+from flexip_core.generation.settings import MAX_BATCH, MAX_SEED, MAX_SIDE, Generation, check_whole
 from flexip_core.loading.profiles import Defaults, Profile, load_world
 
 logger = logging.getLogger(__name__)
@@ -351,8 +351,9 @@ class FlexIPPipeline:
                  guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                  seed: int = 0, scheduler: str | None = None, callback=None, gate_schedule=None,
                  branch_weights=None, output_type: str = "pil", pipeline_kwargs: dict | None = None,
-                 generation: Generation | None = None) -> FlexIPOutput:
-        """Generate one image per γ (a same-seed sweep in one batched call) through the wrapped pipeline.
+                 generation: Generation | None = None, num_images: int = 1) -> FlexIPOutput:
+        """Generate one image per γ (a same-seed sweep in one batched call), or a batch of images at one γ with
+        consecutive seeds, through the wrapped pipeline.
 
         Args:
             prompt: what to make of the subject.
@@ -372,6 +373,7 @@ class FlexIPPipeline:
             pipeline_kwargs: passed unchanged to the wrapped pipeline (`image=`, `mask_image=`, `strength=` of
                 image-to-image, `controlnet_conditioning_scale=`, ...).
             generation: a `Generation` giving all the settings at once (its gate is used unless `gate` is a list).
+            num_images: a batch at one γ: seeds seed, seed + 1, ... in one batched call (1 to 16).
         """
         pipeline_kwargs = self._check_pipeline_kwargs(dict(pipeline_kwargs or {}))
         # 1. One Generation value, checked once
@@ -389,6 +391,12 @@ class FlexIPPipeline:
         generation.check(max_side)
         for g in gates:
             check_unit(g, "gate (γ)")
+        check_whole(num_images, "num_images", 1, MAX_BATCH)
+        if num_images > 1 and (len(gates) > 1 or branch_weights is not None):
+            raise ValueError("num_images makes a batch at one γ; a γ sweep (several gate values or branch weights) "
+                             "and a batch do not combine")
+        gates = gates * num_images
+        seeds = [(generation.seed + i) % (MAX_SEED + 1) for i in range(num_images)]  # one per image of a batch
         if not isinstance(subject, SubjectEmbedding):
             raise ValueError("no subject: call encode_subject([photos]) and pass its result as subject=")
         if output_type not in ("pil", "np"):
@@ -444,7 +452,7 @@ class FlexIPPipeline:
                 result = self.pipe(
                     prompt_embeds=text.expand(n, -1, -1), negative_prompt_embeds=negative_rows,
                     num_inference_steps=generation.num_inference_steps, guidance_scale=generation.guidance_scale,
-                    generator=[torch.Generator("cpu").manual_seed(generation.seed) for _ in range(n)],
+                    generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds * (n // len(seeds))],
                     output_type="pil" if decode_in_pipe else "latent", return_dict=False,
                     cross_attention_kwargs=attention_kwargs,
                     callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"],
@@ -466,7 +474,8 @@ class FlexIPPipeline:
         height_px, width_px = arrays.shape[1:3]
         used = generation.scheduler or scheduler_name(own_scheduler)  # recorded by name where it has one
         made = [replace(generation, gate=float(g) if branch_weights is None else generation.gate, height=height_px,
-                        width=width_px, scheduler=used) for g in (gates if len(gates) == n else gates * n)]
+                        width=width_px, scheduler=used, seed=seed)
+                for g, seed in zip(gates if len(gates) == n else gates * n, seeds * (n // len(seeds)))]
         params = [self._parameters(g, w, branch_weights is not None) for g, w in zip(made, weights)]
         return FlexIPOutput(images, params, arrays if output_type == "np" else None, warnings, inputs.kv_calls[0],
                             made)
