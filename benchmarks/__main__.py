@@ -1,6 +1,6 @@
 """`python -m benchmarks [--full | --smoke] [--out DIR]`: what the slider costs, as ratios measured side by side.
 
-Prints one table of all five items, then one `TARGET ...` line per target, and writes the same as JSON
+Prints one table of all the items, then one `TARGET ...` line per target, and writes the same as JSON
 (`<out>/<mode>.json`). Quick mode (default) and --full use random weights in the real SD1.5, OpenCLIP ViT-H/14 and
 DINOv2-L architectures on the CPU in fp32; --smoke runs everything once on the tiny test models.
 """
@@ -23,7 +23,7 @@ from .common import MODES, Section, describe_machine, machine
 logger = logging.getLogger("benchmarks")
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-TITLES = {1: "UNet step", 2: "Slider move", 3: "Sweep", 4: "Memory", 5: "Server"}
+TITLES = {1: "UNet step", 2: "Slider move", 3: "Sweep", 4: "Memory", 5: "Server", 6: "Load"}
 
 
 def item_numbers(text: str) -> set[int]:
@@ -34,7 +34,7 @@ def item_numbers(text: str) -> set[int]:
         items = set()
     if not items or not items <= set(TITLES):
         names = ", ".join(f"{number} {title}" for number, title in TITLES.items())
-        raise argparse.ArgumentTypeError(f"expected item numbers from 1 to 5 ({names}), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected item numbers from 1 to {max(TITLES)} ({names}), got {text!r}")
     return items
 
 
@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--full", action="store_true", help="more repeats and steps (about 3x the quick run)")
     size.add_argument("--smoke", action="store_true", help="tiny models, one repeat: checks that everything runs")
     parser.add_argument("--out", type=output_folder, default=DEFAULT_OUT, help="folder for the JSON results")
-    parser.add_argument("--only", type=item_numbers, default="1,2,3,4,5",
-                        help="comma-separated item numbers to run (default: all five)")
+    parser.add_argument("--only", type=item_numbers, default=",".join(map(str, TITLES)),
+                        help="comma-separated item numbers to run (default: all)")
     parser.add_argument("--breakdown", action="store_true",
                         help="profile one UNet step of each variant by op group (done anyway when a target misses)")
     parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
@@ -68,7 +68,7 @@ def guarded(number: int, run) -> Section:
 
 
 def run_items(mode, items: set[int], breakdown: bool) -> list[Section]:
-    from . import memory, server
+    from . import load, memory, server
 
     sections: dict[int, Section] = {}
     app: dict | None = None
@@ -79,6 +79,8 @@ def run_items(mode, items: set[int], breakdown: bool) -> list[Section]:
             return section
 
         sections[5] = guarded(5, serve)
+    if 6 in items:  # a server of its own, before this process holds the models
+        sections[6] = guarded(6, lambda: load.run(mode))
     if 4 in items:  # a child process, run before this one holds the models so the two never add up
         sections[4] = guarded(4, lambda: memory.run(mode, app))
     if items & {1, 2, 3}:

@@ -1,4 +1,4 @@
-"""`python -m benchmarks --smoke` end to end on the tiny models: all five items report, the targets print last.
+"""`python -m benchmarks --smoke` end to end on the tiny models: all six items report, the targets print last.
 
 Untimed: the figures of a smoke run mean nothing; this checks that the benchmark runs and reports completely."""
 from __future__ import annotations
@@ -28,17 +28,21 @@ def smoke(tmp_path_factory):
     return result.stdout, json.loads((out / "smoke.json").read_text())
 
 
-def test_all_five_items_report_without_failing(smoke):
+def test_all_six_items_report_without_failing(smoke):
     stdout, results = smoke
-    for number in range(1, 6):
+    for number in range(1, 7):
         header = next(line for line in stdout.splitlines() if line.startswith(f"| {number} | **"))
         assert "failed" not in header, header
-    assert [section["number"] for section in results["sections"]] == [1, 2, 3, 4, 5]
+    assert [section["number"] for section in results["sections"]] == [1, 2, 3, 4, 5, 6]
     server = results["sections"][4]
     if (REPO / "app.py").is_file():
         assert server["skipped"] is None and server["data"]["final"], server
     else:
         assert server["skipped"] == "app.py not available"
+    load = results["sections"][5]  # item 6: every request of the eight users served
+    if (REPO / "app.py").is_file():
+        assert load["skipped"] is None, load
+        assert len(load["data"]["latencies"]) == load["data"]["users"] * load["data"]["requests_per_user"]
 
 
 def test_target_lines_come_last_one_per_target(smoke):
@@ -68,8 +72,8 @@ def test_per_image_prints_the_median_for_a_profile(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--only", "per_image"], "expected item numbers from 1 to 5 (1 UNet step"),
-    (["--only", "6"], "expected item numbers from 1 to 5"),
+    (["--only", "per_image"], "expected item numbers from 1 to 6 (1 UNet step"),
+    (["--only", "7"], "expected item numbers from 1 to 6"),
     (["--log-level", "loud"], "invalid choice: 'LOUD'"),
     (["--out", __file__], "is a file; give a folder"),
 ])
