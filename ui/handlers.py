@@ -377,6 +377,12 @@ def refused(session: Session, error: Exception, label: str = "") -> dict:
     return {"info": f"{label + ' · ' if label else ''}✕ not rendered: {why}{still_showing(session)}"}
 
 
+def refused_call(error: Exception) -> gr.Error:
+    """An API call refused for the caller's input: its message for the client, a line (not a traceback) in the log."""
+    logger.info("API call refused: %s", error)
+    return gr.Error(str(error), print_exception=False)
+
+
 def toast(message: str) -> None:
     """A warning toast (Gradio renders its message as HTML: file names and prompts are escaped)."""
     gr.Warning(html.escape(message, quote=False))
@@ -882,7 +888,7 @@ def api_history(studio: Studio, *, query: str = "", limit: float = 50) -> dict:
     try:
         entries = studio.gallery.entries(str(query or ""), limit=_whole_number(limit, "limit"))
     except ValueError as error:
-        raise gr.Error(str(error)) from None
+        raise refused_call(error) from None
     return {"api_images": [e.path for e in entries] or None, "api_parameters": [
         {**e.parameters, "identity_score": e.identity, "file": Path(e.path).name, "id": e.id, "created": e.created,
          "warnings": list(e.warnings)} for e in entries]}
@@ -991,7 +997,7 @@ async def api_generate(studio: Studio, *, photos: list[str] | None, weights: str
         generation = _api_generation(settings)
         paths, described = await _api_run(studio, subject, generation, [generation.gate], progress, images=images)
     except (ValueError, NotLoaded) as error:
-        raise gr.Error(str(error)) from None
+        raise refused_call(error) from None
     return {"api_images": paths, "api_parameters": described}
 
 
@@ -1010,7 +1016,7 @@ async def api_sweep(studio: Studio, *, photos: list[str] | None, weights: str = 
         paths, described = await _api_run(studio, subject, _api_generation({**settings, "gate": values[0]}), values,
                                           progress)
     except (ValueError, NotLoaded) as error:
-        raise gr.Error(str(error)) from None
+        raise refused_call(error) from None
     archive = zip_results(paths, studio.results_folder) if paths else None
     return {"api_images": paths, "api_parameters": described, "api_zip": archive}
 
@@ -1024,7 +1030,7 @@ async def _api_mode(studio: Studio, mode: str, photos, weights: str, progress, v
         check_request(studio, subject, generation)
         paths, described = await _api_run(studio, subject, generation, [generation.gate], progress, task)
     except (ValueError, NotLoaded) as error:
-        raise gr.Error(str(error)) from None
+        raise refused_call(error) from None
     return {"api_images": paths, "api_parameters": described}
 
 
