@@ -833,8 +833,13 @@ def test_the_app_builds_with_named_api_endpoints(studio):
     endpoints = demo.get_api_info()["named_endpoints"]
     arguments = ["photos", "weights", "prompt", "negative_prompt", "gate", "strength", "seed", "steps", "guidance",
                  "width", "height", "scheduler", "pres_from", "identity_early", "pers_from", "pers_until"]
-    assert [p["parameter_name"] for p in endpoints["/generate"]["parameters"]] == arguments
-    assert [p["parameter_name"] for p in endpoints["/sweep"]["parameters"]] == [*arguments, "gates"]
+    names_of = lambda endpoint: [p["parameter_name"] for p in endpoints[endpoint]["parameters"]]  # noqa: E731
+    assert names_of("/generate") == [*arguments, "batch"]  # added last: positional callers keep working
+    assert names_of("/sweep") == [*arguments, "gates"]
+    assert names_of("/start_image") == [*arguments, "image", "denoise"]
+    assert names_of("/inpaint") == [*arguments, "image", "mask"]
+    assert names_of("/control") == [*arguments, "image", "control", "control_scale"]
+    assert names_of("/history") == ["query", "limit"]
 
 
 def test_app_model_flags_are_the_cores_and_low_vram_is_the_cores_low_vram():
