@@ -131,11 +131,18 @@ def test_uploads_over_the_server_limit_are_refused(client, photos, tmp_path):
     assert len(images) == 1
 
 
-def test_files_outside_the_app_are_not_served(server):
-    for target in ("app.py", "/etc/passwd", str(DREAMBENCH / "dog" / "00.jpg")):
+def test_files_outside_the_app_are_not_served(server, client, photos):
+    images, _ = quick_generate(client, photos)
+    kept = server.outputs / "images"
+    assert images and any(kept.rglob("*.png"))  # a render is kept; its folder is served, nothing else of the outputs
+    for target in ("app.py", "/etc/passwd", str(DREAMBENCH / "dog" / "00.jpg"), str(server.outputs / "gallery.sqlite"),
+                   f"{kept}/../gallery.sqlite"):
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(f"{server.url}gradio_api/file={target}", timeout=10)
         assert caught.value.code in (403, 404)
+    served = next(kept.rglob("*.png"))
+    with urllib.request.urlopen(f"{server.url}gradio_api/file={served}", timeout=10) as response:
+        assert response.status == 200
 
 
 def test_two_clients_at_once_each_get_their_own_result(server, photos):
