@@ -894,6 +894,15 @@ def test_the_gallery_tab_searches_opens_deletes_and_gives_the_subject_back(studi
     view = handlers.gallery_view(studio, session=session, query="SNOW")
     assert len(view["gallery_grid"]) == 1 and "1 kept render" in view["gallery_info"]
     assert len(handlers.gallery_view(studio, session=session, gate_min=0.5)["gallery_grid"]) == 1
+    assert len(handlers.gallery_view(studio, session=session, since="today")["gallery_grid"]) == 2
+    import datetime
+
+    ten_days_ago = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10)).isoformat(
+        timespec="microseconds")
+    with studio.gallery._lock:  # made ten days ago: out of "today" and "this week", in "this month"
+        studio.gallery._db.execute("UPDATE renders SET created = ? WHERE seed = 1", (ten_days_ago,))
+    assert [len(handlers.gallery_view(studio, session=session, since=when)["gallery_grid"])
+            for when in ("today", "this week", "this month", "any time")] == [1, 1, 2, 2]
     assert len(handlers.gallery_view(studio, session=session, sort="gate")["gallery_grid"]) == 2
     handlers.gallery_view(studio, session=session)  # newest first: the click opens what it shows
     opened = handlers.select_gallery(studio, gr.SelectData(None, {"index": 0, "value": None}), session=session)

@@ -807,6 +807,7 @@ async def grid(studio: Studio, *, session: Session, prompts_text: str, gates_tex
 # --- the gallery: every render kept on disk, across restarts -------------------------------------------
 GALLERY_PAGE = 60  # renders shown at once in the Gallery tab
 GALLERY_SORTS = ("newest", "oldest", "gate", "identity")
+GALLERY_SINCE = {"any time": None, "today": 1, "this week": 7, "this month": 31}  # the date filter: days back
 
 
 def load_history(studio: Studio, *, session: Session) -> dict:
@@ -817,10 +818,14 @@ def load_history(studio: Studio, *, session: Session) -> dict:
 
 
 def gallery_view(studio: Studio, *, session: Session, query: str = "", sort: str = "newest", gate_min=None,
-                 gate_max=None, this_subject: bool = False) -> dict:
-    """The Gallery tab: the kept renders matching the search (prompt words), γ range and subject, sorted."""
+                 gate_max=None, this_subject: bool = False, since: str = "any time") -> dict:
+    """The Gallery tab: the kept renders matching the search (prompt words), γ range, subject and date, sorted."""
+    import datetime
+
+    days = GALLERY_SINCE.get(since)
+    start = None if days is None else datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days)
     filters = dict(subject=session.subject() if this_subject and session.photos else None,
-                   gate_min=gate_min, gate_max=gate_max)
+                   gate_min=gate_min, gate_max=gate_max, since=start)
     try:
         entries = studio.gallery.entries(str(query or ""), sort=sort, limit=GALLERY_PAGE, **filters)
         total = studio.gallery.count(str(query or ""), **filters)

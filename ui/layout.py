@@ -230,7 +230,10 @@ def _result_panel(out: dict) -> dict:
                 out["gallery_gate_min"] = gr.Number(0.0, label="γ from", minimum=0, maximum=1, step=0.05,
                                                     min_width=70)
                 out["gallery_gate_max"] = gr.Number(1.0, label="γ to", minimum=0, maximum=1, step=0.05, min_width=70)
-            out["gallery_this_subject"] = gr.Checkbox(False, label="only the current subject")
+            with gr.Row(equal_height=True):
+                out["gallery_since"] = gr.Dropdown(list(handlers.GALLERY_SINCE), value="any time", label="Made",
+                                                   scale=1, min_width=110, elem_id="gallery-since")
+                out["gallery_this_subject"] = gr.Checkbox(False, label="only the current subject", scale=2)
             out["gallery_grid"] = gr.Gallery(label="kept renders (newest first)", columns=6, height=300,
                                              allow_preview=False, object_fit="cover", elem_id="gallery-grid",
                                              interactive=False, fit_columns=False)
@@ -336,10 +339,11 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
               outputs=components(out, "history", "session"), api_visibility="private", queue=False)
     view = {"session": out["session"], "query": out["gallery_query"], "sort": out["gallery_sort"],
             "gate_min": out["gallery_gate_min"], "gate_max": out["gallery_gate_max"],
-            "this_subject": out["gallery_this_subject"]}
+            "this_subject": out["gallery_this_subject"], "since": out["gallery_since"]}
     view_outputs = components(out, "gallery_grid", "gallery_info", "session")
     for trigger in (out["gallery_tab"].select, out["gallery_query"].submit, out["gallery_sort"].change,
-                    out["gallery_gate_min"].submit, out["gallery_gate_max"].submit, out["gallery_this_subject"].change):
+                    out["gallery_gate_min"].submit, out["gallery_gate_max"].submit, out["gallery_this_subject"].change,
+                    out["gallery_since"].change):
         trigger(bind(handlers.gallery_view, out, studio), inputs_kwargs=view, outputs=view_outputs,
                 api_visibility="private", queue=False, show_progress="hidden")
     out["gallery_grid"].select(bind(handlers.select_gallery, out, studio), inputs_kwargs={"session": out["session"]},
