@@ -1,5 +1,6 @@
 """One loaded model, every task: FlexIPPipeline.for_task (diffusers' from_pipe), the profile's inpainting base and
-ControlNets through load_task, what a profile cannot run, and missing task weights said with their download."""
+ControlNets through load_task, what a profile cannot run, missing task weights said with their download; and a
+batch of consecutive seeds in one call."""
 from __future__ import annotations
 
 import numpy as np
@@ -85,3 +86,25 @@ def test_task_weights_missing_offline_name_the_download(monkeypatch, field, task
         load_task(flexip, task, control)
     assert flexip("a toy", subject=flexip.encode_subject([Image.new("RGB", (64, 64), "red")]), gate=0.5,
                   num_inference_steps=1).images
+
+
+# --- a batch: several images at one γ with consecutive seeds, in one batched call ---------------------------
+def test_a_batch_equals_single_calls_with_consecutive_seeds(flexip, subject):
+    run = dict(subject=subject, gate=0.6, num_inference_steps=2, output_type="np")
+    batch = flexip("a toy", seed=7, num_images=3, **run)
+    assert [g.seed for g in batch.generations] == [7, 8, 9] and {g.gate for g in batch.generations} == {0.6}
+    assert [p["seed"] for p in batch.parameters] == [7, 8, 9]
+    for i, seed in enumerate((7, 8, 9)):
+        single = flexip("a toy", seed=seed, **run).arrays[0]
+        assert np.abs(batch.arrays[i] - single).max() <= 1e-5
+    assert np.abs(batch.arrays[0] - batch.arrays[1]).max() > 1e-3  # other seeds, other images
+
+
+def test_the_last_seed_wraps_and_a_batch_does_not_mix_with_a_sweep(flexip, subject):
+    out = flexip("a toy", subject=subject, seed=2**32 - 1, num_images=2, num_inference_steps=1)
+    assert [g.seed for g in out.generations] == [2**32 - 1, 0]
+    with pytest.raises(ValueError, match="a γ sweep .* and a batch do not combine"):
+        flexip("a toy", subject=subject, gate=[0.0, 1.0], num_images=2, num_inference_steps=1)
+    for bad in (0, 17, 2.5):
+        with pytest.raises(ValueError, match="num_images must be a whole number from 1 to 16"):
+            flexip("a toy", subject=subject, num_images=bad, num_inference_steps=1)

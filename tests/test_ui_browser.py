@@ -424,14 +424,21 @@ def test_start_image_on_the_offline_default_and_what_its_other_modes_need(mini_s
             expect(page.locator("#mode-hint")).to_contain_text("needs real weights")
 
 
-def test_inpaint_into_a_scene_with_a_mask_drawn_in_the_browser(page, server, tmp_path):
+def dog_in_mode(page, server, mode: str, prompt: str) -> None:
+    """A fresh page on the tiny server: the dog as the subject, a prompt, and `mode` chosen."""
     from playwright.sync_api import expect
 
     kept_in_history(page, server)
     page.set_input_files("#subject-upload input[type=file]", str(DREAMBENCH / "dog" / "00.jpg"))
     expect(page.locator(".slot img")).to_have_count(1)
-    page.get_by_label("Prompt", exact=True).fill("a dog on the lawn")
-    page.get_by_label("Inpaint", exact=True).check()
+    page.get_by_label("Prompt", exact=True).fill(prompt)
+    page.get_by_label(mode, exact=True).check()
+
+
+def test_inpaint_into_a_scene_with_a_mask_drawn_in_the_browser(page, server, tmp_path):
+    from playwright.sync_api import expect
+
+    dog_in_mode(page, server, "Inpaint", "a dog on the lawn")
     expect(page.locator("#mode-image")).to_be_hidden()
     page.set_input_files("#scene input[type=file]", str(DREAMBENCH / "dog" / "03.jpg"))
     page.locator("#scene button[aria-label=Brush]").click()
@@ -448,11 +455,7 @@ def test_inpaint_into_a_scene_with_a_mask_drawn_in_the_browser(page, server, tmp
 def test_control_shows_the_edge_map_and_renders(page, server, tmp_path):
     from playwright.sync_api import expect
 
-    kept_in_history(page, server)
-    page.set_input_files("#subject-upload input[type=file]", str(DREAMBENCH / "dog" / "00.jpg"))
-    expect(page.locator(".slot img")).to_have_count(1)
-    page.get_by_label("Prompt", exact=True).fill("a dog")
-    page.get_by_label("Control", exact=True).check()
+    dog_in_mode(page, server, "Control", "a dog")
     page.set_input_files("#mode-image input[type=file]", str(DREAMBENCH / "dog" / "01.jpg"))
     expect(page.locator("#edge-view img")).to_have_count(1)  # computed here, shown beside the picture
     render_in_mode(page)
