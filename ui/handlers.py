@@ -33,7 +33,7 @@ from flexip_core.generation.task_inputs import MODES, TaskInputs, prepare
 
 from .engine import Done, RenderCancelled, Step, stream_render
 from .files import EXAMPLES, ensure_examples, example_path, zip_results
-from .gallery import GalleryWriteError
+from .gallery import MAX_LIMIT, GalleryWriteError
 from .state import (
     MAX_HISTORY,
     Photo,
@@ -44,6 +44,7 @@ from .state import (
     accept_photos,
     fingerprint,
     open_photo,
+    pixel_digest,
     read_png_generation,
 )
 
@@ -67,7 +68,7 @@ MAX_BATCH_IMAGES = 8  # images per Generate click (consecutive seeds, one batche
 MAX_GRID_PROMPTS = 4  # rows of the prompt × γ grid
 PREVIEW_SIDE = 256  # previews are upscaled to about this size so the browser shows blocks, not a blur
 PREVIEW_EVERY_S = 0.25  # at most four previews a second: each is an encode, a message and a fetch for the browser
-STOP_WAIT_S = 10.0  # how long Stop waits for the render it cancelled to end before showing the stopped state
+STOP_WAIT_S = 10.0  # how long Stop or a History click waits for the render it halted to end
 GRID_TILE = 128  # grid tiles are sent inline, at most this many pixels a side (the zip has the full images)
 METRICS = {"clip": "CLIP cosine with the subject",  # what each identity metric (parameters["identity_metric"]) reads
            "toyworld": "share of the toy's shape, colour and pattern kept, read by the toy-world oracle"}
@@ -160,15 +161,20 @@ def read_request(studio: Studio, session: Session, form: dict
     return photos, generation, task
 
 
-def read_batch(value) -> int:
-    """Images per click: a whole number from 1 to MAX_BATCH_IMAGES (ValueError says so)."""
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """A whole number in [low, high] from a control or an API argument (2.0 is 2); ValueError names it otherwise."""
     try:
         number = float(value)
     except (TypeError, ValueError):
         number = float("nan")
-    if not number.is_integer() or not 1 <= number <= MAX_BATCH_IMAGES:
-        raise ValueError(f"images per click must be a whole number from 1 to {MAX_BATCH_IMAGES}, got {value!r}")
+    if not number.is_integer() or not low <= number <= high:
+        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
     return int(number)
+
+
+def read_batch(value) -> int:
+    """Images per click: a whole number from 1 to MAX_BATCH_IMAGES (ValueError says so)."""
+    return whole_number(value, "images per click", 1, MAX_BATCH_IMAGES)
 
 
 def read_task(studio: Studio, values: dict, generation: Generation) -> TaskInputs | None:
@@ -201,16 +207,10 @@ def with_task(generation: Generation, task: TaskInputs | None) -> Generation:
     inputs.update({key: value for key, value in task.settings.items() if key == "control"})
     for key in ("image", "mask_image"):
         if key in task.pipeline_kwargs:
-            inputs[key] = picture_digest(task.pipeline_kwargs[key])
+            inputs[key] = pixel_digest(task.pipeline_kwargs[key], 12)
     return replace(generation, task=task.task, height=task.height, width=task.width,
                    task_inputs=tuple(sorted((key, float(v) if not isinstance(v, str) else v)
                                             for key, v in inputs.items())))
-
-
-def picture_digest(image: Image.Image) -> str:
-    import hashlib
-
-    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()[:12]
 
 
 # --- the engine: loading, the header, one render -------------------------------------------------------
@@ -891,22 +891,12 @@ def api_history(studio: Studio, *, query: str = "", limit: float = 50) -> dict:
 
     Returns the PNGs and, per PNG, its settings, identity score, file name, id and creation time (UTC)."""
     try:
-        entries = studio.gallery.entries(str(query or ""), limit=_whole_number(limit, "limit"))
+        entries = studio.gallery.entries(str(query or ""), limit=whole_number(limit, "limit", 1, MAX_LIMIT))
     except ValueError as error:
         raise refused_call(error) from None
     return {"api_images": [e.path for e in entries] or None, "api_parameters": [
         {**e.parameters, "identity_score": e.identity, "file": Path(e.path).name, "id": e.id, "created": e.created,
          "warnings": list(e.warnings)} for e in entries]}
-
-
-def _whole_number(value, name: str) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    if not number.is_integer():
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(number)
 
 
 # --- the mode panel ------------------------------------------------------------------------------------

@@ -186,9 +186,14 @@ def accept_photos(paths: list[str], folder: Path) -> tuple[list[Photo], list[Rej
     return accepted, rejected
 
 
+def pixel_digest(image: Image.Image, length: int = 16) -> str:
+    """A short hash of an image's pixels and size: the same picture gives the same digest, wherever it came from."""
+    return hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()[:length]
+
+
 def store_photo(image: Image.Image, name: str, folder: Path) -> Photo:
     """Save a validated RGB photo and its encoder view under content-addressed names."""
-    digest = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()[:16]
+    digest = pixel_digest(image)
     folder.mkdir(parents=True, exist_ok=True)
     path, view = folder / f"photo-{digest}.png", folder / f"photo-{digest}-view.png"
     if path.exists() and view.exists():
