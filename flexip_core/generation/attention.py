@@ -5,6 +5,12 @@
 Each term has its own softmax. Branch tokens and per-sample weights arrive per call through
 `cross_attention_kwargs={"flexip": BranchInputs(...)}`; nothing per request is stored on the processor.
 The text projection code follows diffusers' `AttnProcessor2_0` / `IPAdapterAttnProcessor2_0`.
+
+Fused (the default on SDPA): the text and every acting branch in one attention call. Their keys and values are
+stacked along the batch, each padded to one length and the padding masked with -inf, the query repeated once per
+term; each branch's weight multiplies its values (w · Attn(q, K, V) = Attn(q, K, w · V)), and the terms are summed.
+Exact up to float rounding: each term keeps its own softmax. The stacked keys, values and mask are built once per
+generation, like the branch keys and values.
 """
 from __future__ import annotations
 
@@ -114,12 +120,28 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(batch, length, heads, inner // heads).transpose(1, 2)  # (B, heads, N, d)
 
 
+def _stacked_weights(flexip: BranchInputs, weights: list, batch: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G*B, 1, 1, 1) weight of each stacked term's rows (1 for the text, None in `weights`) and where it is 0;
+    built once per step for all layers (the step's weights are new tensors)."""
+    hit = flexip.cache.get("stacked_weights") if flexip.cache is not None else None
+    if hit is not None and len(hit[0]) == len(weights) and all(a is b for a, b in zip(hit[0], weights)):
+        return hit[1]
+    device = next(w for w in weights if w is not None).device
+    rows = [torch.ones(batch, device=device, dtype=dtype) if w is None else w.to(dtype) for w in weights]
+    stacked = torch.cat(rows).view(-1, 1, 1, 1)  # (G*B, 1, 1, 1)
+    result = (stacked, stacked == 0)
+    if flexip.cache is not None:
+        flexip.cache["stacked_weights"] = (tuple(weights), result)
+    return result
+
+
 class GatedCrossAttnProcessor:
     """Cross-attention processor with a gated preservation and personalization branch."""
 
-    def __init__(self, kv: BranchKV, backend: str = "sdpa"):
+    def __init__(self, kv: BranchKV, backend: str = "sdpa", fused: bool = True):
         self.kv = kv
         self.backend = backend
+        self.fused = fused and backend == "sdpa"  # xformers takes no broadcast mask: it keeps one call per term
 
     def _cached(self, flexip: BranchInputs | None, name: str, source: torch.Tensor, project) -> torch.Tensor:
         """Project `source` once per generation: the result is reused while `source` is the same tensor."""
@@ -133,6 +155,51 @@ class GatedCrossAttnProcessor:
         flexip.kv_calls[0] += 1
         slot[name] = (source, value)
         return value
+
+    def _fused_attention(self, flexip: BranchInputs, query, key, value, text, heads: int) -> torch.Tensor:
+        """Attn(q, K_text, V_text) + Σ w · Attn(q, K_branch, V_branch) over the acting branches, in one SDPA call;
+        `key`, `value`: the text's, (B, heads, 77, d), projected from `text`. Returns (B, HW, heads * d)."""
+        terms, sources = [(None, key, value, None)], [text]
+        for branch, on, tokens, weight, bias in (
+            ("pres", flexip.pres_on, flexip.pres_tokens, flexip.w_pres, flexip.pres_bias),
+            ("pers", flexip.pers_on, flexip.pers_tokens, flexip.w_pers, flexip.pers_bias),
+        ):
+            if on:
+                k = self._cached(flexip, f"k_{branch}", tokens, getattr(self.kv, f"to_k_{branch}"))
+                v = self._cached(flexip, f"v_{branch}", tokens, getattr(self.kv, f"to_v_{branch}"))
+                terms.append((weight, _heads(k, heads), _heads(v, heads), bias))
+                sources += [branch, tokens, bias]
+        # (G*B, heads, L, d) twice, (G*B, 1, 1, L)
+        keys, values, mask = self._stacked(flexip, terms, tuple(sources), query.dtype)
+        weights, absent = _stacked_weights(flexip, [t[0] for t in terms], query.shape[0], values.dtype)  # (G*B,1,1,1)
+        # a sample's branch at weight 0 is absent, even if fp16 overflowed its values (0 * inf = NaN)
+        values = torch.where(absent, 0.0, values * weights)  # (G*B, heads, L, d)
+        groups, (batch, _, length, dim) = len(terms), query.shape
+        out = F.scaled_dot_product_attention(query.repeat(groups, 1, 1, 1), keys, values, attn_mask=mask)
+        out = out.view(groups, batch, heads, length, dim).sum(0)  # (B, heads, HW, d): the terms added
+        return out.transpose(1, 2).reshape(batch, length, heads * dim).to(query.dtype)  # (B, HW, heads*d)
+
+    def _stacked(self, flexip: BranchInputs, terms: list, parts: tuple, dtype) -> tuple[torch.Tensor, ...]:
+        """The terms' keys and values stacked along the batch, zero-padded to one length (a multiple of 8, which
+        SDPA's fused kernels want of a mask), and the additive mask (0 or the photo-share bias on real keys, -inf on
+        padding); reused while every part they come from (text, tokens, biases) is the same tensor (a generation)."""
+        slot = None if flexip.cache is None else flexip.cache.setdefault(id(self), {})
+        hit = slot.get("stacked") if slot is not None else None
+        if hit is not None and len(hit[0]) == len(parts) and all(a is b for a, b in zip(hit[0], parts)):
+            return hit[1]
+        longest = max(k.shape[2] for _, k, _, _ in terms)
+        length = -(-longest // 8) * 8
+        pad = lambda t: F.pad(t, (0, 0, 0, length - t.shape[2]))  # (B, heads, L, d)
+        keys = torch.cat([pad(k) for _, k, _, _ in terms])  # (G*B, heads, L, d)
+        values = torch.cat([pad(v) for _, _, v, _ in terms])  # (G*B, heads, L, d)
+        batch = terms[0][1].shape[0]
+        mask = torch.full((len(terms), length), float("-inf"), device=keys.device, dtype=dtype)  # (G, L)
+        for row, (_, k, _, bias) in zip(mask, terms):
+            row[:k.shape[2]] = 0.0 if bias is None else bias.to(dtype)
+        mask = mask.repeat_interleave(batch, dim=0).view(-1, 1, 1, length)  # (G*B, 1, 1, L)
+        if slot is not None:
+            slot["stacked"] = (parts, (keys, values, mask))
+        return keys, values, mask
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  flexip: BranchInputs | None = None, **kwargs):
@@ -155,9 +222,13 @@ class GatedCrossAttnProcessor:
         query = _heads(attn.to_q(hidden_states), attn.heads)  # (B, heads, HW, d)
         key = _heads(self._cached(flexip, "k_text", encoder_hidden_states, attn.to_k), attn.heads)
         value = _heads(self._cached(flexip, "v_text", encoder_hidden_states, attn.to_v), attn.heads)
-        out = _attend(query, key, value, self.backend, attention_mask).to(query.dtype)  # (B, HW, inner)
+        fuse = self.fused and attention_mask is None and flexip is not None and (flexip.pres_on or flexip.pers_on)
+        if fuse:  # the text and the acting branches in one call
+            out = self._fused_attention(flexip, query, key, value, encoder_hidden_states, attn.heads)
+        else:
+            out = _attend(query, key, value, self.backend, attention_mask).to(query.dtype)  # (B, HW, inner)
 
-        if flexip is not None:
+        if flexip is not None and not fuse:
             for branch, on, tokens, weight, bias in (
                 ("pres", flexip.pres_on, flexip.pres_tokens, flexip.w_pres, flexip.pres_bias),
                 ("pers", flexip.pers_on, flexip.pers_tokens, flexip.w_pers, flexip.pers_bias),
@@ -197,14 +268,15 @@ class XFormersSelfAttnProcessor(XFormersAttnProcessor):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
-def install_processors(unet, adapter, backend: str) -> None:
-    """Give every attn2 layer a gated processor over `adapter.kv`, and every other layer a plain one."""
+def install_processors(unet, adapter, backend: str, fused: bool = True) -> None:
+    """Give every attn2 layer a gated processor over `adapter.kv`, and every other layer a plain one; `fused`: the
+    text and both branches in one attention call (SDPA only), else one call per term."""
     from flexip_core.generation.adapters import layer_key
 
     processors = {}
     for name in unet.attn_processors:
         if name.endswith("attn2.processor"):
-            processors[name] = GatedCrossAttnProcessor(adapter.kv[layer_key(name)], backend)
+            processors[name] = GatedCrossAttnProcessor(adapter.kv[layer_key(name)], backend, fused)
         else:
             processors[name] = XFormersSelfAttnProcessor() if backend == "xformers" else SelfAttnProcessor()
     unet.set_attn_processor(processors)
