@@ -12,11 +12,15 @@ INIT_CHOICES = ("scratch", "profile", "ip_adapter")  # or the path of a native F
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One training run; read from a JSON or TOML file (`--set key=value` overrides single fields)."""
 
-    manifest: str  # JSONL manifest of training pairs (flexip_core.training.data); its paths are relative to it
+    manifest: str | None = None  # JSONL manifest of training pairs (flexip_core.training.data); its paths are
+    #   relative to it. Give it or shards
+    shards: str | list | None = None  # WebDataset tar shards streamed instead of a manifest
+    #   (flexip_core.training.shards): a brace pattern "data/pairs-{000000..000511}.tar", a glob, or a list of them;
+    #   local paths or fsspec URLs (s3://, gs://, https://, ...)
     output_dir: str  # checkpoints/, logs/, train_config.json and the final flexip_adapter.safetensors go here
     profile: str = "sd15"  # base profile (name or .json path): base model, image encoders, gate curve
     profile_overrides: dict = field(default_factory=dict)  # profile fields replaced: base, clip_encoder, ...
@@ -56,7 +60,9 @@ class TrainConfig:
     verify_images: bool = True  # decode every image while reading the manifest; bad records are skipped
     sample_latents: bool = True  # VAE posterior samples (SD's practice); False: posterior means, for a base
     #   trained on means whose VAE has a wide posterior (FlexIP-mini)
-    num_workers: int = 0  # DataLoader workers decoding images when records are encoded per batch
+    num_workers: int = 0  # DataLoader workers decoding images when records are encoded per batch (with shards:
+    #   each worker reads its own shards)
+    shuffle_buffer: int = 1000  # samples each shard stream holds and draws from at random (shards only)
     checkpoint_every: int = 500  # optimizer steps between accelerate checkpoints (0: none)
     checkpoints_total_limit: int | None = 3  # checkpoints kept; older ones are deleted (None: keep all)
     resume_from: str | None = None  # checkpoint folder, or "latest" (starts fresh when there is none)
@@ -64,6 +70,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_number_types()
+        self._check_data()
         for name in ("learning_rate", "adam_epsilon"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be above 0, got {getattr(self, name)!r}")
@@ -89,7 +96,7 @@ class TrainConfig:
             raise ValueError(f"drop_text, drop_image and drop_both must be in [0, 1] and sum to at most 1, got {drops}")
         if self.resolution % 8 or self.resolution < 64:
             raise ValueError(f"resolution must be a multiple of 8 of at least 64, got {self.resolution}")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "encode_batch_size"):
+        for name in ("train_batch_size", "gradient_accumulation_steps", "encode_batch_size", "shuffle_buffer"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {getattr(self, name)!r}")
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 0:
@@ -107,6 +114,22 @@ class TrainConfig:
                              "FlexIP .safetensors file")
         if self.init == "ip_adapter" and not (self.init_preservation and self.init_personalization):
             raise ValueError("init='ip_adapter' needs init_preservation and init_personalization (IP-Adapter files)")
+
+    def _check_data(self) -> None:
+        """One source of training pairs: a manifest or shards."""
+        if (self.manifest is None) == (self.shards is None):
+            raise ValueError("give manifest (a JSONL file of pairs) or shards (WebDataset tar shards), "
+                             f"{'not both' if self.manifest is not None else 'one of them'}")
+        if self.manifest is not None and (not isinstance(self.manifest, str) or not self.manifest.strip()):
+            raise ValueError(f"manifest must be a path, got {self.manifest!r}")
+        if isinstance(self.shards, tuple):
+            object.__setattr__(self, "shards", list(self.shards))
+        if self.shards is not None:
+            entries = [self.shards] if isinstance(self.shards, str) else self.shards
+            if not isinstance(entries, list) or not entries or not all(isinstance(e, str) and e.strip()
+                                                                        for e in entries):
+                raise ValueError("shards must be a path pattern or a non-empty list of them, got "
+                                 f"{self.shards!r}")
 
     def _check_number_types(self) -> None:
         """Each float, int and bool field holds one (a whole number is taken for a float): a typo in a config
@@ -146,17 +169,24 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         data = json.loads(path.read_text())
     else:
         raise ValueError(f"config {path.name}: use a .json or .toml file")
-    # manifest and output_dir written in the file are relative to the file; overrides to the working directory.
+    # manifest, shards and output_dir written in the file are relative to the file; overrides to the working
+    # directory.
     for name in ("manifest", "output_dir"):
         if isinstance(data.get(name), str) and not Path(data[name]).is_absolute():
             data[name] = str((path.parent / data[name]).resolve())
+    if isinstance(data.get("shards"), (str, list)):
+        from flexip_core.training.shards import relative_to
+
+        data["shards"] = relative_to(path.parent, data["shards"])
     data.update(overrides or {})
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"config {path.name}: unknown field(s) {', '.join(unknown)}; "
                          "see flexip_core.training.config.TrainConfig")
-    missing = [name for name in ("manifest", "output_dir") if name not in data]
+    missing = [name for name in ("output_dir",) if name not in data]
+    if "manifest" not in data and "shards" not in data:
+        missing.insert(0, "manifest (or shards)")
     if missing:
         raise ValueError(f"config {path.name}: missing {', '.join(missing)} (in the file or with --set)")
     return TrainConfig(**data)

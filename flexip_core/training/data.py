@@ -94,14 +94,19 @@ def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            mask = image.convert("L")
+            return mask_array(image, size, path.name)
     except (OSError, SyntaxError) as error:
         raise ValueError(f"mask {path.name} is not a readable image ({error})") from None
+
+
+def mask_array(image: Image.Image, size: tuple[int, int], name: str) -> np.ndarray:
+    """(H, W) boolean subject mask of a decoded mask image, checked against its reference's (width, height)."""
+    mask = image.convert("L")
     if mask.size != size:
-        raise ValueError(f"mask {path.name} is {mask.size[0]}x{mask.size[1]} but its reference is {size[0]}x{size[1]}")
+        raise ValueError(f"mask {name} is {mask.size[0]}x{mask.size[1]} but its reference is {size[0]}x{size[1]}")
     array = np.asarray(mask) >= MASK_THRESHOLD  # (H, W)
     if not array.any():
-        raise ValueError(f"mask {path.name} is empty (no pixel >= {MASK_THRESHOLD})")
+        raise ValueError(f"mask {name} is empty (no pixel >= {MASK_THRESHOLD})")
     return array
 
 
@@ -191,37 +196,48 @@ def crop_top_left(width: int, height: int, resolution: int) -> tuple[int, int]:
     return (resized_h - resolution) // 2, (resized_w - resolution) // 2
 
 
+class PairPixels:
+    """A pair's training item: target pixels, the reference as each image encoder takes it, caption (and its token
+    ids) and target geometry. Picklable, so DataLoader workers can decode in parallel. `tokenizer` None: the caption
+    is passed as text only (SDXL's encode_prompt tokenizes it)."""
+
+    def __init__(self, resolution: int, clip_preprocess, dino_preprocess, tokenizer=None):
+        self.resolution = resolution
+        self.clip_preprocess, self.dino_preprocess = clip_preprocess, dino_preprocess
+        self.tokenizer = tokenizer
+
+    def __call__(self, image: Image.Image, reference: Image.Image, caption: str, modality_id: int) -> dict:
+        item = {"target": target_tensor(image, self.resolution),  # (3, R, R)
+                "clip": self.clip_preprocess([reference])[0],  # (3, S, S)
+                "caption": caption, "modality": modality_id,
+                "original_size": torch.tensor([image.height, image.width]),  # (2,) before resizing
+                "crop_top_left": torch.tensor(crop_top_left(*image.size, self.resolution))}  # (2,) (top, left)
+        if self.tokenizer is not None:
+            item["input_ids"] = self.tokenizer(caption, padding="max_length", truncation=True,
+                                               max_length=self.tokenizer.model_max_length,
+                                               return_tensors="pt").input_ids[0]  # (77,)
+        if self.dino_preprocess is not None:
+            item["dino"] = self.dino_preprocess([reference])[0]  # (3, S', S')
+        return item
+
+
 class PairDataset(torch.utils.data.Dataset):
-    """Pixels, caption (and its token ids) and target geometry of each record; picklable, so DataLoader workers can
-    decode in parallel. `tokenizer` None: the caption is passed as text only (SDXL's encode_prompt tokenizes it)."""
+    """The manifest's records as training items (PairPixels), by record index; picklable for DataLoader workers."""
 
     def __init__(self, records: list[Record], resolution: int, clip_preprocess, dino_preprocess, tokenizer=None):
         if not records:
             raise ValueError("no training records")
         self.records = records
-        self.resolution = resolution
-        self.clip_preprocess, self.dino_preprocess = clip_preprocess, dino_preprocess
-        self.tokenizer = tokenizer
+        self.pixels = PairPixels(resolution, clip_preprocess, dino_preprocess, tokenizer)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def _load(self, index: int) -> dict:
         record = self.records[index]
-        image = load_reference_image(record.target)
-        target = target_tensor(image, self.resolution)  # (3, R, R)
-        reference = load_reference(record)
-        item = {"index": index, "target": target, "clip": self.clip_preprocess([reference])[0],  # (3, S, S)
-                "caption": record.caption, "modality": record.modality_id,
-                "original_size": torch.tensor([image.height, image.width]),  # (2,) before resizing
-                "crop_top_left": torch.tensor(crop_top_left(*image.size, self.resolution))}  # (2,) (top, left)
-        if self.tokenizer is not None:
-            item["input_ids"] = self.tokenizer(record.caption, padding="max_length", truncation=True,
-                                               max_length=self.tokenizer.model_max_length,
-                                               return_tensors="pt").input_ids[0]  # (77,)
-        if self.dino_preprocess is not None:
-            item["dino"] = self.dino_preprocess([reference])[0]  # (3, S', S')
-        return item
+        item = self.pixels(load_reference_image(record.target), load_reference(record), record.caption,
+                           record.modality_id)
+        return {"index": index, **item}
 
     def __getitem__(self, index: int) -> dict:
         # A file that broke after the manifest was checked must not stop (or desynchronise) a distributed

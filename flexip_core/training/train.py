@@ -12,7 +12,8 @@ profile's gate curve at strength 1; text, image and both are dropped for a few p
 scheduler's prediction_type says).
 
 Every random draw of micro-step k on process r comes from a generator seeded by (seed, r, k), and the data
-order is a pure function of (seed, step), so resuming from a checkpoint continues the same run exactly.
+order is a pure function of (seed, step) (for shards, of the seed and the stream positions a checkpoint keeps:
+flexip_core.training.shards), so resuming from a checkpoint continues the same run exactly.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from flexip_core.generation.adapter_config import AdapterConfig, BranchConfig
 from flexip_core.generation.adapters import FlexIPAdapter, ImageFeatures, cross_attention_layers
 from flexip_core.training.conditioning import SD15Text, SDXLText, sdxl_time_ids
 from flexip_core.training.config import TrainConfig
-from flexip_core.training.data import MODALITIES, PairDataset, StepBatchSampler, read_manifest
+from flexip_core.training.data import MODALITIES, PairDataset, PairPixels, StepBatchSampler, read_manifest
+from flexip_core.training.shards import ShardBatches, check_streams, expand_shards, resume_positions
 
 logger = logging.getLogger(__name__)
 
@@ -346,13 +348,17 @@ class RunState:
     def __init__(self, layout: dict):
         self.step = 0  # optimizer steps done
         self.layout = layout  # what the data order depends on: a resume with other values is not the same run
+        self.same_layout = True  # False after resuming a checkpoint of another layout
+        self.streams: list[dict] = []  # shards: each process's data stream positions (ShardBatches.state)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, **self.layout}
+        return {"step": self.step, **self.layout, "streams": self.streams}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.streams = list(state.get("streams", []))
         changed = {k: (state.get(k), v) for k, v in self.layout.items() if state.get(k) != v}
+        self.same_layout = not changed
         if changed:
             logger.warning("resuming with a different layout %s (checkpoint, now): the run continues but will not "
                            "equal an uninterrupted one", changed)
@@ -458,10 +464,19 @@ def train(config: TrainConfig, on_step: Callable[[StepReport], None] | None = No
                 adapter.config.preservation.kind, adapter.config.personalization.kind, len(adapter.config.layers),
                 trainable / 1e6)
 
-    # 2. Data
-    records, _ = read_manifest(config.manifest, config.verify_images, report=accelerator.is_main_process)
-    dataset = PairDataset(records, config.resolution, frozen.encoder.clip_preprocess, frozen.encoder.dino_preprocess,
-                          frozen.tokenizer)
+    # 2. Data: a manifest's records, or shards streamed
+    if config.shards is not None:
+        shard_urls = expand_shards(config.shards)
+        check_streams(len(shard_urls), world, config.num_workers)
+        data_layout = {"shards": len(shard_urls), "num_workers": config.num_workers,
+                       "shuffle_buffer": config.shuffle_buffer}
+        logger.info("%d shards for %d process(es) x %d data worker(s)", len(shard_urls), world,
+                    max(1, config.num_workers))
+    else:
+        records, _ = read_manifest(config.manifest, config.verify_images, report=accelerator.is_main_process)
+        dataset = PairDataset(records, config.resolution, frozen.encoder.clip_preprocess,
+                              frozen.encoder.dino_preprocess, frozen.tokenizer)
+        data_layout = {"records": len(records)}
     empty = frozen.text.empty(frozen.device).to("cpu", torch.float32)  # (1, 77, C), SDXL: (1, P) pooled
     uncond = frozen.encoder.uncond()  # (1, ...) the "no image" features, as at inference
 
@@ -474,7 +489,7 @@ def train(config: TrainConfig, on_step: Callable[[StepReport], None] | None = No
     model = AdapterTrainingModel(adapter, frozen.unet)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     state = RunState({"seed": config.seed, "world_size": world, "train_batch_size": config.train_batch_size,
-                      "gradient_accumulation_steps": config.gradient_accumulation_steps, "records": len(records)})
+                      "gradient_accumulation_steps": config.gradient_accumulation_steps, **data_layout})
     accelerator.register_for_checkpointing(state)
 
     # 4. Resume
@@ -495,16 +510,27 @@ def train(config: TrainConfig, on_step: Callable[[StepReport], None] | None = No
                                                     if isinstance(v, (int, float, str, bool))})
     accelerator.wait_for_everyone()
 
-    # 5. The batch source: encoded once up front, or decoded and encoded per micro-step
+    # 5. The batch source: shards streamed, or records encoded once up front, or decoded and encoded per micro-step
     accum = config.gradient_accumulation_steps
-    sampler = StepBatchSampler(len(records), config.train_batch_size, rank, world, config.seed,
-                               start=state.step * accum, stop=config.max_steps * accum)
-    if len(records) <= config.precompute_limit:
-        store = EncodedStore(frozen, dataset, accelerator, config.encode_batch_size)
-        batches = (store.batch(indices) for indices in sampler)
+    shard_batches = None
+    if config.shards is not None:
+        pixels = PairPixels(config.resolution, frozen.encoder.clip_preprocess, frozen.encoder.dino_preprocess,
+                            frozen.tokenizer)
+        saved, first_epoch = resume_positions(state.streams, rank, state.same_layout)
+        shard_batches = ShardBatches(shard_urls, pixels, seed=config.seed, rank=rank, world_size=world,
+                                     batch_size=config.train_batch_size, num_workers=config.num_workers,
+                                     shuffle_buffer=config.shuffle_buffer, micro_step=state.step * accum, saved=saved,
+                                     first_epoch=first_epoch)
+        batches = (encode_batch(frozen, raw) for raw in shard_batches)
     else:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers)
-        batches = (encode_batch(frozen, raw) for raw in loader)
+        sampler = StepBatchSampler(len(records), config.train_batch_size, rank, world, config.seed,
+                                   start=state.step * accum, stop=config.max_steps * accum)
+        if len(records) <= config.precompute_limit:
+            store = EncodedStore(frozen, dataset, accelerator, config.encode_batch_size)
+            batches = (store.batch(indices) for indices in sampler)
+        else:
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers)
+            batches = (encode_batch(frozen, raw) for raw in loader)
 
     # 6. Training loop
     progress = tqdm(total=config.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process)
@@ -533,6 +559,10 @@ def train(config: TrainConfig, on_step: Callable[[StepReport], None] | None = No
             raise RuntimeError("gradient accumulation fell out of step with the optimizer; this is a bug")
         state.step += 1
         step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item()
+        skipped = None
+        if shard_batches is not None:  # bad samples every process met during this step
+            count = torch.tensor(shard_batches.take_skipped(), device=accelerator.device)
+            skipped = int(accelerator.reduce(count, "sum").item())
         if not math.isfinite(step_loss):
             raise ValueError(f"loss became {step_loss} at step {state.step}; lower learning_rate, "
                              "or train in bf16 or without mixed precision")
@@ -544,6 +574,8 @@ def train(config: TrainConfig, on_step: Callable[[StepReport], None] | None = No
             modality = torch.cat([d.modality for d in draws])
             entry = {"step": state.step, "loss": step_loss, "lr": lr, "seconds": round(seconds, 4),
                      "processes": world}
+            if skipped is not None:
+                entry["skipped_samples"] = skipped
             for index, name in enumerate(MODALITIES):
                 chosen = gammas[modality == index]
                 if len(chosen):
@@ -555,6 +587,10 @@ def train(config: TrainConfig, on_step: Callable[[StepReport], None] | None = No
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
         progress.update(1)
         if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+            if shard_batches is not None:  # every process's stream positions, kept by the main process
+                from accelerate.utils import gather_object
+
+                state.streams = gather_object([shard_batches.state()])
             _save_checkpoint(accelerator, config, state.step)
         if on_step is not None:
             on_step(StepReport(state.step, step_loss, lr, draws, seconds))
