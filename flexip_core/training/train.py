@@ -132,9 +132,12 @@ class AdapterTrainingModel(torch.nn.Module):
         """`added_cond_kwargs`: SDXL's {"text_embeds": (B, P), "time_ids": (B, 6)}; None for SD1.5."""
         from flexip_core.generation.attention import BranchInputs
 
-        features = ImageFeatures(clip_embeds, clip_hidden, dino)
-        pres = self.adapter.preservation(features, text)  # (B, Np, C)
-        pers = self.adapter.personalization(features, text)  # (B, Nq, C)
+        # The adapter's own dtype: fp32 (accelerate's autocast does mixed precision), or bf16 where DeepSpeed casts
+        # the trained weights itself (no autocast there)
+        dtype = next(self.adapter.parameters()).dtype
+        features = ImageFeatures(*(None if t is None else t.to(dtype) for t in (clip_embeds, clip_hidden, dino)))
+        pres = self.adapter.preservation(features, text.to(dtype))  # (B, Np, C)
+        pers = self.adapter.personalization(features, text.to(dtype))  # (B, Nq, C)
         inputs = BranchInputs(pres, pers, w_pres, w_pers, True, True, cache=None)
         return self._unet[0](noisy_latents, timesteps, encoder_hidden_states=text,
                              cross_attention_kwargs={"flexip": inputs}, added_cond_kwargs=added_cond_kwargs,
@@ -422,9 +425,16 @@ def _make_accelerator(config: TrainConfig):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = not torch.cuda.is_available() and world > 1
     project = ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs"))
-    return Accelerator(mixed_precision=config.mixed_precision,
-                       gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu, log_with=log_with,
-                       project_config=project)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu,
+                              log_with=log_with, project_config=project)
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:  # accelerate --config_file assets/train/accelerate/zero2.yaml
+        # No DataLoader goes through accelerator.prepare, so DeepSpeed's "auto" batch size is set here (accelerate's
+        # advice), and its clipping follows max_grad_norm
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
+        deepspeed.deepspeed_config["gradient_clipping"] = config.max_grad_norm
+    return accelerator
 
 
 def _weight_dtype(accelerator) -> torch.dtype:
