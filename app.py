@@ -73,6 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="logins from a file, one user:password a line")
     parser.add_argument("--outputs", default="outputs", metavar="DIR",
                         help="where every render is kept and indexed, across restarts (default: ./outputs)")
+    parser.add_argument("--no-scrub", dest="scrub", action="store_false",
+                        help="no background renders of the slider's ticks after a render, and no renders while the "
+                             "slider moves (each costs device time)")
+    parser.add_argument("--live-drag", choices=("auto", "on", "off"), default="auto",
+                        help="render while the γ slider moves: auto (where one render takes at most 0.75 s), on, off")
     parser.add_argument("--no-preload", dest="preload", action="store_false",
                         help="load the models on the first render instead of right after the server starts")
     parser.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="INFO",
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     from ui.engine import CoreEngine
     from ui.gallery import Gallery
     from ui.layout import build_studio, launch_options, studio_folder
+    from ui.scrub import Scrubber
     from ui.state import Studio
 
     profile = args.profile or default_profile()
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     folder = studio_folder()  # photos and results of this run, served as they are; removed on exit
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     signal.signal(signal.SIGTERM, _exit_on_terminate)
-    demo = build_studio(Studio(engine=engine, folder=folder, gallery=gallery))
+    scrubber = Scrubber(enabled=args.scrub, live_drag=args.live_drag)  # the slider's ticks, renders while dragging
+    demo = build_studio(Studio(engine=engine, folder=folder, gallery=gallery, scrubber=scrubber))
     demo.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1", server_port=args.port, share=args.share,
         max_file_size=DEFAULT_LIMITS.max_bytes, show_error=True, prevent_thread_lock=True,

@@ -23,7 +23,7 @@ from .common import MODES, Section, describe_machine, machine
 logger = logging.getLogger("benchmarks")
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-TITLES = {1: "UNet step", 2: "Slider move", 3: "Sweep", 4: "Memory", 5: "Server", 6: "Load"}
+TITLES = {1: "UNet step", 2: "Slider move", 3: "Sweep", 4: "Memory", 5: "Server", 6: "Load", 7: "Scrubbing"}
 
 
 def item_numbers(text: str) -> set[int]:
@@ -68,7 +68,7 @@ def guarded(number: int, run) -> Section:
 
 
 def run_items(mode, items: set[int], breakdown: bool) -> list[Section]:
-    from . import load, memory, server
+    from . import load, memory, scrub, server
 
     sections: dict[int, Section] = {}
     app: dict | None = None
@@ -81,6 +81,8 @@ def run_items(mode, items: set[int], breakdown: bool) -> list[Section]:
         sections[5] = guarded(5, serve)
     if 6 in items:  # a server of its own, before this process holds the models
         sections[6] = guarded(6, lambda: load.run(mode))
+    if 7 in items:
+        sections[7] = guarded(7, lambda: scrub.run(mode))
     if 4 in items:  # a child process, run before this one holds the models so the two never add up
         sections[4] = guarded(4, lambda: memory.run(mode, app))
     if items & {1, 2, 3}:

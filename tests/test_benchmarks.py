@@ -28,12 +28,12 @@ def smoke(tmp_path_factory):
     return result.stdout, json.loads((out / "smoke.json").read_text())
 
 
-def test_all_six_items_report_without_failing(smoke):
+def test_all_seven_items_report_without_failing(smoke):
     stdout, results = smoke
-    for number in range(1, 7):
+    for number in range(1, 8):
         header = next(line for line in stdout.splitlines() if line.startswith(f"| {number} | **"))
         assert "failed" not in header, header
-    assert [section["number"] for section in results["sections"]] == [1, 2, 3, 4, 5, 6]
+    assert [section["number"] for section in results["sections"]] == [1, 2, 3, 4, 5, 6, 7]
     server = results["sections"][4]
     if (REPO / "app.py").is_file():
         assert server["skipped"] is None and server["data"]["final"], server
@@ -43,6 +43,10 @@ def test_all_six_items_report_without_failing(smoke):
     if (REPO / "app.py").is_file():
         assert load["skipped"] is None, load
         assert len(load["data"]["latencies"]) == load["data"]["users"] * load["data"]["requests_per_user"]
+    scrub = results["sections"][6]  # item 7: the ticks came in one batch, and the drag was answered
+    if (REPO / "app.py").is_file():
+        assert scrub["skipped"] is None, scrub
+        assert scrub["data"]["ticks_ready"] and scrub["data"]["drag_requests"] > 0
 
 
 def test_target_lines_come_last_one_per_target(smoke):
@@ -72,8 +76,8 @@ def test_per_image_prints_the_median_for_a_profile(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--only", "per_image"], "expected item numbers from 1 to 6 (1 UNet step"),
-    (["--only", "7"], "expected item numbers from 1 to 6"),
+    (["--only", "per_image"], "expected item numbers from 1 to 7 (1 UNet step"),
+    (["--only", "8"], "expected item numbers from 1 to 7"),
     (["--log-level", "loud"], "invalid choice: 'LOUD'"),
     (["--out", __file__], "is a file; give a folder"),
 ])

@@ -33,7 +33,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server():
-    app = AppServer("--profile", "tiny")
+    app = AppServer("--profile", "tiny", "--live-drag", "on")  # renders while dragging, however busy the machine
     try:
         app.wait_for_log("profile 'tiny' loaded", timeout=240)
         yield app
@@ -172,8 +172,8 @@ def test_upload_prompt_generate_and_slide(page, server, tmp_path):
     first = result_src(page)
     assert first
 
-    drag_gate(page, 0.5, 0.8, release=False)  # while dragging: the nearest render, nothing computed
-    expect(info).to_contain_text("nearest rendered γ 0.50")
+    drag_gate(page, 0.5, 0.8, release=False)  # while dragging: a render already made (a tick), or one made now
+    expect(info).to_contain_text(re.compile(r"nearest rendered γ 0\.[5-8]0|rendered while dragging"))
     page.mouse.up()  # release: a new render at the new γ with the same seed
     expect(info).to_contain_text("identity score")
     gate = page.locator("#gate-slider input[type=number]").input_value()
@@ -191,6 +191,53 @@ def test_upload_prompt_generate_and_slide(page, server, tmp_path):
     page.set_input_files("#restore-png input[type=file]", str(png))  # ... and dropping it restores them
     expect(info).to_contain_text("settings restored from result.png")
     assert page.locator("#seed input").input_value() != "12345"
+
+
+def test_dragging_shows_a_real_render_at_every_tick(page, server):
+    """After a render the slider's ticks render in the background; a slow drag then shows a different finished
+    render at every tenth of the track (ticks, or renders made while moving: the tiny profile is fast), never a
+    preview, and release keeps the one it lands on."""
+    from playwright.sync_api import expect
+
+    ticks = server.log.read_text().count("slider ticks rendered")
+    page.set_input_files("#subject-upload input[type=file]", [str(DREAMBENCH / "dog" / "00.jpg")])
+    expect(page.locator(".slot img")).to_have_count(1)
+    page.get_by_label("Prompt", exact=True).fill("a dog in the snow")
+    page.click("#generate")
+    info = page.locator("#info")
+    expect(info).to_contain_text("identity score")
+    for _ in range(300):
+        if server.log.read_text().count("slider ticks rendered") > ticks:
+            break
+        page.wait_for_timeout(100)
+
+    config = page.request.get(f"{server.url}config").json()
+    drag = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == "ui_drag")
+    asked = []  # the page's requests for a render while dragging (the server makes one where renders are fast)
+    page.on("request", lambda request: "queue/join" in request.url and (request.post_data_json or {}).get(
+        "fn_index") == drag and asked.append(request))
+    box = page.locator("#gate-slider input[type=range]").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.5, y)
+    page.mouse.down()
+    shown, lines = set(), []
+    for tenth in range(4, -1, -1):  # 0.4, 0.3, ..., 0: held down all along
+        page.mouse.move(box["x"] + box["width"] * tenth / 10, y, steps=4)
+        page.wait_for_timeout(400)
+        shown.add(result_src(page))
+        lines.append(info.inner_text())
+    page.mouse.up()
+    assert len(shown) >= 4, lines
+    assert not any("step" in line for line in lines), lines  # finished renders only, never a step preview
+    assert asked  # the page asked for renders while the slider moved ...
+    page.locator("#gate-slider input[type=range]").focus()
+    page.keyboard.press("ArrowRight")  # ... and not for a key press, which renders on release
+    expect(info).to_contain_text("γ 0.01")
+    count = len(asked)
+    page.wait_for_timeout(500)
+    assert len(asked) == count
+    expect(info).to_contain_text("identity score")
+    no_error_badges(page)
 
 
 def assert_tiles_whole(page, gallery: str) -> None:

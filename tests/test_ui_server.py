@@ -17,6 +17,7 @@ from flexip_core.generation.metadata import read_generation
 from flexip_core.generation.settings import MAX_SEED, Generation
 from flexip_core.loading.profiles import load_profile
 from tests.ui_fixtures import DREAMBENCH, AppServer, bad_uploads, ui_form
+from ui.handlers import MODE_INPUTS
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 def server():
     if not DREAMBENCH.is_dir():
         pytest.skip(f"DreamBench photos not found at {DREAMBENCH}")
-    app = AppServer("--profile", "tiny")
+    app = AppServer("--profile", "tiny", "--live-drag", "on")  # renders while dragging, however busy the machine
     try:
         app.wait_for_log("profile 'tiny' loaded", timeout=240)
         yield app
@@ -172,10 +173,10 @@ def test_ui_session_generate_release_and_cancel(server, photos):
     assert "not rendered: add at least one photo" in refused[1]
 
     # Release the slider: same seed, new γ, previews streamed before the final image.
-    job = client.submit(*ui_form(seed=9, gate=0.6, num_inference_steps=3), api_name="/ui_release")
+    job = client.submit(*ui_form(seed=9, gate=0.65, num_inference_steps=3), api_name="/ui_release")  # not a tick
     job.result(timeout=120)
     infos = [output[1] for output in job.outputs()]
-    assert any("step 1 of 3" in info for info in infos) and "γ 0.60" in infos[-1] and "identity score" in infos[-1]
+    assert any("step 1 of 3" in info for info in infos) and "γ 0.65" in infos[-1] and "identity score" in infos[-1]
 
     # A long run, cancelled after its first preview, leaves the server ready for the next request.
     job = client.submit(True, *ui_form(seed=10, num_inference_steps=400), 1, api_name="/ui_generate")
@@ -187,6 +188,29 @@ def test_ui_session_generate_release_and_cancel(server, photos):
     images, _ = quick_generate(client, photos, seed=11)
     assert len(images) == 1 and time.perf_counter() - started < 60  # not behind 400 steps
     server.wait_for_log("stopping it at the next step", timeout=30)
+
+
+def test_the_slider_ticks_render_in_the_background_and_release_keeps_one_at_once(server, photos):
+    client = Client(server.url, verbose=False)
+    client.predict([photos[0]], api_name="/add_photos")
+    ticks_before = server.log.read_text().count("slider ticks rendered")
+    kept_before = len(client.predict(api_name="/history")[0] or [])
+    client.predict(True, *ui_form(seed=21, gate=0.5, num_inference_steps=3), 1, api_name="/ui_generate")
+    deadline = time.time() + 60
+    while server.log.read_text().count("slider ticks rendered") == ticks_before and time.time() < deadline:
+        time.sleep(0.1)
+    job = client.submit(*ui_form(seed=21, gate=0.2, num_inference_steps=3), api_name="/ui_release")
+    job.result(timeout=60)
+    infos = [output[1] for output in job.outputs()]
+    assert len(infos) == 1 and "γ 0.20" in infos[0] and "identity score" in infos[0]  # no steps: rendered already
+    assert len(client.predict(api_name="/history")[0]) == kept_before + 2  # the render and the tick released on
+
+    # the slider also renders while it moves (--live-drag on; "auto" where a render takes under 0.75 s), kept only
+    # on release
+    dragged = ui_form(seed=21, gate=0.47, num_inference_steps=3)[:-len(MODE_INPUTS) + 1]  # its last input: the mode
+    image, _, info = client.predict(*dragged, api_name="/ui_drag")
+    assert "γ 0.47, rendered while dragging" in info and image
+    assert len(client.predict(api_name="/history")[0]) == kept_before + 2
 
 
 # --- modes: /start_image, /inpaint, /control on the tiny profile's inpainting model and ControlNet -----------------

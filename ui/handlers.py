@@ -17,9 +17,12 @@ import base64
 import contextlib
 import html
 import io
+import itertools
 import logging
 import random
 import re
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,12 +31,14 @@ import gradio as gr
 from PIL import Image
 
 from flexip_core.generation.gate import GateSchedule
+from flexip_core.generation.metadata import save_png
 from flexip_core.generation.settings import MAX_SEED, Generation, parse_gates
 from flexip_core.generation.task_inputs import MODES, TaskInputs, prepare
 
 from .engine import Done, RenderCancelled, Step, stream_render
 from .files import EXAMPLES, ensure_examples, example_path, zip_results
 from .gallery import MAX_LIMIT, GalleryWriteError
+from .scrub import TICKS
 from .state import (
     MAX_HISTORY,
     Photo,
@@ -70,6 +75,7 @@ PREVIEW_SIDE = 256  # previews are upscaled to about this size so the browser sh
 PREVIEW_EVERY_S = 0.25  # at most four previews a second: each is an encode, a message and a fetch for the browser
 STOP_WAIT_S = 10.0  # how long Stop or a History click waits for the render it halted to end
 GRID_TILE = 128  # grid tiles are sent inline, at most this many pixels a side (the zip has the full images)
+_TICK_NAMES = itertools.count()  # file numbers of the renders not kept yet
 METRICS = {"clip": "CLIP cosine with the subject",  # what each identity metric (parameters["identity_metric"]) reads
            "toyworld": "share of the toy's shape, colour and pattern kept, read by the toy-world oracle"}
 
@@ -158,6 +164,7 @@ def read_request(studio: Studio, session: Session, form: dict
     if task is not None:
         session.mode_settings[task.mode] = {"task": generation.task, "task_inputs": generation.task_inputs,
                                             "height": generation.height, "width": generation.width}
+        session.mode_tasks[task.mode] = task
     return photos, generation, task
 
 
@@ -268,16 +275,22 @@ def check_request(studio: Studio, photos: Sequence[Photo], generation: Generatio
 
 async def render(studio: Studio, photos: Sequence[Photo], generation: Generation, gates: Sequence[float],
                  run: Run | None = None, progress: gr.Progress | None = None, one_at_a_time: bool = False,
-                 task: TaskInputs | None = None, images: int = 1) -> AsyncIterator[Preview | list[Result]]:
+                 task: TaskInputs | None = None, images: int = 1, keep: bool = True
+                 ) -> AsyncIterator[Preview | list[Result]]:
     """Yield a Preview at most every PREVIEW_EVERY_S, then the list of saved Results (one per γ); `run` follows
     the step count. `one_at_a_time` renders the γ values as separate batches of one (less device memory, more
-    time). ValueError for a refused request (before anything renders) or a setting the engine refuses; NotLoaded."""
+    time). A render kept (`keep`, every request of a user) drops the slider's background ticks and goes into the
+    gallery; one not kept (the ticks, renders made while dragging) is written beside the app's other files.
+    ValueError for a refused request (before anything renders) or a setting the engine refuses; NotLoaded."""
     check_request(studio, photos, generation)
+    if keep:
+        studio.scrubber.drop()
     await ensure_loaded(studio, progress)
     references = [open_photo(studio, photo) for photo in photos]
     weights = [photo.weight for photo in photos]
     subject = fingerprint(list(photos))
-    studio.gallery.remember_subject(subject, [p.path for p in photos], weights, [p.name for p in photos])
+    if keep:
+        studio.gallery.remember_subject(subject, [p.path for p in photos], weights, [p.name for p in photos])
     batches = [[gate] for gate in gates] if one_at_a_time else [list(gates)]
     results: list[Result] = []
     halt = run.halted if run is not None else None
@@ -298,7 +311,7 @@ async def render(studio: Studio, photos: Sequence[Photo], generation: Generation
                 if isinstance(event, Step):
                     yield Preview(event.step, event.total, [_upscale(image) for image in event.previews], batch)
                 elif isinstance(event, Done):
-                    results.extend(_save(studio, subject, event))
+                    results.extend(_save(studio, subject, event) if keep else _save_aside(studio, subject, event))
         except RenderCancelled:
             if halt is not None and halt.is_set():  # Stop: the handler says so
                 raise Stopped from None
@@ -316,6 +329,30 @@ def _save(studio: Studio, subject: str, done: Done) -> list[Result]:
     entries = [studio.gallery.add(r.image, r.parameters, subject=subject, identity=r.identity, warnings=r.warnings)
                for r in done.results]
     return [replace(Result.from_entry(entry), generation=r.generation) for entry, r in zip(entries, done.results)]
+
+
+def _save_aside(studio: Studio, subject: str, done: Done) -> list[Result]:
+    """Renders not kept yet (slider ticks, renders made while dragging): PNGs beside the app's other files."""
+    folder = studio.results_folder / "ticks"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    for r in done.results:
+        path = folder / f"tick-{next(_TICK_NAMES):06d}-gate{r.generation.gate:.2f}-seed{r.generation.seed}.png"
+        save_png(r.image, path, r.parameters)
+        results.append(Result(str(path), r.generation, r.identity, subject, r.parameters, r.warnings, kept=False))
+    return results
+
+
+def keep_result(studio: Studio, session: Session, result: Result) -> Result:
+    """A render not kept yet goes into the gallery and the history (it was released on); a kept one is as it is."""
+    if result.kept:
+        return result
+    with Image.open(result.path) as image:
+        entry = studio.gallery.add(image, result.parameters, subject=result.subject, identity=result.identity,
+                                   warnings=result.warnings)
+    kept = replace(Result.from_entry(entry), generation=result.generation)
+    session.remember(kept)
+    return kept
 
 
 # --- how the page answers: runs, messages, the stopped state -------------------------------------------
@@ -511,6 +548,7 @@ async def stop(studio: Studio, *, session: Session) -> dict:
     """Stop: the render in flight ends at its next step, and its handler's last answer shows the last finished image
     or sweep again, the line saying where it stopped; this answers only when nothing was rendering (or the slider had
     just cancelled a render). A render queued behind it still runs, as in other SD tools' Interrupt."""
+    studio.scrubber.drop()
     if await halt(session) is not None:
         return {}
     run, session.cancelled = session.cancelled, None
@@ -537,6 +575,7 @@ def slot_updates(session: Session, count: int) -> dict:
 
 def add_photos(studio: Studio, *, session: Session, files: list[str] | None) -> dict:
     """Validate dropped/pasted/uploaded files; keep the good ones, warn about each bad one by name."""
+    studio.scrubber.drop()
     accepted, rejected = accept_photos(files or [], studio.photos_folder)
     for rejection in rejected:
         toast(rejection.reason)
@@ -560,6 +599,7 @@ def add_photos(studio: Studio, *, session: Session, files: list[str] | None) -> 
 
 def remove_photo(studio: Studio, *, session: Session, index: int) -> dict:
     """Drop the photo in slot `index` (its results stay in the history)."""
+    studio.scrubber.drop()
     if 0 <= index < len(session.photos):
         removed = session.photos.pop(index)
         logger.info("removed %s from the subject", removed.name)
@@ -594,6 +634,7 @@ async def _render_one(studio: Studio, session: Session, generation: Generation, 
     async with running(session, "image", label) as run:
         yield {"seed": generation.seed, "info": f"{label} · {starting(studio)}"}
         try:
+            began = time.perf_counter()
             async for event in render(studio, session.photos, generation, [generation.gate], run, task=task,
                                       images=images):
                 if isinstance(event, Preview):
@@ -605,6 +646,9 @@ async def _render_one(studio: Studio, session: Session, generation: Generation, 
                     warn_once(session, event)
                     more = f" · a batch of {len(event)} ({seeds}), all in the history" if len(event) > 1 else ""
                     yield {**show(session, event[0]), "info": describe(event[0]) + more}
+                    if images == 1:
+                        studio.scrubber.render_s = time.perf_counter() - began
+                        start_ticks(studio, session, generation, task)
         except Stopped:
             yield stopped(studio, session, run)
         except Exception as error:  # said on the page (and logged); the last finished image goes back
@@ -627,9 +671,43 @@ async def generate(studio: Studio, *, session: Session, lock_seed: bool, batch=1
         yield values
 
 
+def start_ticks(studio: Studio, session: Session, generation: Generation, task: TaskInputs | None) -> None:
+    """Render the slider's ticks (ui.scrub.TICKS) of `generation` that are not rendered yet, in the background."""
+    photos = list(session.photos)
+    subject = fingerprint(photos)
+    missing = [gate for gate in TICKS if session.exact(generation.at(gate), subject) is None]
+    if missing:
+        studio.scrubber.start((subject, generation.without_gate()),
+                              lambda halted: _render_ticks(studio, session, photos, generation, task, missing, halted))
+
+
+async def _render_ticks(studio: Studio, session: Session, photos: list[Photo], generation: Generation,
+                        task: TaskInputs | None, gates: list[float], halted: threading.Event) -> None:
+    """The background job: the ticks in one batched call (one at a time if the device runs out of memory), each
+    remembered for the slider as it is saved; dropped (`halted`) at its next step."""
+    run = Run("ticks", "slider ticks", halted=halted)
+    for one_at_a_time in (False, True):
+        try:
+            async for event in render(studio, photos, generation, gates, run, one_at_a_time=one_at_a_time, task=task,
+                                      keep=False):
+                if isinstance(event, list):
+                    for result in event:
+                        session.remember(result, history=False)
+                    logger.info("slider ticks rendered: γ %s", ", ".join(f"{gate:g}" for gate in gates))
+            return
+        except Stopped:
+            return
+        except Exception as error:  # nobody waits for the ticks: said in the log only
+            if one_at_a_time or "out of memory" not in str(error).lower():
+                logger.warning("background slider ticks failed: %s", error)
+                return
+            logger.info("background slider ticks: out of memory in one batch; rendering them one at a time")
+
+
 async def release(studio: Studio, *, session: Session, **form):
     """The γ slider was released (mouse, a click on its track, a pause after arrow keys, Enter in its box): render
-    at the new γ with the same seed and settings (a render already made for exactly these is shown at once)."""
+    at the new γ with the same seed and settings (a render already made for exactly these, a slider tick's
+    included, is shown and kept at once)."""
     try:
         session.photos, generation, task = read_request(studio, session, form)
         check_request(studio, session.photos, generation)
@@ -638,25 +716,43 @@ async def release(studio: Studio, *, session: Session, **form):
         return
     cached = session.exact(generation)
     if cached is not None:
-        session.current = cached
-        yield show(session, cached)
+        try:
+            session.current = keep_result(studio, session, cached)
+        except (OSError, GalleryWriteError) as error:
+            yield refused(session, error)
+            return
+        yield show(session, session.current)
+        start_ticks(studio, session, generation, task)
         return
     async for values in _render_one(studio, session, generation, task):
         yield values
 
 
+def _dragged(session: Session, form: dict) -> tuple[list[Photo], Generation]:
+    """The photos (with the form's weights) and Generation the slider's position names, in the mode's last
+    pictures (the slider's events do not send pictures); ValueError for a form that names none yet."""
+    mode = form.pop("mode", None) or "text"
+    photos = weighted_photos(session.photos, dict(form))
+    return photos, replace(read_form(form), **session.mode_settings.get(mode, {}))
+
+
 def peek(studio: Studio, *, session: Session, **form) -> dict:
     """While the slider moves: show the nearest γ already rendered for this subject, prompt, seed and settings
-    (else the last finished image), computing nothing; the line says which γ is shown and which will render."""
+    (the slider's ticks included; else the last finished image), computing nothing; the line says which γ is shown
+    and which will render."""
     session.cancelled = None  # a render this move stopped is replaced by what it shows
-    mode = form.pop("mode", None) or "text"
     try:
-        photos = weighted_photos(session.photos, dict(form))
-        generation = replace(read_form(form), **session.mode_settings.get(mode, {}))  # that mode's last pictures
+        photos, generation = _dragged(session, form)
     except ValueError:
         return {}
     target = f"let go of the slider to render γ {generation.gate:.2f}"
-    nearest = session.nearest(generation, fingerprint(photos))
+    subject = fingerprint(photos)
+    scrubber = studio.scrubber
+    if scrubber.busy and scrubber.key == (subject, generation.without_gate()):
+        target += " · the slider's ticks are rendering"
+    nearest = session.nearest(generation, subject)
+    if nearest is not None and nearest is session.current and nearest.generation.gate == generation.gate:
+        return {**large(session, nearest), "info": describe(nearest)}  # released there already (a late move)
     if nearest is None:
         shown = f"{still_showing(session)} (other settings)" if session.current else ""
         return {**large(session, session.current), "info": f"{target}{shown}"}
@@ -665,9 +761,40 @@ def peek(studio: Studio, *, session: Session, **form) -> dict:
                     f"· {target}"}
 
 
+async def drag(studio: Studio, *, session: Session, **form) -> dict:
+    """While the slider moves, where single renders are fast (ui.scrub): render at the slider's γ (not kept; let
+    go there and it is), so that dragging plays like a video. Elsewhere, or for a position already rendered, nothing:
+    peek shows the nearest render. Gradio runs only the newest position after the render in flight."""
+    if not studio.scrubber.fast or session.run is not None:
+        return {}
+    mode = form.get("mode") or "text"
+    try:
+        photos, generation = _dragged(session, form)
+        check_request(studio, photos, generation)
+    except ValueError:
+        return {}
+    subject = fingerprint(photos)
+    if session.exact(generation, subject) is not None:
+        return {}
+    studio.scrubber.drop()  # the ticks give way to the slider itself
+    began = time.perf_counter()
+    try:
+        async for event in render(studio, photos, generation, [generation.gate], task=session.mode_tasks.get(mode),
+                                  keep=False):
+            if isinstance(event, list) and event:
+                studio.scrubber.render_s = time.perf_counter() - began
+                session.remember(event[0], history=False)
+                return {**large(session, event[0]),
+                        "info": f"γ {generation.gate:.2f}, rendered while dragging · let go to keep it"}
+    except Exception as error:  # the slider goes on: the release renders and says what is wrong
+        logger.info("render while dragging failed: %s", error)
+    return {}
+
+
 async def select_history(studio: Studio, evt: gr.SelectData, *, session: Session) -> dict:
     """A history thumbnail was clicked: stop a render in flight, show that result and restore its settings (the
     seed box gets its seed; Lock seed stays as it is)."""
+    studio.scrubber.drop()
     await halt(session)
     session.cancelled = None
     index = evt.index if isinstance(evt.index, int) else evt.index[0]
@@ -842,6 +969,7 @@ def gallery_view(studio: Studio, *, session: Session, query: str = "", sort: str
 
 def select_gallery(studio: Studio, evt: gr.SelectData, *, session: Session) -> dict:
     """A kept render was clicked: it shows large and its settings go back into the controls."""
+    studio.scrubber.drop()
     index = evt.index if isinstance(evt.index, int) else evt.index[0]
     entry = studio.gallery.get(session.gallery_shown[index]) if 0 <= index < len(session.gallery_shown) else None
     if entry is None:
@@ -906,6 +1034,7 @@ MODE_VIEWS = {"mode_image": ("start_image", "control"), "denoise": ("start_image
 
 def mode_view(studio: Studio, *, mode: str) -> dict:
     """Show the inputs of the chosen mode only; a mode this profile cannot run says why (and what would run it)."""
+    studio.scrubber.drop()
     reason = studio.engine.modes().get(mode)
     hint = {"start_image": "Image to image: the picture is the start; Denoise says how much of it is repainted.",
             "inpaint": "Paint where the subject goes on the scene, or upload a mask (white: the subject); the rest of "

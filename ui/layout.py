@@ -137,6 +137,9 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
                                         placeholder="optional: what to leave out, e.g. " + (
                                             "striped" if toy else "blurry"))
     out["gate"] = gr.Slider(0, 1, 0.5, step=0.01, label="Style ↔ identity (γ)", elem_id="gate-slider")
+    # Clicked by the page's script while the slider is dragged (hidden): a render at its position where renders are
+    # fast (ui.scrub). Its own trigger, so that the slider's own moves never wait for a render.
+    buttons["drag"] = gr.Button("render while dragging", elem_id="drag-render", elem_classes="page-only")
     gr.HTML(GATE_ENDS, padding=False)
     with gr.Row(equal_height=True):
         out["strength"] = gr.Slider(0, 2, 1.0, step=0.05, label="Strength", elem_id="strength-slider", scale=3)
@@ -416,10 +419,15 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
                                   **quiet, **GPU)
     renders = [*runs, release]
     out["gate"].input(fn=None, cancels=renders, api_visibility="private")
-    out["gate"].input(bind(handlers.peek, out, studio), inputs_kwargs={"session": out["session"], **controls,
-                                                                      **weights},
+    dragged = {"session": out["session"], **controls, **weights, "mode": out["mode"]}  # no pictures: the mode's last
+    out["gate"].input(bind(handlers.peek, out, studio), inputs_kwargs=dragged,
                       outputs=components(out, "result", "compare", "info"), queue=False, show_progress="hidden",
                       api_visibility="private")
+    # Where single renders are fast, the slider also renders while it moves (ui.scrub; the page's script clicks the
+    # hidden button as it moves): the newest position runs when the render before it ends.
+    buttons["drag"].click(bind(handlers.drag, out, studio), inputs_kwargs=dragged,
+                          outputs=components(out, "result", "compare", "info"), trigger_mode="always_last",
+                          api_name="ui_drag", api_visibility="undocumented", **quiet, **GPU)
     # Stop halts the render in flight, which ends at its next step with the stopped state as its own last answer (no
     # Gradio cancel: a cancelled event can end in an error badge). These handlers run beside the render's queue.
     beside = dict(api_visibility="private", concurrency_id="beside_renders", concurrency_limit=None, **quiet)

@@ -20,6 +20,7 @@ from flexip_core.generation.settings import Generation
 
 from .engine import Engine
 from .gallery import Entry, Gallery
+from .scrub import Scrubber
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class Studio:
     max_photos: int = MAX_PHOTOS  # subject photos per session
     decoded: OrderedDict = field(default_factory=OrderedDict, repr=False)  # photo digest -> RGB image, newest last
     gallery: Gallery | None = None  # every render and subject, on disk and indexed (--outputs); default: in `folder`
+    scrubber: Scrubber = field(default_factory=lambda: Scrubber(enabled=False))  # the slider's background ticks and
+    #   renders while dragging (app.py turns them on unless --no-scrub)
 
     def __post_init__(self):
         if self.gallery is None:
@@ -75,6 +78,7 @@ class Result:
     subject: str  # subject fingerprint at render time
     parameters: dict = field(default_factory=dict)  # everything written into the PNG chunk (profile, base, ...)
     warnings: tuple[str, ...] = ()  # what the core noted while rendering it (a prompt cut off, ...)
+    kept: bool = True  # in the gallery; False: a slider tick or a render made while dragging, kept when released on
 
     @property
     def caption(self) -> str:
@@ -101,7 +105,7 @@ class Run:
     """A render in flight in one session: what the line calls it and how far it got, so that Stop can say where it
     stopped and put back what it replaced."""
 
-    kind: str  # "image" (Generate, a slider release), "sweep" or "grid"
+    kind: str  # "image" (Generate, a slider release), "sweep", "grid" or "ticks" (the slider's, in the background)
     label: str  # how the status line names it, e.g. "**seed 7** · γ 0.50"
     stage: str = ""  # which part of a run of several renders is rendering, e.g. "prompt 2 of 3 · "
     progress: str = "its first step"  # how far it got, e.g. "prompt 2 of 3 · step 9 of 30"
@@ -127,6 +131,8 @@ class Session:
     gallery_selected: int | None = None  # the entry last clicked there
     mode_settings: dict = field(default_factory=dict)  # mode -> the Generation fields of its last request (task,
     #   task_inputs with its pictures' digests, size), so that the slider finds that mode's renders without the pictures
+    mode_tasks: dict = field(default_factory=dict)  # mode -> its last TaskInputs (pictures prepared): the slider's
+    #   renders while dragging render in it
 
     def subject(self) -> str:
         """Fingerprint of the photos and their weights: renders are reusable only for the same subject."""
@@ -150,8 +156,8 @@ class Session:
         gate = min(renders, key=lambda g: (abs(g - generation.gate), g))
         return renders[gate]
 
-    def exact(self, generation: Generation) -> Result | None:
-        renders = self.renders.get((self.subject(), generation.without_gate()), {})
+    def exact(self, generation: Generation, subject: str | None = None) -> Result | None:
+        renders = self.renders.get((self.subject() if subject is None else subject, generation.without_gate()), {})
         return renders.get(round(generation.gate, 4))
 
 

@@ -94,4 +94,17 @@
     const retry = () => (uploading() ? setTimeout(retry, 100) : button.click());
     setTimeout(retry, 100);
   }, true);
+
+  // 5. While the γ slider is dragged (a pointer held on it), each move asks the server for a render there
+  //    (#drag-render): where renders are fast it makes one, the newest position only; elsewhere it answers nothing.
+  let dragging = false;
+  document.addEventListener("pointerdown", (event) => {
+    dragging = event.target instanceof Element && event.target.closest("#gate-slider input[type=range]") !== null;
+  }, true);
+  document.addEventListener("pointerup", () => { dragging = false; }, true);
+  document.addEventListener("input", (event) => {
+    if (!dragging || !(event.target instanceof Element) || !event.target.closest("#gate-slider")) return;
+    const button = document.querySelector("#drag-render");
+    if (button) setTimeout(() => button.click(), 0); // after Gradio has taken the slider's new value
+  });
 }
