@@ -95,6 +95,8 @@ def open_image(source, name: str | None = None, limits: ImageLimits = DEFAULT_LI
         raise ValueError(f"{label}: not an image PIL can read; accepted formats: {accepted}") from None
     except Image.DecompressionBombError:
         raise ValueError(f"{label}: pixel count is far over the limit (decompression bomb); refused") from None
+    except (OSError, SyntaxError) as error:  # a header cut short ("Truncated File Read")
+        raise ValueError(f"{label}: image data is truncated or corrupt ({error})") from None
     if image.format not in ACCEPTED_FORMATS:
         raise ValueError(f"{label}: format {image.format} is not accepted; use one of {', '.join(ACCEPTED_FORMATS)}")
     if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
