@@ -183,12 +183,21 @@ class FlexIPAdapter(nn.Module):
                     getattr(kv, f"to_v_{branch}").weight.zero_()
 
 
+def is_cross_attention(processor_name: str) -> bool:
+    """Whether an attention processor name is a spatial cross-attention layer (attn2), where FlexIP's branches act.
+
+    The motion modules of diffusers' UNetMotionModel (AnimateDiff) have attn1 and attn2 too, both temporal
+    self-attention across frames; they are skipped, as diffusers' own IP-Adapter loader skips them."""
+    return processor_name.endswith("attn2.processor") and "motion_modules" not in processor_name
+
+
 def cross_attention_layers(unet) -> tuple[tuple[str, int], ...]:
-    """(processor name, inner width) of every cross-attention layer of a UNet, in the UNet's order."""
+    """(processor name, inner width) of every cross-attention layer of a UNet, in the UNet's order (an AnimateDiff
+    UNetMotionModel has the same ones as the UNet it was made from)."""
     modules = dict(unet.named_modules())
     layers = []
     for name in unet.attn_processors:
-        if name.endswith("attn2.processor"):
+        if is_cross_attention(name):
             attn = modules[name.removesuffix(".processor")]
             layers.append((name, attn.to_k.out_features))
     return tuple(layers)

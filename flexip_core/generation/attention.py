@@ -271,11 +271,11 @@ class XFormersSelfAttnProcessor(XFormersAttnProcessor):
 def install_processors(unet, adapter, backend: str, fused: bool = True) -> None:
     """Give every attn2 layer a gated processor over `adapter.kv`, and every other layer a plain one; `fused`: the
     text and both branches in one attention call (SDPA only), else one call per term."""
-    from flexip_core.generation.adapters import layer_key
+    from flexip_core.generation.adapters import is_cross_attention, layer_key
 
     processors = {}
     for name in unet.attn_processors:
-        if name.endswith("attn2.processor"):
+        if is_cross_attention(name):  # not AnimateDiff's motion modules: temporal self-attention, plain processors
             processors[name] = GatedCrossAttnProcessor(adapter.kv[layer_key(name)], backend, fused)
         else:
             processors[name] = XFormersSelfAttnProcessor() if backend == "xformers" else SelfAttnProcessor()

@@ -18,11 +18,13 @@ FIELDS = (
     ("pres_window", "FlexIP identity window"),
     ("pers_window", "FlexIP prompt window"),
     ("task", "FlexIP task"),
+    ("num_frames", "Frames"),
+    ("fps", "FPS"),
     ("profile", "Model"),
     ("base", "Base"),
     ("adapter", "Adapter"),
 )
-INT_FIELDS = {"num_inference_steps", "seed"}
+INT_FIELDS = {"num_inference_steps", "seed", "num_frames", "fps"}
 FLOAT_FIELDS = {"guidance_scale", "gate", "strength"}
 TASK_INPUT = "FlexIP input "  # label prefix of a task input ("FlexIP input strength: 0.6")
 LEGACY = {"FlexIP identity until": "pres_until"}  # labels of files written by earlier versions

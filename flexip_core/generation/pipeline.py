@@ -1,7 +1,7 @@
 """FlexIPPipeline: FlexIP's gated preservation and personalization adapters (arXiv 2504.07405) attached to a
 diffusers pipeline of the Stable Diffusion 1.5 or SDXL family.
 
-diffusers runs the task (text-to-image, image-to-image, inpainting, ControlNet) in the pipeline's own
+diffusers runs the task (text-to-image, image-to-image, inpainting, ControlNet, AnimateDiff clips) in the pipeline's own
 `__call__`; FlexIP adds what is its own, the way diffusers' IP-Adapter support does: gated cross-attention
 processors, branch tokens passed through `cross_attention_kwargs`, and the per-step gate through
 `callback_on_step_end`.
@@ -26,6 +26,7 @@ from flexip_core.generation.gate import GateCurve, GateSchedule, as_schedule, ch
 from flexip_core.generation.preview import latents_to_previews
 from flexip_core.generation.schedulers import make_scheduler, scheduler_name
 from flexip_core.generation.settings import MAX_BATCH, MAX_SEED, MAX_SIDE, Generation, check_whole
+from flexip_core.generation.video import DECODE_FRAMES, check_clip_memory
 from flexip_core.loading.profiles import Defaults, Profile, load_world
 
 logger = logging.getLogger(__name__)
@@ -33,17 +34,21 @@ logger = logging.getLogger(__name__)
 # The diffusers pipelines FlexIP attaches to: per model family, the pipeline class of each task.
 FAMILIES = {
     "sd15": {"text-to-image": "StableDiffusionPipeline", "image-to-image": "StableDiffusionImg2ImgPipeline",
-             "inpainting": "StableDiffusionInpaintPipeline", "controlnet": "StableDiffusionControlNetPipeline"},
+             "inpainting": "StableDiffusionInpaintPipeline", "controlnet": "StableDiffusionControlNetPipeline",
+             "animate": "AnimateDiffPipeline"},
     "sdxl": {"text-to-image": "StableDiffusionXLPipeline", "image-to-image": "StableDiffusionXLImg2ImgPipeline",
              "inpainting": "StableDiffusionXLInpaintPipeline", "controlnet": "StableDiffusionXLControlNetPipeline"},
 }
 TASKS = {cls: task for classes in FAMILIES.values() for task, cls in classes.items()}  # class name -> task
 FAMILY_OF = {cls: family for family, classes in FAMILIES.items() for cls in classes.values()}  # class name -> family
+# AnimateDiff's motion modules were trained on linear betas (guoyww/AnimateDiff's inference configs; diffusers' and
+# AnimateLCM's examples set them): FlexIP's named schedulers on the animate task are built with them.
+MOTION_SCHEDULER = {"beta_schedule": "linear"}
 # What FlexIP itself passes to the wrapped pipeline: set through FlexIP's own arguments, not pipeline_kwargs.
 OWN_ARGUMENTS = ("prompt", "prompt_embeds", "negative_prompt", "negative_prompt_embeds", "num_inference_steps",
                  "guidance_scale", "generator", "num_images_per_prompt", "output_type", "callback_on_step_end",
                  "callback_on_step_end_tensor_inputs", "ip_adapter_image", "ip_adapter_image_embeds", "height",
-                 "width", "return_dict",
+                 "width", "return_dict", "num_frames",
                  # SDXL: the second text encoder's prompts and the pooled text embeddings come from the same prompt
                  "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
@@ -54,12 +59,13 @@ class GenerationCancelled(Exception):
 
 @dataclass
 class FlexIPOutput:
-    images: list[Image.Image]  # one per gate value (or branch-weight pair)
+    images: list[Image.Image]  # one per gate value (or branch-weight pair); of a clip, its first frame
     parameters: list[dict]  # per image: its Generation's parameters plus the model and branch weights used
-    arrays: np.ndarray | None = None  # (N, H, W, 3) floats in [0, 1] when output_type="np"
+    arrays: np.ndarray | None = None  # (N, H, W, 3) floats in [0, 1] when output_type="np"; clips: (N, F, H, W, 3)
     warnings: list[str] = field(default_factory=list)  # non-fatal notes, e.g. a truncated prompt
     kv_projections: int = 0  # key/value projections computed during the run (cached ones are not recounted)
     generations: list[Generation] = field(default_factory=list)  # per image: the settings that made it
+    frames: list[list[Image.Image]] | None = None  # the animate task: per clip (one per γ), its F frames
 
 
 def pipeline_class(pipe) -> str:
@@ -94,6 +100,10 @@ class FlexIPPipeline:
         adapter.to(self.device, self.dtype).eval().requires_grad_(False)  # small: stays on the device
         self._own_processors = own_processors or dict(pipe.unet.attn_processors)  # restored by detach()
         self.scheduler_config = _scheduler_config(pipe.scheduler)  # the base's: what named schedulers are built from
+        if self.task == "animate":
+            self.scheduler_config.update(MOTION_SCHEDULER)
+            if getattr(pipe, "motion_adapter", None) is not None:  # unused when generating: the UNetMotionModel
+                pipe.motion_adapter.to("cpu")  # holds copies of its weights
         if profile and profile.defaults.scheduler:  # the profile asks for its scheduler; a call may ask for another
             pipe.scheduler = make_scheduler(profile.defaults.scheduler, self.scheduler_config)
         install_processors(pipe.unet, adapter, self.backend)
@@ -157,21 +167,32 @@ class FlexIPPipeline:
         """This FlexIP (the same adapter, encoders, gate curve and profile) on the diffusers pipeline of another task.
 
         Args:
-            task: "text-to-image", "image-to-image", "inpainting" or "controlnet".
+            task: "text-to-image", "image-to-image", "inpainting", "controlnet" or (SD1.5) "animate".
             pipe: a pipeline of that task to attach to (e.g. one over an inpainting base); None builds it from this
-                pipeline's own components with diffusers' `from_pipe` (nothing is copied or loaded again).
-            **components: what that task adds to `from_pipe` (controlnet=).
+                pipeline's own components with diffusers' `from_pipe` (nothing is loaded again; for "animate" diffusers
+                makes a UNetMotionModel: a copy of the UNet with the motion modules inserted).
+            **components: what that task adds to `from_pipe` (controlnet=; motion_adapter=, a diffusers
+                `MotionAdapter`, for "animate").
         """
         import diffusers
 
         classes = FAMILIES[self.family]
         if task not in classes:
             raise ValueError(f"unknown task {task!r}; one of {', '.join(classes)}")
+        if self.task == "animate" and task != "animate":
+            raise ValueError("this pipeline's UNet carries AnimateDiff's motion modules; for the other tasks use the "
+                             "FlexIPPipeline it was made from, or a text-to-image profile (sd15)")
         if pipe is None:
             if task == self.task and not components:
                 return self
-            pipe = getattr(diffusers, classes[task]).from_pipe(self.pipe, **components)
+            if task == "animate" and components.get("motion_adapter") is None:
+                raise ValueError("the animate task needs an AnimateDiff motion adapter: for_task('animate', "
+                                 "motion_adapter=MotionAdapter.from_pretrained('guoyww/animatediff-motion-adapter-v1-5-3'))")
+            # from_pipe casts every component to its dtype argument (float32 unless given), shared ones included
+            pipe = getattr(diffusers, classes[task]).from_pipe(self.pipe, dtype=self.dtype, **components)
             pipe.set_progress_bar_config(disable=True)
+            if task == "animate" and (self.low_vram is None or not self.low_vram.cpu_offload):
+                pipe.unet.to(self.device)  # diffusers builds the UNetMotionModel on the CPU
         elif task_of(pipe) != task:
             raise ValueError(f"{type(pipe).__name__} is a {task_of(pipe)} pipeline, not {task}")
         shared = pipe.unet is self.pipe.unet  # its UNet already carries FlexIP's processors
@@ -179,7 +200,7 @@ class FlexIPPipeline:
                                  gate_curve=self.gate_curve, attention=self.backend,
                                  low_vram=None if shared else self.low_vram, device=self.device,
                                  own_processors=self._own_processors if shared else None)
-        derived.scheduler_config = self.scheduler_config
+        derived.scheduler_config = {**self.scheduler_config, **(MOTION_SCHEDULER if task == "animate" else {})}
         return derived
 
     def detach(self):
@@ -351,9 +372,10 @@ class FlexIPPipeline:
                  guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                  seed: int = 0, scheduler: str | None = None, callback=None, gate_schedule=None,
                  branch_weights=None, output_type: str = "pil", pipeline_kwargs: dict | None = None,
-                 generation: Generation | None = None, num_images: int = 1) -> FlexIPOutput:
+                 generation: Generation | None = None, num_images: int = 1, num_frames: int | None = None,
+                 fps: int | None = None) -> FlexIPOutput:
         """Generate one image per γ (a same-seed sweep in one batched call), or a batch of images at one γ with
-        consecutive seeds, through the wrapped pipeline.
+        consecutive seeds, through the wrapped pipeline; on the animate task (AnimateDiffPipeline) one clip each.
 
         Args:
             prompt: what to make of the subject.
@@ -374,6 +396,10 @@ class FlexIPPipeline:
                 image-to-image, `controlnet_conditioning_scale=`, ...).
             generation: a `Generation` giving all the settings at once (its gate is used unless `gate` is a list).
             num_images: a batch at one γ: seeds seed, seed + 1, ... in one batched call (1 to 16).
+            num_frames: the animate task's frames per clip (default: the profile's, 16), up to what the motion
+                adapter's positional embeddings cover (32 for AnimateDiff's and AnimateLCM's). `frames` holds each
+                clip's frames, `images` its first frame, `arrays` (N, F, H, W, 3).
+            fps: the animate task's frames per second, recorded with the clip for writing it (default: the profile's).
         """
         pipeline_kwargs = self._check_pipeline_kwargs(dict(pipeline_kwargs or {}))
         # 1. One Generation value, checked once
@@ -387,8 +413,17 @@ class FlexIPPipeline:
             generation = generation.at(gates[0])
         else:
             gates = [generation.gate]
+        if self.task == "animate":  # a clip: the call's frames and rate, else the generation's, else the profile's
+            generation = replace(generation, task="animate",
+                                 num_frames=_given(num_frames, generation.num_frames, self.defaults.num_frames),
+                                 fps=_given(fps, generation.fps, self.defaults.fps))
+        elif num_frames is not None or fps is not None:
+            raise ValueError(f"num_frames and fps make a clip (the animate task); this pipeline is {self.task}")
         max_side = self.defaults.max_side
         generation.check(max_side)
+        frames = generation.num_frames or 1  # AnimateDiff folds each clip's frames into the batch: N·F rows
+        if self.task == "animate":
+            self._check_frames(frames)
         for g in gates:
             check_unit(g, "gate (γ)")
         check_whole(num_images, "num_images", 1, MAX_BATCH)
@@ -404,6 +439,9 @@ class FlexIPPipeline:
         weights = self.branch_weights_for(gates, generation.strength, branch_weights)
         n, warnings = len(weights), []
         cfg = generation.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None  # diffusers' rule
+        if self.task == "animate" and self.device.type == "cuda":  # refuse what cannot fit before running out
+            check_clip_memory(frames, generation.height, generation.width, clips=n, cfg=cfg, dtype=self.dtype,
+                              device=self.device, decode_frames=DECODE_FRAMES)
 
         # 2. Encode the prompt once (diffusers' own encode_prompt: LoRA scale, clip_skip, textual inversion)
         text_prompt = self.model_text(generation.prompt, "prompt", warnings)
@@ -413,10 +451,13 @@ class FlexIPPipeline:
             text_prompt, negative, cfg, pipeline_kwargs.pop("clip_skip", None))  # (1, 77, C); (1, P) or None
 
         # 3. Branch tokens (computed once per generation, only for branches that act) and the step gate
-        gate_steps = _StepGate(np.array(weights), generation.windows, cfg, self.device, self.dtype)
+        gate_steps = _StepGate(np.array(weights), generation.windows, cfg, self.device, self.dtype, frames)
         (pres, pres_bias), (pers, pers_bias) = (
             self._branch_tokens(name, subject, text, neg_text, n, cfg) if gate_steps.ever_on(i) else (None, None)
             for i, name in enumerate(("preservation", "personalization")))
+        if frames > 1:  # each clip's tokens for each of its frames, in AnimateDiff's repeat_interleave order
+            pres, pers = (None if t is None else t.repeat_interleave(frames, dim=0)  # (2N·F or N·F, T, C)
+                          for t in (pres, pers))
         inputs = BranchInputs(pres, pers, *gate_steps.at(0, 1), pres_bias=pres_bias, pers_bias=pers_bias)
 
         # 4. Run the wrapped pipeline: its own timesteps, latents, guidance and scheduler steps
@@ -428,13 +469,17 @@ class FlexIPPipeline:
                 inputs.w_pres, inputs.w_pers, inputs.pres_on, inputs.pers_on = gate_steps.at(i + 1, total)
             if callback is not None and not cancelled:
                 try:
-                    callback(i + 1, total, latents_to_previews(tensors["latents"], self.family))
+                    latents = tensors["latents"]  # (N, 4, h, w); clips: (N, 4, F, h, w), shown by their first frame
+                    shown = latents[:, :, 0] if latents.ndim == 5 else latents  # (N, 4, h, w)
+                    callback(i + 1, total, latents_to_previews(shown, self.family))
                 except GenerationCancelled as stop:
                     cancelled.append(stop)
                     pipe._interrupt = True  # diffusers skips the remaining steps
             return {}
 
         size = {} if self.task == "image-to-image" else {"height": generation.height, "width": generation.width}
+        if self.task == "animate":
+            size["num_frames"] = frames
         # diffusers pastes the crop back after decoding, and only onto PIL output
         decode_in_pipe = pipeline_kwargs.get("padding_mask_crop") is not None
         attention_kwargs = {**(pipeline_kwargs.pop("cross_attention_kwargs", None) or {}), "flexip": inputs}
@@ -469,16 +514,17 @@ class FlexIPPipeline:
         if decode_in_pipe:
             arrays = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in result])  # (N, H, W, 3)
         else:
-            arrays = self._decode(result)  # (N, H, W, 3)
-        images = self.pipe.image_processor.numpy_to_pil(arrays)
-        height_px, width_px = arrays.shape[1:3]
+            arrays = self._decode_latents(result, self._decode)  # (N, H, W, 3); clips: (N, F, H, W, 3)
+        clips = [self._processor.numpy_to_pil(clip) for clip in arrays] if arrays.ndim == 5 else None
+        images = [clip[0] for clip in clips] if clips else self._processor.numpy_to_pil(arrays)
+        height_px, width_px = arrays.shape[-3:-1]
         used = generation.scheduler or scheduler_name(own_scheduler)  # recorded by name where it has one
         made = [replace(generation, gate=float(g) if branch_weights is None else generation.gate, height=height_px,
                         width=width_px, scheduler=used, seed=seed)
                 for g, seed in zip(gates if len(gates) == n else gates * n, seeds * (n // len(seeds)))]
         params = [self._parameters(g, w, branch_weights is not None) for g, w in zip(made, weights)]
         return FlexIPOutput(images, params, arrays if output_type == "np" else None, warnings, inputs.kv_calls[0],
-                            made)
+                            made, frames=clips)
 
     def _generation(self, prompt, negative_prompt, gate, strength, seed, steps, guidance, height, width, scheduler,
                     gate_schedule, pipeline_kwargs) -> Generation:
@@ -486,7 +532,7 @@ class FlexIPPipeline:
         if self.task == "image-to-image" and (height is not None or width is not None):
             raise ValueError(f"{type(self.pipe).__name__} takes its size from its input image; leave height and "
                              "width out")
-        if self.task == "text-to-image":
+        if self.task in ("text-to-image", "animate"):
             height, width = height or d.height, width or d.width
         inputs = {k: v for k, v in pipeline_kwargs.items()
                   if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
@@ -497,6 +543,28 @@ class FlexIPPipeline:
             scheduler=scheduler, windows=as_schedule(gate_schedule) or GateSchedule(), task=self.task,
             task_inputs=tuple(sorted((k, float(v) if not isinstance(v, str) else v) for k, v in inputs.items())))
 
+    @property
+    def _processor(self):
+        """diffusers' image post-processor of the wrapped pipeline (AnimateDiff's is its video processor)."""
+        return getattr(self.pipe, "image_processor", None) or self.pipe.video_processor
+
+    def _check_frames(self, frames: int) -> None:
+        """A clip no longer than the motion adapter's positional embeddings, which diffusers cannot extend."""
+        most = self.pipe.unet.config.get("motion_max_seq_length")
+        if most is not None and frames > most:
+            raise ValueError(f"num_frames is {frames}; this motion adapter's positional embeddings cover {most} frames "
+                             f"(motion_max_seq_length): give 1 to {most} frames")
+
+    def _decode_latents(self, latents: torch.Tensor, decoder) -> np.ndarray:
+        """(N, 4, h, w) latents -> (N, H, W, 3) images by `decoder`; a clip's (N, 4, F, h, w) -> (N, F, H, W, 3),
+        DECODE_FRAMES frames at a time (diffusers' AnimateDiff decodes 16 at a time, in the same frame order)."""
+        if latents.ndim == 4:
+            return decoder(latents)
+        clips, channels, frames = latents.shape[:3]
+        flat = latents.permute(0, 2, 1, 3, 4).reshape(clips * frames, channels, *latents.shape[3:])  # (N·F, 4, h, w)
+        arrays = np.concatenate([decoder(flat[i:i + DECODE_FRAMES]) for i in range(0, len(flat), DECODE_FRAMES)])
+        return arrays.reshape(clips, frames, *arrays.shape[1:])  # (N, F, H, W, 3)
+
     def _decode(self, latents: torch.Tensor) -> np.ndarray:
         decoded = self.vae_decoder(latents)  # (N, 3, H, W) in [-1, 1]
         watermark = getattr(self.pipe, "watermark", None)  # SDXL's invisible watermark, when the pipeline applies one
@@ -506,7 +574,7 @@ class FlexIPPipeline:
         if getattr(self.pipe, "safety_checker", None) is not None:  # a user's pipeline with diffusers' checker
             decoded, flagged = self.pipe.run_safety_checker(decoded, self.device, self.dtype)
             denormalize = [not f for f in flagged] if flagged is not None else None
-        return self.pipe.image_processor.postprocess(decoded, output_type="np", do_denormalize=denormalize)
+        return self._processor.postprocess(decoded, output_type="np", do_denormalize=denormalize)
 
     def _parameters(self, generation: Generation, weights: tuple[float, float], direct: bool) -> dict:
         profile = self.profile
@@ -521,21 +589,36 @@ class FlexIPPipeline:
 
 
 class _StepGate:
-    """Per-image branch weights at each step: the gate's weights times the branch windows, CFG rows included."""
+    """Per-image branch weights at each step: the gate's weights times the branch windows, CFG rows included, each
+    row repeated for every frame of a clip (AnimateDiff's batch is N·F rows, each clip's frames side by side)."""
 
-    def __init__(self, weights: np.ndarray, windows: GateSchedule, cfg: bool, device, dtype):
+    def __init__(self, weights: np.ndarray, windows: GateSchedule, cfg: bool, device, dtype, frames: int = 1):
         self.weights, self.windows, self.cfg = weights, windows, cfg  # weights: (N, 2)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.frames = device, dtype, frames
+        self._table = None  # (total steps, every step's weights on the device, every step's branch flags)
 
     def ever_on(self, branch: int) -> bool:
         return bool(self.weights[:, branch].any())
 
     def at(self, step: int, total: int) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
-        """(w_pres, w_pers) of shape (2N or N,) and whether each branch acts at all at this step."""
-        w = self.weights * np.array(self.windows.factors(step, total))  # (N, 2)
-        tensor = torch.tensor(w, device=self.device, dtype=self.dtype)
-        tensor = torch.cat([tensor, tensor]) if self.cfg else tensor  # (2N or N, 2)
-        return tensor[:, 0], tensor[:, 1], bool(w[:, 0].any()), bool(w[:, 1].any())
+        """(w_pres, w_pers) of shape (2N or N,), times F for clips, and whether each branch acts at this step."""
+        if self._table is None or self._table[0] != total:
+            # every step's weights in one copy per generation: a copy from pageable host memory waits for the device's
+            # queue, and one per step would keep the loop, bound by launches at batch 2, from running ahead
+            w = np.stack([self.weights * np.array(self.windows.factors(s, total)) for s in range(total)])  # (T, N, 2)
+            host = torch.tensor(w, dtype=self.dtype)
+            on_cuda = self.device.type == "cuda"
+            tensor = (host.pin_memory() if on_cuda else host).to(self.device, non_blocking=on_cuda)
+            tensor = torch.cat([tensor, tensor], dim=1) if self.cfg else tensor  # (T, 2N or N, 2)
+            tensor = tensor.repeat_interleave(self.frames, dim=1) if self.frames > 1 else tensor  # (T, 2N·F or N·F, 2)
+            self._table = (total, tensor, [(bool(row[:, 0].any()), bool(row[:, 1].any())) for row in w])
+        _, tensor, flags = self._table
+        return tensor[step, :, 0], tensor[step, :, 1], *flags[step]
+
+
+def _given(*values):
+    """The first value that is not None."""
+    return next(value for value in values if value is not None)
 
 
 def _scheduler_config(scheduler) -> dict:

@@ -17,7 +17,9 @@ MAX_SEED = 2**32 - 1  # one seed range everywhere (what browsers hold exactly, a
 MAX_STEPS = 500  # more denoising steps than this is refused as absurd
 MAX_BATCH = 16  # most images (γ values) in one pipeline call
 MAX_SIDE = 2048  # largest height or width any profile accepts (a profile may accept less)
-TASKS = ("text-to-image", "image-to-image", "inpainting", "controlnet")
+TASKS = ("text-to-image", "image-to-image", "inpainting", "controlnet", "animate")
+MAX_FRAMES = 1024  # more frames in one clip than this is refused as absurd (a motion adapter may take fewer)
+MAX_FPS = 60  # highest frame rate a clip is written at
 WINDOW_FIELDS = ("pres_from", "pres_until", "pers_from", "pers_until")
 
 
@@ -38,6 +40,8 @@ class Generation:
     windows: GateSchedule = field(default_factory=GateSchedule)  # the steps each branch acts in
     task: str = "text-to-image"  # which diffusers pipeline made it (one of TASKS)
     task_inputs: tuple[tuple[str, float | str], ...] = ()  # the task's scalar inputs, e.g. (("strength", 0.6),)
+    num_frames: int | None = None  # frames of a clip (the animate task); None for a still image
+    fps: int | None = None  # frames per second a clip is written and played at; None for a still image
 
     def check(self, max_side: int = MAX_SIDE) -> Generation:
         """This value, or a ValueError naming the first setting that is wrong and what is accepted."""
@@ -63,6 +67,11 @@ class Generation:
             raise ValueError(f"windows must be a GateSchedule, got {type(self.windows).__name__}")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; one of {', '.join(TASKS)}")
+        if self.task == "animate":
+            check_whole(self.num_frames, "num_frames", 1, MAX_FRAMES)  # the pipeline checks its motion adapter's
+            check_whole(self.fps, "fps", 1, MAX_FPS)
+        elif self.num_frames is not None or self.fps is not None:
+            raise ValueError(f"num_frames and fps are settings of a clip (the animate task), not of {self.task}")
         return self
 
     def at(self, gate: float) -> Generation:
@@ -110,6 +119,8 @@ class Generation:
                 windows=windows,
                 task=str(values.get("task", base.task)),
                 task_inputs=tuple(sorted((str(k), _scalar(v)) for k, v in inputs.items())),
+                num_frames=_whole(values["num_frames"]) if "num_frames" in values else base.num_frames,
+                fps=_whole(values["fps"]) if "fps" in values else base.fps,
             ).check()
         except (TypeError, ValueError) as error:
             raise ValueError(f"the saved settings cannot be read ({error})") from None

@@ -1,4 +1,4 @@
-"""The real model architectures as config dicts (SD1.5, SDXL, OpenCLIP ViT-H/14, DINOv2-L, IP-Adapter).
+"""The real model architectures as config dicts (SD1.5, SDXL, AnimateDiff, OpenCLIP ViT-H/14, DINOv2-L, IP-Adapter).
 
 Copied from the published config files (stable-diffusion-v1-5/stable-diffusion-v1-5,
 stabilityai/stable-diffusion-xl-base-1.0, h94/IP-Adapter models/image_encoder, facebook/dinov2-large), so that
@@ -69,6 +69,13 @@ SDXL_SCHEDULER = dict(
     prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, timestep_spacing="leading",
     steps_offset=1,
 )
+# The architecture of guoyww/animatediff-motion-adapter-v1-5-3 (MotionAdapter; AnimateDiff v3, from its checkpoint's
+# layout, not its config file): two motion modules per block of SD1.5's UNet (one per resnet), none in the mid block,
+# 8 heads, positional embeddings for 32 frames
+SD15_MOTION_ADAPTER = dict(
+    block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2, motion_mid_block_layers_per_block=1,
+    motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=False,
+)
 # h94/IP-Adapter models/image_encoder/config.json (CLIPVisionModelWithProjection; OpenCLIP ViT-H/14)
 VIT_H14_VISION = dict(
     hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, image_size=224,
@@ -112,6 +119,16 @@ def build_sd15(device=None, dtype: torch.dtype = torch.float32, seed: int = 0) -
     parts = dict(unet=unet, vae=vae, text_encoder=text_encoder)
     parts = {name: model.to(dtype).eval().requires_grad_(False) for name, model in parts.items()}
     return dict(parts, scheduler=PNDMScheduler.from_config(SD15_SCHEDULER))
+
+
+def build_motion_adapter(device=None, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random AnimateDiff MotionAdapter of the v1-5-3 architecture, created on `device` in `dtype`."""
+    from diffusers import MotionAdapter
+
+    with _created_on(device, dtype):
+        torch.manual_seed(seed)
+        adapter = MotionAdapter(**SD15_MOTION_ADAPTER)
+    return adapter.to(dtype).eval().requires_grad_(False)
 
 
 def build_vit_h14(device=None, dtype: torch.dtype = torch.float32, seed: int = 0):

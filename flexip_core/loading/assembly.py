@@ -28,7 +28,7 @@ from flexip_core.loading.weights import load_adapter
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER_FIELDS = ("base", "base_config", "clip_encoder", "dino_encoder", "adapter", "preservation",
-                      "personalization", "lora", "inpaint_base")
+                      "personalization", "lora", "inpaint_base", "motion")
 
 
 def ensure_built(kind: str) -> Path:
@@ -165,6 +165,11 @@ def _assemble(cls, name, device, dtype, attention, low_vram, overrides):
     dtype = pick_dtype(dtype if dtype is not None else profile.dtype, device)
     logger.info("loading profile %s on %s (%s%s)", profile.name, device, dtype, ", low VRAM" if low_vram else "")
     extra = {"controlnet": load_controlnets(profile.controlnet, dtype)} if profile.controlnet else {}
+    if profile.pipeline == "AnimateDiffPipeline":  # an animate profile: its UNet gets the motion modules on load
+        if not profile.motion:
+            raise ValueError(f"profile {profile.name!r} runs AnimateDiffPipeline and names no motion adapter; give "
+                             "motion= (e.g. guoyww/animatediff-motion-adapter-v1-5-3)")
+        extra["motion_adapter"] = load_motion_adapter(profile.motion, dtype)
     pipe = load_base(profile.base, dtype, config=profile.base_config, lora=profile.lora, pipeline=profile.pipeline,
                      **extra)
     adapter = load_adapter_for(profile, pipe.unet)
@@ -186,10 +191,26 @@ def load_controlnets(sources, dtype):
     return [load_pretrained(ControlNetModel, source, dtype, part="controlnet") for source in sources]
 
 
+def load_motion_adapter(source: str, dtype):
+    """An AnimateDiff MotionAdapter (diffusers format) from a local folder or 'repo/id[:subfolder]'."""
+    from diffusers import MotionAdapter
+
+    return load_pretrained(MotionAdapter, source, dtype, part="motion")
+
+
 def task_unavailable(profile: Profile, task: str) -> str | None:
-    """Why `profile` cannot run `task` (image-to-image, inpainting, controlnet), read from its fields and, for
-    inpainting without an inpainting base, its UNet's config (no weights); None when it can."""
+    """Why `profile` cannot run `task` (image-to-image, inpainting, controlnet, animate), read from its fields and,
+    for inpainting without an inpainting base, its UNet's config (no weights); None when it can."""
     runs = "needs real weights (profile sd15 or sdxl) or the tiny test profile"
+    if task == "animate" and not profile.motion:
+        from flexip_core.generation.pipeline import FAMILIES, FAMILY_OF
+
+        if "animate" not in FAMILIES[FAMILY_OF.get(profile.pipeline, "sd15")]:
+            return (f"the {profile.name} profile's base is not Stable Diffusion 1.5, the only family AnimateDiff's "
+                    "motion adapters are made for: the Animate mode needs real weights (profile sd15 or "
+                    "sd15-animate) or the tiny test profile")
+        return (f"the {profile.name} profile names no AnimateDiff motion adapter for its base: the Animate mode needs "
+                "real weights (profile sd15 or sd15-animate) or the tiny test profile")
     if task == "controlnet" and not profile.control:
         return f"the {profile.name} profile names no ControlNet for its base: the Control mode {runs}"
     if task == "inpainting" and not profile.inpaint_base and Path(profile.base).is_dir():
@@ -205,7 +226,8 @@ def task_unavailable(profile: Profile, task: str) -> str | None:
 def load_task(flexip, task: str, control: str | None = None):
     """The profile's FlexIPPipeline for another task: image-to-image on the same components; inpainting on the
     profile's inpainting base when it names one (else the same components); the control task on the profile's
-    ControlNet of kind `control`. A ValueError says what the profile lacks."""
+    ControlNet of kind `control`; the animate task on the same components with the profile's motion adapter. A
+    ValueError says what the profile lacks."""
     profile = flexip.profile
     if profile is None:
         raise ValueError("this FlexIPPipeline was not built from a profile; use for_task() with your own pipeline")
@@ -226,4 +248,9 @@ def load_task(flexip, task: str, control: str | None = None):
         if flexip.offload_hooks or flexip.low_vram is None or not flexip.low_vram.cpu_offload:
             pipe.to(flexip.device)
         return flexip.for_task(task, pipe=pipe)
+    if task == "animate" and flexip.task != "animate":
+        missing = task_unavailable(profile, task)
+        if missing:
+            raise ValueError(missing)
+        return flexip.for_task(task, motion_adapter=load_motion_adapter(profile.motion, flexip.dtype))
     return flexip.for_task(task)

@@ -25,6 +25,8 @@ class Defaults:
     guidance_scale: float = 7.5  # classifier-free guidance scale
     scheduler: str | None = "dpmpp_2m"  # scheduler name; None keeps the base model's own
     max_side: int = 1024  # largest accepted height or width
+    num_frames: int = 16  # frames of a clip (the animate task): AnimateDiff's 16 frames, 2 s at 8 fps
+    fps: int = 8  # frames per second a clip is written and played at
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Profile:
     controlnet: str | tuple[str, ...] | None = None  # ControlNet source(s), for StableDiffusionControlNetPipeline
     inpaint_base: str | None = None  # an inpainting base for the inpainting task (None: the base itself inpaints)
     control: dict = field(default_factory=dict)  # the control task's ControlNets: kind ("canny") -> source
+    motion: str | None = None  # the animate task's AnimateDiff motion adapter (a diffusers MotionAdapter: Hub id
+    #   [:subfolder] or local folder); None: the profile does not animate
     build: str | None = None  # locally built models ("tiny"), written once into the FlexIP cache
     description: str = ""  # one line for the UI and --help
     notice: str | None = None  # a warning every render on this profile carries (tiny: its images are noise)

@@ -7,6 +7,7 @@ standard cache, with its progress bars; with HF_HUB_OFFLINE=1 only the cache is 
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 PART_FLAGS = {
     "base": "--base", "base_config": "--base-config", "clip_encoder": "--clip-encoder",
     "dino_encoder": "--dino-encoder", "adapter": "--adapter", "preservation": "--preservation",
-    "personalization": "--personalization", "lora": "--lora", "inpaint_base": "--inpaint-base",
+    "personalization": "--personalization", "lora": "--lora", "inpaint_base": "--inpaint-base", "motion": "--motion",
 }
 PIPELINE_PARTS = ("base", "inpaint_base")  # parts that are whole diffusers pipelines
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -28,6 +29,9 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # second text encoder too) or one transformers model; the download commands in error messages fetch just these.
 DIFFUSERS_PATTERNS = ("*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "text_encoder*/model.safetensors")
 MODEL_PATTERNS = ("*.json", "*.txt", "*.safetensors")
+# A motion adapter repository holds its weights in fp32 and fp16 (AnimateDiff's, AnimateLCM's beside a LoRA and a
+# .ckpt): what MotionAdapter.from_pretrained reads is the config and the fp32 safetensors
+PART_PATTERNS = {"motion": ("config.json", "diffusion_pytorch_model.safetensors")}
 # What diffusers' single-file loader needs besides the checkpoint: model configs and the tokenizer, no weights.
 CONFIG_PATTERNS = ["*.json", "**/*.json", "*.txt", "**/*.txt", "**/*.model"]
 # A key of the original (CompVis/LDM) layout and its last dimension: 768 for SD1.x, 1024 for SD2.x.
@@ -67,9 +71,10 @@ def download_hint(part: str, repo: str, path: str | None = None, folder: bool = 
         command = f"hf download {repo} {path}"
     else:
         if path is None:
-            patterns = DIFFUSERS_PATTERNS if part in PIPELINE_PARTS else MODEL_PATTERNS
+            patterns = DIFFUSERS_PATTERNS if part in PIPELINE_PARTS else PART_PATTERNS.get(part, MODEL_PATTERNS)
         else:
-            patterns = (f"{path}/*",) if part in PIPELINE_PARTS else tuple(f"{path}/{p}" for p in MODEL_PATTERNS)
+            patterns = (f"{path}/*",) if part in PIPELINE_PARTS else tuple(
+                f"{path}/{p}" for p in PART_PATTERNS.get(part, MODEL_PATTERNS))
         command = f"hf download {repo} " + " ".join(f"--include '{p}'" for p in patterns)
     flag = PART_FLAGS.get(part, f"--{part.replace('_', '-')}")
     return (f"download it once while online with `{command}` (it lands in the Hugging Face cache), "
@@ -207,7 +212,7 @@ def load_base(source: str, dtype: torch.dtype, config: str | None = None, lora: 
         raise ValueError(f"pipeline {pipeline!r} is not a diffusers pipeline class")
     family = pipeline_family(pipeline)
     common = dict(components)
-    if family == "sd15":  # SDXL pipelines have no safety checker to switch off
+    if "requires_safety_checker" in inspect.signature(cls.__init__).parameters:  # not SDXL's, nor AnimateDiff's
         common.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if Path(source).suffix in SINGLE_FILE_SUFFIXES:  # a local file or 'repo/id:file.safetensors'
         pipe = load_single_file(cls, resolve_file(source, part), dtype, config, common, family)
@@ -344,6 +349,7 @@ CACHE_EVIDENCE = {
              "text_encoder/model.safetensors"),
     "clip_encoder": ("config.json", "model.safetensors"),
     "controlnet": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "motion": PART_PATTERNS["motion"],
 }
 
 
@@ -355,6 +361,8 @@ def profile_cached(profile) -> bool:
     controlnets = (profile.controlnet,) if isinstance(profile.controlnet, str) else profile.controlnet or ()
     parts = [(part, getattr(profile, part)) for part in ("base", "base_config", "clip_encoder", "adapter",
                                                           "preservation", "personalization", "lora")]
+    if profile.pipeline == "AnimateDiffPipeline":  # an animate profile loads its motion adapter with the base
+        parts.append(("motion", profile.motion))
     for part, source in parts + [("controlnet", source) for source in controlnets]:
         if not source:
             continue

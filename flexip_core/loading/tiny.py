@@ -9,6 +9,7 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     EulerDiscreteScheduler,
+    MotionAdapter,
     PNDMScheduler,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -33,7 +34,7 @@ from flexip_core.loading.weights import save_adapter
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSION = "4"  # bump when the configs below change, so cached builds are rebuilt
+TINY_VERSION = "5"  # bump when the configs below change, so cached builds are rebuilt
 
 UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -68,6 +69,12 @@ SDXL_VAE = dict(VAE, scaling_factor=0.13025, force_upcast=True)
 SDXL_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
     timestep_spacing="leading",
+)
+# AnimateDiff's motion modules for the tiny UNet: one per resnet, as the UNet's blocks have (layers_per_block), and one
+# in the mid block as AnimateDiff v2 and AnimateLCM have (v3 has none); 32 frames of positional embeddings, as published
+MOTION = dict(
+    block_out_channels=UNET["block_out_channels"], motion_layers_per_block=UNET["layers_per_block"],
+    motion_num_attention_heads=4, motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True,
 )
 DINO = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, mlp_ratio=2, image_size=32, patch_size=8)
 SCHEDULER = dict(
@@ -131,6 +138,18 @@ def build_tiny_controlnet(unet, seed: int = 0) -> ControlNetModel:
     return controlnet.eval()
 
 
+def build_tiny_motion_adapter(seed: int = 0) -> MotionAdapter:
+    """A random MotionAdapter for the tiny UNet whose temporal attention visibly mixes the frames (its zero-initialised
+    output projections made random, so that frames folded into the batch in the wrong order show)."""
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(**MOTION)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            if param.dim() >= 2 and param.abs().sum() == 0:
+                param.normal_(0.0, 0.2)
+    return adapter.eval()
+
+
 def build_tiny_encoders(seed: int = 0) -> tuple[CLIPVisionModelWithProjection, Dinov2Model]:
     torch.manual_seed(seed)
     clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VISION))
@@ -185,8 +204,9 @@ def write_tiny_sdxl_models(folder: str | Path, tokenizer, seed: int = 0) -> Path
 
 
 def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
-    """Write base (diffusers layout), CLIP, DINOv2, a native adapter file, a 9-channel inpainting base and a
-    ControlNet under `folder`, and the same for SDXL under `folder`/sdxl."""
+    """Write base (diffusers layout), CLIP, DINOv2, a native adapter file, a 9-channel inpainting base, a
+    ControlNet and an AnimateDiff motion adapter under `folder`, and the same (no motion adapter) for SDXL under
+    `folder`/sdxl."""
     folder = Path(folder)
     base = build_tiny_base(seed)
     tokenizer = save_tiny_tokenizer(folder / "tokenizer_tmp")
@@ -200,6 +220,7 @@ def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
                                    requires_safety_checker=False).save_pretrained(folder / "inpainting",
                                                                                   safe_serialization=True)
     build_tiny_controlnet(base["unet"], seed).save_pretrained(folder / "controlnet", safe_serialization=True)
+    build_tiny_motion_adapter(seed).save_pretrained(folder / "motion_adapter", safe_serialization=True)
     write_tiny_sdxl_models(folder / "sdxl", tokenizer, seed)
     for leftover in sorted((folder / "tokenizer_tmp").iterdir()):
         leftover.unlink()
