@@ -18,6 +18,8 @@
     python benchmarks/gpu_check.py [--json report.json]                 # on CUDA, under 3 minutes on an H100
     python benchmarks/gpu_check.py --family sdxl [--json report.json]   # on CUDA, sized for well under 4 minutes
     python benchmarks/gpu_check.py [--family sdxl] --smoke              # the same code on CPU with the tiny configs
+
+--family animate: FlexIP on AnimateDiff, seconds per 16-frame 512x512 clip and its memory (benchmarks/gpu_animate.py).
 """
 from __future__ import annotations
 
@@ -400,6 +402,11 @@ def print_sdxl_report(r: dict) -> None:
 
 
 CHECKS = {"sd15": (check_sd15, print_sd15_report), "sdxl": (check_sdxl, print_sdxl_report)}
+# --family animate: FlexIP on AnimateDiff, in its own module
+from benchmarks import gpu_animate  # noqa: E402
+
+CHECKS["animate"] = (gpu_animate.check_animate, gpu_animate.print_report)
+GPU_RUNS["animate"] = gpu_animate.GPU_RUN
 
 
 def main(argv: list[str] | None = None) -> int:
