@@ -9,7 +9,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MODEL_FLAGS = ("base", "base_config", "clip_encoder", "dino_encoder", "preservation", "personalization", "adapter",
-               "lora", "inpaint_base")
+               "lora", "inpaint_base", "motion")
 
 
 def comma_numbers(text: str) -> tuple[float, ...]:
