@@ -176,8 +176,9 @@ class GatedCrossAttnProcessor:
         values = torch.where(absent, 0.0, values * weights)  # (G*B, heads, L, d)
         groups, (batch, _, length, dim) = len(terms), query.shape
         out = F.scaled_dot_product_attention(query.repeat(groups, 1, 1, 1), keys, values, attn_mask=mask)
-        out = out.view(groups, batch, heads, length, dim).sum(0)  # (B, heads, HW, d): the terms added
-        return out.transpose(1, 2).reshape(batch, length, heads * dim).to(query.dtype)  # (B, HW, heads*d)
+        # the terms added, read in (HW, heads) order so that the sum comes out as the next layer wants it (no copy)
+        out = out.view(groups, batch, heads, length, dim).transpose(2, 3).sum(0)  # (B, HW, heads, d)
+        return out.reshape(batch, length, heads * dim).to(query.dtype)  # (B, HW, heads*d)
 
     def _stacked(self, flexip: BranchInputs, terms: list, parts: tuple, dtype) -> tuple[torch.Tensor, ...]:
         """The terms' keys and values stacked along the batch, zero-padded to one length (a multiple of 8, which

@@ -23,9 +23,10 @@ from flexip_core.generation.attention import BranchInputs, install_processors, p
 from flexip_core.generation.devices import LowVRAM, SafeVaeDecoder, apply_low_vram, reports_out_of_memory
 from flexip_core.generation.encoders import SubjectEmbedding, SubjectEncoder
 from flexip_core.generation.gate import GateCurve, GateSchedule, as_schedule, check_unit
-from flexip_core.generation.preview import latents_to_previews
+from flexip_core.generation.preview import PreviewDecoder
 from flexip_core.generation.schedulers import make_scheduler, scheduler_name
 from flexip_core.generation.settings import MAX_BATCH, MAX_SEED, MAX_SIDE, Generation, check_whole
+from flexip_core.generation.speed import speed_up_unet
 from flexip_core.generation.video import DECODE_FRAMES, check_clip_memory
 from flexip_core.loading.profiles import Defaults, Profile, load_world
 
@@ -87,7 +88,9 @@ class FlexIPPipeline:
 
     def __init__(self, pipe, *, encoder: SubjectEncoder, adapter: FlexIPAdapter, profile: Profile | None = None,
                  gate_curve: GateCurve | None = None, attention: str | None = None,
-                 low_vram: LowVRAM | bool | None = None, device=None, own_processors: dict | None = None):
+                 low_vram: LowVRAM | bool | None = None, device=None, own_processors: dict | None = None,
+                 fused_attention: bool = True, preview_vae=None, compile: bool | str | None = False,
+                 channels_last: bool = False):
         self.task = task_of(pipe)
         self.family = FAMILY_OF[pipeline_class(pipe)]
         self.pipe, self.encoder, self.adapter, self.profile = pipe, encoder, adapter, profile
@@ -106,11 +109,16 @@ class FlexIPPipeline:
                 pipe.motion_adapter.to("cpu")  # holds copies of its weights
         if profile and profile.defaults.scheduler:  # the profile asks for its scheduler; a call may ask for another
             pipe.scheduler = make_scheduler(profile.defaults.scheduler, self.scheduler_config)
-        install_processors(pipe.unet, adapter, self.backend)
+        self.fused_attention = fused_attention  # the text and both branches in one attention call (SDPA)
+        install_processors(pipe.unet, adapter, self.backend, fused_attention)
+        self.channels_last = channels_last
+        self.compiled = speed_up_unet(pipe.unet, self.device, compile, channels_last)  # the torch.compile mode, or None
         self.offload_hooks = apply_low_vram(self.low_vram, pipe, [encoder.clip, encoder.dino], self.device)
         # fp16 VAE kept from NaN/black images; SDXL's own VAE asks for fp32 decoding (force_upcast), as diffusers does
         upcast = self.family == "sdxl" and bool(getattr(pipe.vae.config, "force_upcast", False))
         self.vae_decoder = SafeVaeDecoder(pipe.vae, self.device, upcast=upcast)
+        tiny = preview_vae.to(self.device) if preview_vae is not None else None  # ~1 M parameters: stays on the device
+        self.preview_decoder = PreviewDecoder(self.family, tiny, pipe.vae_scale_factor)  # step previews, fast decodes
         self._lock = threading.Lock()  # one call at a time on the wrapped pipeline
 
     # --- building ------------------------------------------------------------------------------------
@@ -155,7 +163,9 @@ class FlexIPPipeline:
             device, dtype: where and in what precision to run ("auto": CUDA fp16, else CPU fp32).
             attention: "sdpa", "xformers" or None/"auto".
             low_vram: True for diffusers' model CPU offload plus VAE slicing and tiling (or a LowVRAM).
-            **overrides: profile fields replaced for this load (base=, adapter=, preservation=, pipeline=, ...).
+            **overrides: profile fields replaced for this load (base=, adapter=, preservation=, pipeline=, ...), among
+                them the speed options: compile=True (torch.compile of the UNet for fixed shapes, CUDA graphs on
+                CUDA; or a torch.compile mode name), channels_last=True, and preview_vae= (a tiny autoencoder).
         """
         from flexip_core.loading.assembly import assemble
         from flexip_core.loading.profiles import default_profile
@@ -199,8 +209,12 @@ class FlexIPPipeline:
         derived = FlexIPPipeline(pipe, encoder=self.encoder, adapter=self.adapter, profile=self.profile,
                                  gate_curve=self.gate_curve, attention=self.backend,
                                  low_vram=None if shared else self.low_vram, device=self.device,
-                                 own_processors=self._own_processors if shared else None)
+                                 own_processors=self._own_processors if shared else None,
+                                 fused_attention=self.fused_attention, preview_vae=self.preview_decoder.autoencoder,
+                                 compile=None if shared else self.compiled,
+                                 channels_last=self.channels_last and not shared)
         derived.scheduler_config = {**self.scheduler_config, **(MOTION_SCHEDULER if task == "animate" else {})}
+        derived.compiled = self.compiled  # a shared UNet is compiled already
         return derived
 
     def detach(self):
@@ -372,8 +386,8 @@ class FlexIPPipeline:
                  guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                  seed: int = 0, scheduler: str | None = None, callback=None, gate_schedule=None,
                  branch_weights=None, output_type: str = "pil", pipeline_kwargs: dict | None = None,
-                 generation: Generation | None = None, num_images: int = 1, num_frames: int | None = None,
-                 fps: int | None = None) -> FlexIPOutput:
+                 generation: Generation | None = None, num_images: int = 1, decode: str = "full",
+                 num_frames: int | None = None, fps: int | None = None) -> FlexIPOutput:
         """Generate one image per γ (a same-seed sweep in one batched call), or a batch of images at one γ with
         consecutive seeds, through the wrapped pipeline; on the animate task (AnimateDiffPipeline) one clip each.
 
@@ -396,6 +410,8 @@ class FlexIPPipeline:
                 image-to-image, `controlnet_conditioning_scale=`, ...).
             generation: a `Generation` giving all the settings at once (its gate is used unless `gate` is a list).
             num_images: a batch at one γ: seeds seed, seed + 1, ... in one batched call (1 to 16).
+            decode: "full" (the VAE) or "fast": the images decoded by `decode_fast`'s decoder (the profile's tiny
+                autoencoder, else the linear projection), for images shown while the slider is dragged.
             num_frames: the animate task's frames per clip (default: the profile's, 16), up to what the motion
                 adapter's positional embeddings cover (32 for AnimateDiff's and AnimateLCM's). `frames` holds each
                 clip's frames, `images` its first frame, `arrays` (N, F, H, W, 3).
@@ -436,6 +452,8 @@ class FlexIPPipeline:
             raise ValueError("no subject: call encode_subject([photos]) and pass its result as subject=")
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+        if decode not in ("full", "fast"):
+            raise ValueError(f"decode must be 'full' (the VAE) or 'fast' (the preview decoder), got {decode!r}")
         weights = self.branch_weights_for(gates, generation.strength, branch_weights)
         n, warnings = len(weights), []
         cfg = generation.guidance_scale > 1 and self.pipe.unet.config.time_cond_proj_dim is None  # diffusers' rule
@@ -458,7 +476,9 @@ class FlexIPPipeline:
         if frames > 1:  # each clip's tokens for each of its frames, in AnimateDiff's repeat_interleave order
             pres, pers = (None if t is None else t.repeat_interleave(frames, dim=0)  # (2N·F or N·F, T, C)
                           for t in (pres, pers))
-        inputs = BranchInputs(pres, pers, *gate_steps.at(0, 1), pres_bias=pres_bias, pers_bias=pers_bias)
+        # a compiled UNet recomputes the keys and values in its graph: a per-generation cache would be state it guards
+        cache = {} if self.compiled is None else None
+        inputs = BranchInputs(pres, pers, *gate_steps.at(0, 1), pres_bias=pres_bias, pers_bias=pers_bias, cache=cache)
 
         # 4. Run the wrapped pipeline: its own timesteps, latents, guidance and scheduler steps
         cancelled: list[GenerationCancelled] = []
@@ -471,7 +491,7 @@ class FlexIPPipeline:
                 try:
                     latents = tensors["latents"]  # (N, 4, h, w); clips: (N, 4, F, h, w), shown by their first frame
                     shown = latents[:, :, 0] if latents.ndim == 5 else latents  # (N, 4, h, w)
-                    callback(i + 1, total, latents_to_previews(shown, self.family))
+                    callback(i + 1, total, self.preview_decoder.previews(shown))
                 except GenerationCancelled as stop:
                     cancelled.append(stop)
                     pipe._interrupt = True  # diffusers skips the remaining steps
@@ -514,7 +534,8 @@ class FlexIPPipeline:
         if decode_in_pipe:
             arrays = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in result])  # (N, H, W, 3)
         else:
-            arrays = self._decode_latents(result, self._decode)  # (N, H, W, 3); clips: (N, F, H, W, 3)
+            decoder = self._decode if decode == "full" else self.preview_decoder.decode
+            arrays = self._decode_latents(result, decoder)  # (N, H, W, 3); clips: (N, F, H, W, 3)
         clips = [self._processor.numpy_to_pil(clip) for clip in arrays] if arrays.ndim == 5 else None
         images = [clip[0] for clip in clips] if clips else self._processor.numpy_to_pil(arrays)
         height_px, width_px = arrays.shape[-3:-1]
@@ -525,6 +546,15 @@ class FlexIPPipeline:
         params = [self._parameters(g, w, branch_weights is not None) for g, w in zip(made, weights)]
         return FlexIPOutput(images, params, arrays if output_type == "np" else None, warnings, inputs.kv_calls[0],
                             made, frames=clips)
+
+    def decode_fast(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Images from latents in milliseconds, for what is shown while the slider moves: the profile's tiny autoencoder
+        (TAESD) when it is there, else the linear projection upsampled to the image size. Final images use the VAE.
+
+        Args:
+            latents: (B, 4, h, w) latents as the UNet sees them (scaled by the VAE's scaling factor).
+        """
+        return self.pipe.image_processor.numpy_to_pil(self.preview_decoder.decode(latents))
 
     def _generation(self, prompt, negative_prompt, gate, strength, seed, steps, guidance, height, width, scheduler,
                     gate_schedule, pipeline_kwargs) -> Generation:

@@ -1,4 +1,5 @@
-"""Cheap previews of SD1.5 and SDXL latents: a fixed linear latent->RGB projection per family, no extra model."""
+"""Previews of SD1.5 and SDXL latents: diffusers' AutoencoderTiny (TAESD, madebyollin/taesd and taesdxl) when a
+profile names one, else a fixed linear latent->RGB projection per family, no extra model."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,3 +24,43 @@ def latents_to_previews(latents: torch.Tensor, family: str = "sd15") -> list[Ima
     rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float().cpu()[:, :4], LATENT_RGB[family])  # (B, h, w, 3)
     rgb = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     return [Image.fromarray(np.ascontiguousarray(frame)) for frame in rgb]
+
+
+class PreviewDecoder:
+    """Step previews and fast decodes of a pipeline's latents: its tiny autoencoder (TAESD: full-size images from a
+    ~1 M-parameter decoder) when it has one, else the linear projection."""
+
+    def __init__(self, family: str = "sd15", autoencoder=None, scale: int = 8):
+        if family not in LATENT_RGB:
+            raise ValueError(f"no preview factors for model family {family!r}; one of {', '.join(LATENT_RGB)}")
+        self.family = family
+        self.autoencoder = autoencoder  # diffusers AutoencoderTiny on the pipeline's device, or None
+        self.scale = scale  # the VAE's pixels per latent (8): the linear projection's fast decode is upsampled by it
+
+    @property
+    def kind(self) -> str:
+        return "tiny autoencoder" if self.autoencoder is not None else "linear projection"
+
+    @torch.no_grad()
+    def _tiny(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) latents -> (B, 3, 8h, 8w) in [0, 1] through the tiny autoencoder."""
+        vae = self.autoencoder
+        # TAESD reads the latents as the UNet sees them: its scaling_factor is 1 (diffusers' own decode formula)
+        images = vae.decode(latents[:, :4].to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+        return (images.float() / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+
+    def previews(self, latents: torch.Tensor) -> list[Image.Image]:
+        """B preview images: full size from the tiny autoencoder, latent size (h x w) from the linear projection."""
+        if self.autoencoder is None:
+            return latents_to_previews(latents, self.family)
+        rgb = (self._tiny(latents) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+        return [Image.fromarray(np.ascontiguousarray(frame)) for frame in rgb]
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """(B, 4, h, w) latents -> (B, 8h, 8w, 3) floats in [0, 1], fast: the tiny autoencoder, else the linear
+        projection upsampled (bilinear) to the image size."""
+        if self.autoencoder is not None:
+            return self._tiny(latents).permute(0, 2, 3, 1).cpu().numpy()
+        rgb = torch.einsum("bchw,cr->brhw", latents.detach().float().cpu()[:, :4], LATENT_RGB[self.family])
+        rgb = torch.nn.functional.interpolate(rgb, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return ((rgb + 1.0) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)

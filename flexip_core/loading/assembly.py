@@ -28,7 +28,7 @@ from flexip_core.loading.weights import load_adapter
 logger = logging.getLogger(__name__)
 
 PLACEHOLDER_FIELDS = ("base", "base_config", "clip_encoder", "dino_encoder", "adapter", "preservation",
-                      "personalization", "lora", "inpaint_base", "motion")
+                      "personalization", "lora", "inpaint_base", "motion", "preview_vae")
 
 
 def ensure_built(kind: str) -> Path:
@@ -179,7 +179,30 @@ def _assemble(cls, name, device, dtype, attention, low_vram, overrides):
         pipe.to(device)
     encoder = load_subject_encoder(adapter, profile.clip_encoder, profile.dino_encoder, dtype, place)
     return cls(pipe, encoder=encoder, adapter=adapter, profile=profile, attention=attention, low_vram=low_vram,
-               device=device)
+               device=device, preview_vae=load_preview_vae(profile.preview_vae, dtype), compile=profile.compile,
+               channels_last=profile.channels_last)
+
+
+def load_preview_vae(source: str | None, dtype):
+    """diffusers' AutoencoderTiny (TAESD) from a local folder or the Hub cache, never downloaded; None when the profile
+    names none or it is not there (one log line says how to get it: previews then use the linear projection)."""
+    from diffusers import AutoencoderTiny
+
+    from flexip_core.loading.sources import in_cache, split_source
+
+    if not source:
+        return None
+    repo, sub = split_source(source)
+    weights = ("config.json", "diffusion_pytorch_model.safetensors")
+    if not in_cache(source, weights):
+        logger.info("preview autoencoder %s is not downloaded: step previews use the linear projection (to get it: "
+                    "hf download %s)", source, repo)
+        return None
+    if Path(source).expanduser().is_dir():
+        return load_pretrained(AutoencoderTiny, source, dtype, part="preview_vae").eval().requires_grad_(False)
+    extra = {"subfolder": sub} if sub else {}
+    vae = AutoencoderTiny.from_pretrained(repo, dtype=dtype, local_files_only=True, **extra)
+    return vae.eval().requires_grad_(False)
 
 
 def load_controlnets(sources, dtype):

@@ -54,6 +54,11 @@ class Profile:
     dtype: str = "auto"  # "auto" (fp16 on CUDA, fp32 elsewhere), "float32", "float16", "bfloat16"
     device: str = "auto"  # where it runs unless the caller names a device: "auto" (CUDA, else Apple MPS, else CPU)
     #   or a torch device ("cpu" for mini: a GPU is no faster for so small a model, and its curve was measured there)
+    preview_vae: str | None = None  # diffusers AutoencoderTiny for step previews and fast decodes (madebyollin/taesd,
+    #   taesdxl): used when it is in a local folder or the Hub cache, never downloaded; else the linear projection
+    compile: bool | str = False  # torch.compile the UNet for fixed shapes: true (CUDA graphs on CUDA) or a
+    #   torch.compile mode; off everywhere until a lent GPU shows it pays (generation/speed.py)
+    channels_last: bool = False  # the UNet in channels-last memory (NHWC); off until measured to pay
     world: str | None = None  # a module that plugs a world's own rules in (toyworld.plugin: its identity metric,
     #   prompt filter and note on reference photos); the core imports it only by this name
     calibration: dict | None = None  # what `python -m flexip_core.calibrate` measured to draw gate_curve (a record:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     ControlNetModel,
     EulerDiscreteScheduler,
     MotionAdapter,
@@ -34,7 +35,7 @@ from flexip_core.loading.weights import save_adapter
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSION = "5"  # bump when the configs below change, so cached builds are rebuilt
+TINY_VERSION = "6"  # bump when the configs below change, so cached builds are rebuilt
 
 UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -75,6 +76,11 @@ SDXL_SCHEDULER = dict(
 MOTION = dict(
     block_out_channels=UNET["block_out_channels"], motion_layers_per_block=UNET["layers_per_block"],
     motion_num_attention_heads=4, motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True,
+)
+# diffusers' AutoencoderTiny (TAESD) in miniature: the same 8x upsampling (four blocks), 8 channels instead of 64
+PREVIEW_VAE = dict(
+    encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 1, 1, 1),
+    num_decoder_blocks=(1, 1, 1, 1), latent_channels=4,
 )
 DINO = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, mlp_ratio=2, image_size=32, patch_size=8)
 SCHEDULER = dict(
@@ -205,8 +211,8 @@ def write_tiny_sdxl_models(folder: str | Path, tokenizer, seed: int = 0) -> Path
 
 def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
     """Write base (diffusers layout), CLIP, DINOv2, a native adapter file, a 9-channel inpainting base, a
-    ControlNet and an AnimateDiff motion adapter under `folder`, and the same (no motion adapter) for SDXL under
-    `folder`/sdxl."""
+    ControlNet, an AnimateDiff motion adapter and a preview autoencoder (AutoencoderTiny, in preview_vae/) under
+    `folder`, and the same (no motion adapter) for SDXL under `folder`/sdxl."""
     folder = Path(folder)
     base = build_tiny_base(seed)
     tokenizer = save_tiny_tokenizer(folder / "tokenizer_tmp")
@@ -221,6 +227,8 @@ def write_tiny_models(folder: str | Path, seed: int = 0) -> Path:
                                                                                   safe_serialization=True)
     build_tiny_controlnet(base["unet"], seed).save_pretrained(folder / "controlnet", safe_serialization=True)
     build_tiny_motion_adapter(seed).save_pretrained(folder / "motion_adapter", safe_serialization=True)
+    torch.manual_seed(seed)
+    AutoencoderTiny(**PREVIEW_VAE).save_pretrained(folder / "preview_vae", safe_serialization=True)
     write_tiny_sdxl_models(folder / "sdxl", tokenizer, seed)
     for leftover in sorted((folder / "tokenizer_tmp").iterdir()):
         leftover.unlink()
