@@ -6,6 +6,11 @@
    the difference of a long and a short run, so text encoding and VAE decoding cancel out.
 3. Seconds for one 4-step fast-profile image (LoRA fused, LCM scheduler, no CFG), subject already encoded.
 4. Peak GPU memory of one FlexIP image with and without the low-VRAM option.
+5. Issue 35 (benchmarks/gpu_speed.py, gpu_server.py): FlexIP fused (one attention call for the text and both
+   branches, the default) and unfused side by side, and channels-last (--compile: also compiled, CUDA graphs), with
+   the operations each dispatches per UNet step; then the real studio server (app.py) on the random weights written
+   to disk: slider release -> first preview and -> final image for sd15 (20 steps) and sd15-fast (4 steps), a
+   5-γ sweep batched vs sequential (--no-server leaves it out); the targets against the figures, printed last.
 
 --family sdxl, 1024x1024 (SDXL base 1.0, ViT-H/14 IP-Adapter files in the published sdxl_models layout):
 1. Iterations per second of plain SDXL (SDPA), diffusers' IP-Adapter Plus SDXL (scale 0.6) and FlexIP with both
@@ -15,7 +20,7 @@
 3. Seconds for one 13-step FlexIP image through ControlNet (a random ControlNet copied from the UNet) and through
    inpainting (the base's 4-channel UNet and a mask).
 
-    python benchmarks/gpu_check.py [--json report.json]                 # on CUDA, under 3 minutes on an H100
+    python benchmarks/gpu_check.py [--json report.json]                 # on CUDA, about 6 minutes on an H100
     python benchmarks/gpu_check.py --family sdxl [--json report.json]   # on CUDA, sized for well under 4 minutes
     python benchmarks/gpu_check.py [--family sdxl] --smoke              # the same code on CPU with the tiny configs
 
@@ -24,13 +29,14 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import logging
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +45,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import gpu_server, gpu_speed
 from flexip_core.generation.adapters import cross_attention_layers
 from flexip_core.generation.attention import BranchInputs, install_processors, xformers_available, xformers_usable
 from flexip_core.generation.encoders import CLIP_MEAN, CLIP_STD, Preprocess, SubjectEncoder
@@ -66,6 +73,8 @@ class Settings:
     short: int  # steps of the short run (and of each warm-up)
     long: int  # steps of the long run, and of each single timed image (SDXL)
     guidance_scale: float  # each family's usual CFG scale
+    server: bool = True  # sd15: also time the real studio server (app.py) on the random weights
+    compile: bool = False  # sd15: also time FlexIP with the UNet compiled (minutes of compiling on a GPU)
 
 
 # family -> (size, short, long, guidance) on CUDA; a smoke run is 64 px, 1 and 2 steps
@@ -249,6 +258,12 @@ def check_sd15(run: Settings, folder: Path, report: dict, started: float) -> int
             PROMPT, subject=subject, gate=GATE, num_inference_steps=n, scheduler=None, **common), short, run.long)
         pipe.backend = "xformers"
         install_processors(unet, adapter, "xformers")
+    # FlexIP fused and unfused on SDPA, channels-last, compiled (--compile); the operations of one step of each
+    flexip_speed = lambda flexip: iterations_per_second(device, lambda n: flexip(
+        PROMPT, subject=subject, gate=GATE, num_inference_steps=n, scheduler=None, **common), short, run.long)
+    gpu_speed.attention_variants(run, pipe, subject, report, flexip_speed, channels_last=True, compile=run.compile,
+                                 warm=lambda flexip: flexip(PROMPT, subject=subject, gate=GATE, num_inference_steps=2,
+                                                            scheduler=None, **common))
 
     # 4. xformers vs SDPA on one UNet step
     xformers_problem = xformers_usable(str(device)) if device.type == "cuda" else "no CUDA"
@@ -276,6 +291,11 @@ def check_sd15(run: Settings, folder: Path, report: dict, started: float) -> int
         pipe.detach()
         seconds, peak = low_vram_image(run, sd, encoder, adapter, short, subject=subject, **common)
         report["low_vram_image_s"], report["low_vram_peak_gb"] = round(seconds, 2), peak
+
+    # 7. the real studio server on these weights, written to disk (benchmarks/gpu_server.py)
+    if run.server:
+        gpu_server.measure(folder, report, smoke=run.smoke, dtype=run.dtype, size=size, base=base, clip=clip,
+                           tokenizer=tokenizer, files=files, lora=lora, photo=photo)
     return 0 if report["backend_agreement"]["ok"] is not False else 1
 
 
@@ -377,11 +397,15 @@ def print_sd15_report(r: dict) -> None:
     print(speed_line("FlexIP, both branches", r["flexip_it_s"], plain, f", {r['flexip_backend']}"))
     if "flexip_sdpa_it_s" in r:
         print(speed_line("FlexIP on SDPA", r["flexip_sdpa_it_s"], plain))
+    gpu_speed.print_variants(r, speed_line)
     print(f"fast profile, 4 steps {r['fast_image_s']:8.3f} s per image")
     if "flexip_peak_gb" in r:
         print(f"peak GPU memory: {r['flexip_peak_gb']} GB; with --low-vram {r['low_vram_peak_gb']} GB "
               f"({r['low_vram_image_s']} s for a {r['size']}px image)")
+    if "server" in r:
+        gpu_server.print_report(r)
     print(f"total {r['total_s']} s (building random models {r['build_s']} s)")
+    gpu_speed.print_targets(r)
 
 
 def print_sdxl_report(r: dict) -> None:
@@ -421,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the model family to check (default sd15)")
     parser.add_argument("--smoke", action="store_true", help="CPU, fp32, tiny configs, 64x64: checks the script runs")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--no-server", dest="server", action="store_false",
+                        help="sd15: leave out the real studio server's figures")
+    parser.add_argument("--compile", action="store_true",
+                        help="sd15: also time FlexIP with the UNet compiled (torch.compile, CUDA graphs on CUDA)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from diffusers.utils import logging as diffusers_logging
@@ -433,8 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA GPU: run with --smoke on CPU", file=sys.stderr)
         return 2
     card = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "CPU (smoke run)"
-    report: dict = {"family": run.family, "device": card, "dtype": str(run.dtype).removeprefix("torch."),
-                    "size": run.size, "torch": torch.__version__, "xformers": xformers_available()}
+    run = replace(run, server=args.server, compile=args.compile)
+    report: dict = {"family": run.family, "date": datetime.date.today().isoformat(), "device": card,
+                    "dtype": str(run.dtype).removeprefix("torch."), "size": run.size, "torch": torch.__version__,
+                    "xformers": xformers_available(), "smoke": run.smoke}
     print(f"device: {card}  dtype: {report['dtype']}  size: {run.size}x{run.size}  "
           f"xformers installed: {report['xformers']}")
 
@@ -442,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:  # the synthetic files (SDXL: 2.8 GB)
         code = check(run, Path(folder), report, started)
     report["total_s"] = round(time.perf_counter() - started, 1)
+    if run.family == "sd15":
+        report["targets"] = gpu_speed.targets(report)
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

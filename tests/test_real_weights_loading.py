@@ -410,6 +410,7 @@ def test_half_precision_vae_never_returns_nan(tiny_pipe, caplog):
     assert torch.equal(decoder(latents), image)  # the fp32 copy is kept
 
 
+@pytest.mark.server
 def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     """benchmarks/gpu_check.py --smoke: the whole script on CPU with the tiny configs."""
     report = tmp_path / "report.json"
@@ -422,6 +423,21 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
         assert key in data, key
     assert data["plain_sd_it_s"] > 0 and data["flexip_it_s"] > 0 and data["fast_image_s"] > 0
     assert "it/s" in result.stdout and "FlexIP" in result.stdout
+    # issue 35: fused and unfused side by side, the real server's figures, the targets printed last
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", data["date"]) and data["smoke"] is True
+    assert data["flexip_fused_it_s"] > 0 and data["flexip_unfused_it_s"] > 0 and data["flexip_channels_last_it_s"] > 0
+    assert data["ops_per_step"]["fused"] < data["ops_per_step"]["unfused"]
+    for key in ("server_release_to_final_s", "fast_release_to_final_s", "sweep_batched_s", "sweep_sequential_s"):
+        assert data[key] > 0, key
+    assert data["first_preview_ms"] is None or data["first_preview_ms"] > 0
+    assert "drag_renders_per_s" in data and data["server"]["sd15"]["steps"] == 20
+    assert data["server"]["sd15-fast"]["steps"] == 4 and data["server"]["sd15-fast"]["scheduler"] == "lcm"
+    assert [t["name"] for t in data["targets"]] == ["flexip_vs_plain_sd", "flexip_vs_ip_adapter_plus",
+                                                    "release_to_final_sd15", "release_to_final_fast",
+                                                    "first_preview", "drag_renders"]
+    last = result.stdout.strip().splitlines()[-7:]
+    assert last[0].startswith("issue 35 targets") and all(line.rstrip().endswith(("PASS", "FAIL", "PENDING"))
+                                                            for line in last[1:]), last
 
 
 def test_profile_paths_under_assets_resolve_from_any_working_folder(tmp_path, monkeypatch):
