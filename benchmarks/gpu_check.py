@@ -20,7 +20,7 @@
 3. Seconds for one 13-step FlexIP image through ControlNet (a random ControlNet copied from the UNet) and through
    inpainting (the base's 4-channel UNet and a mask).
 
-    python benchmarks/gpu_check.py [--json report.json]                 # on CUDA, about 6 minutes on an H100
+    python benchmarks/gpu_check.py [--json report.json]                 # on CUDA, ~6 minutes on an H100 (estimated)
     python benchmarks/gpu_check.py --family sdxl [--json report.json]   # on CUDA, sized for well under 4 minutes
     python benchmarks/gpu_check.py [--family sdxl] --smoke              # the same code on CPU with the tiny configs
 

@@ -220,7 +220,7 @@ def main() -> int:
     plain = counts["plain SD"]
     print("operations per SD1.5 UNet step (CFG batch 2, 512 px, fp16; aten operations that compute, views left out):")
     for name, ops in counts.items():
-        print(f"  {name:<26} {ops:5d}  (+{ops - plain} over plain SD)")
+        print(f"  {name:<26} {ops:5d}  ({ops - plain:+d} against plain SD)")
     return 0
 
 
