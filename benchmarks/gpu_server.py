@@ -7,7 +7,8 @@ server is started on a profile file made from the shipped one with those paths (
 - `sd15` (20 steps, CFG 7.5) and `sd15-fast` (4 steps, the LoRA fused, LCM scheduler, no CFG): slider release ->
   first streamed preview and -> final image (`/ui_release`, the event the γ slider fires when let go), at γ values
   off the slider's ticks (renders the studio may have made already are shown at once, which is not what is timed);
-  the servers run with --no-scrub, so no background render of the ticks competes with the releases;
+  the servers run with --no-scrub, so no background render of the ticks competes with the releases; "final" is
+  when the server's answer names the image (the client does not download the outputs' files);
 - `sd15`: a γ sweep of 5 values as one batched `/sweep` call against 5 sequential `/generate` calls;
 - renders per second while dragging (`drag_renders_per_s`): a hook the studio's drag path fills (None until then).
 
@@ -20,6 +21,7 @@ import logging
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -93,10 +95,15 @@ def drag_renders_per_s(client, form, gates: tuple[float, ...]) -> float | None:
     return None
 
 
-def measure_server(name: str, profile: Path, *, smoke: bool, size: int, photo: Path, releases: int,
-                   sweep_rounds: int, log_folder: Path) -> dict:
-    """One server on `profile`: seconds to serve the page and to the first render (the model load included), the
-    releases' first previews and finals, and for sd15 the sweep; the server is stopped at the end."""
+def start_server(name: str, profile: Path, smoke: bool, log_folder: Path) -> AppServer:
+    return AppServer("--profile", str(profile), *server_flags(smoke), log=log_folder / f"app-{name}.log",
+                     timeout=180.0 if smoke else 600.0)
+
+
+def measure_server(name: str, app: AppServer, profile: Path, *, smoke: bool, size: int, photo: Path,
+                   releases: int, sweep_rounds: int) -> dict:
+    """The server `app` on `profile`: seconds to serve the page and to the first render (the model load included),
+    the releases' first previews and finals, and for sd15 the sweep; the server is stopped at the end."""
     from gradio_client import Client, handle_file
 
     from benchmarks.server import release_once
@@ -114,12 +121,12 @@ def measure_server(name: str, profile: Path, *, smoke: bool, size: int, photo: P
         return ([{**settings, "gate": gate}[key] for key in CONTROLS] + [1.0] * MAX_PHOTOS
                 + [TEXT_MODE[key] for key in MODE_INPUTS])
 
-    app = AppServer("--profile", str(profile), *server_flags(smoke), log=log_folder / f"app-{name}.log",
-                    timeout=180.0 if smoke else 600.0)
     out = dict(steps=steps, guidance_scale=defaults.guidance_scale, scheduler=defaults.scheduler, size=size,
                page_ready_s=round(app.ready_after, 2))
     try:
-        client = Client(app.url, verbose=False)
+        # the client leaves the outputs' files on the server, as a page does until it shows them: by default
+        # gradio_client downloads every file of every output (the history strip's too), ~0.6 s per release here
+        client = Client(app.url, verbose=False, download_files=False)
         client.predict([handle_file(str(photo))], api_name="/add_photos")
         started = time.perf_counter()
         client.predict(True, *form(0.5), 1, api_name="/ui_generate")  # waits for the model load (preloading)
@@ -183,13 +190,25 @@ def measure(folder: Path, report: dict, *, smoke: bool, dtype: torch.dtype, size
     threads = os.environ.get("OMP_NUM_THREADS")
     if smoke:  # one thread, as gpu_check's own smoke run: the tiny models on busy shared cores wait on each other
         os.environ["OMP_NUM_THREADS"] = "1"
+    profiles = {name: write_profile(server_folder, name, models, size) for name in PROFILES}
+    apps: dict[str, AppServer] = {}
     try:
-        for name in PROFILES:
-            profile = write_profile(server_folder, name, models, size)
-            servers[name] = measure_server(name, profile, smoke=smoke, size=size, photo=photo_path,
-                                           releases=releases, sweep_rounds=rounds if name == "sd15" else 0,
-                                           log_folder=server_folder)
+        if smoke:  # both servers start at once (a smoke run times nothing; on a card each runs alone)
+            with ThreadPoolExecutor(len(profiles)) as pool:
+                starting = {name: pool.submit(start_server, name, path, smoke, server_folder)
+                            for name, path in profiles.items()}
+            failed = [future.exception() for future in starting.values() if future.exception() is not None]
+            apps = {name: future.result() for name, future in starting.items() if future.exception() is None}
+            if failed:
+                raise failed[0]  # the servers that did start are stopped below
+        for name, path in profiles.items():
+            app = apps.get(name) or start_server(name, path, smoke, server_folder)
+            apps[name] = app
+            servers[name] = measure_server(name, app, path, smoke=smoke, size=size, photo=photo_path,
+                                           releases=releases, sweep_rounds=rounds if name == "sd15" else 0)
     finally:
+        for app in apps.values():
+            app.stop()  # those measured are stopped already; a second stop does nothing
         if threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
