@@ -55,7 +55,7 @@ def scripted_drag(client, steps: int, size: int, start: float = 0.05, end: float
             values = ui_values(steps, size, gate, **changes)
             waiting = values["controls"] + values["weights"] + values["mode"][:1]  # the drag sends the mode only
         if job is not None and job.done():
-            _, _, info = job.result()
+            info = job.result()[-1]  # the line under the result
             shown += "rendered while dragging" in (info or "")
             job = None
         if job is None and waiting is not None:

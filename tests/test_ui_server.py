@@ -15,6 +15,7 @@ from PIL import Image
 
 from flexip_core.generation.metadata import read_generation
 from flexip_core.generation.settings import MAX_SEED, Generation
+from flexip_core.generation.video import read_frames, read_video
 from flexip_core.loading.profiles import load_profile
 from tests.ui_fixtures import DREAMBENCH, AppServer, bad_uploads, ui_form
 from ui.handlers import MODE_INPUTS
@@ -208,9 +209,23 @@ def test_the_slider_ticks_render_in_the_background_and_release_keeps_one_at_once
     # the slider also renders while it moves (--live-drag on; "auto" where a render takes under 0.75 s), kept only
     # on release
     dragged = ui_form(seed=21, gate=0.47, num_inference_steps=3)[:-len(MODE_INPUTS) + 1]  # its last input: the mode
-    image, _, info = client.predict(*dragged, api_name="/ui_drag")
+    image, _, _, info = client.predict(*dragged, api_name="/ui_drag")  # result, compare, clip, info
     assert "γ 0.47, rendered while dragging" in info and image
     assert len(client.predict(api_name="/history")[0]) == kept_before + 2
+
+
+def test_animate_returns_a_playable_clip_and_refuses_bad_frames_by_name(client, photos):
+    values = dict(photos=photos[:1], prompt="a dog running", seed=5, steps=2, width=64, height=64, fps=8)
+    video, parameters = client.predict(**values, frames=8, api_name="/animate")
+    assert read_frames(video).shape == (8, 64, 64, 3)  # decoded whole: a playable file of 8 frames
+    clip = read_video(video)
+    assert clip.frames == 8 and clip.fps == 8 and clip.parameters["seed"] == 5 and clip.parameters["task"] == "animate"
+    assert parameters["num_frames"] == 8 and parameters["file"] == video.rsplit("/", 1)[-1]
+    for frames in (0, 100000):
+        with pytest.raises(Exception, match="frames must be a whole number from 8 to 32"):
+            client.predict(**values, frames=frames, api_name="/animate")
+    images, _ = quick_generate(client, photos)  # the server goes on
+    assert len(images) == 1
 
 
 # --- modes: /start_image, /inpaint, /control on the tiny profile's inpainting model and ControlNet -----------------

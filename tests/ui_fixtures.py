@@ -70,7 +70,7 @@ class FakeEngine:
         return self._failure
 
     def modes(self) -> dict:
-        return {"start_image": None, "inpaint": None, "control": self.control_missing}
+        return {"start_image": None, "inpaint": None, "control": self.control_missing, "animate": None}
 
     def render(self, references, weights, generation: Generation, gates, on_step=None, task=None,
                images: int = 1) -> list[Rendered]:
@@ -94,9 +94,18 @@ class FakeEngine:
         return [
             Rendered(image=Image.new("RGB", size or (g.width, g.height), _colour(g.gate, g.seed)), generation=g,
                      parameters={**g.to_parameters(), "identity_metric": "clip", "profile": "fake"},
-                     identity=0.5 + 0.4 * g.gate, warnings=_cut_off(g.prompt))
+                     identity=0.5 + 0.4 * g.gate, warnings=_cut_off(g.prompt), frames=_frames(g))
             for g in made
         ]
+
+
+def _frames(generation: Generation) -> tuple | None:
+    """A clip of the animate task: frames whose blue channel counts them (None for a still)."""
+    if generation.num_frames is None:
+        return None
+    red, green, _ = _colour(generation.gate, generation.seed)
+    size = (generation.width, generation.height)
+    return tuple(Image.new("RGB", size, (red, green, 8 * i)) for i in range(generation.num_frames))
 
 
 def _cut_off(prompt: str, limit: int = 77) -> tuple[str, ...]:

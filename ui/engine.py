@@ -22,6 +22,8 @@ from flexip_core.generation.settings import Generation
 from flexip_core.generation.task_inputs import TaskInputs
 from flexip_core.loading.profiles import Defaults
 
+from .clips import ANIMATE
+
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = SCHEDULER_NAMES  # the core's names; importing them does not import diffusers
@@ -39,6 +41,7 @@ class Rendered:
     parameters: dict  # the core's parameters entry: generation.to_parameters() plus model names, written to the PNG
     identity: float | None  # its identity score (parameters["identity_metric"] says which), None if unavailable
     warnings: tuple[str, ...] = ()  # non-fatal notes from the core, e.g. that the prompt was cut off
+    frames: tuple[Image.Image, ...] | None = None  # an animate render's clip, `image` being its first frame
 
 
 class Engine(Protocol):
@@ -131,7 +134,8 @@ class CoreEngine:
 
             parts = {k: v for k, v in self.overrides.items() if k in Profile.__dataclass_fields__}  # not device, ...
             profile = resolve_placeholders(load_profile(self.profile).with_overrides(**parts))
-            self._modes.update({mode: task_unavailable(profile, task) for mode, task in MODES.items()})
+            tasks = {**MODES, ANIMATE: ANIMATE}  # the studio's modes: the picture tasks, and clips
+            self._modes.update({mode: task_unavailable(profile, task) for mode, task in tasks.items()})
         return dict(self._modes)
 
     def _pipeline_for(self, task: TaskInputs | None):
@@ -180,8 +184,11 @@ class CoreEngine:
             if subject.key not in self._notes:  # the same photos give the same notes: read them once
                 self._notes[subject.key] = tuple(pipe.reference_notes(references))
         warnings = tuple(out.warnings) + self._notes[subject.key]
-        return [Rendered(image, made, params, None if score is None else float(score), warnings)
-                for image, made, params, score in zip(out.images, out.generations, out.parameters, scores, strict=True)]
+        clips = out.frames or [None] * len(out.images)
+        return [Rendered(image, made, params, None if score is None else float(score), warnings,
+                         None if frames is None else tuple(frames))
+                for image, made, params, score, frames in zip(out.images, out.generations, out.parameters, scores,
+                                                               clips, strict=True)]
 
 
 # --- streaming a render to an async handler -------------------------------------------------------------

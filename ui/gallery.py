@@ -10,6 +10,7 @@ again from their chunk, and rows whose file was deleted by hand are dropped."""
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ SORTS = {  # sort name -> ORDER BY; ties go to the newest
 
 _TOKEN = secrets.token_hex(4)  # tells this process's temporary files from those of an earlier process with its pid
 _TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(\d+)-([0-9a-f]+)-")
+CLIP_KEY = "clip"  # parameters' key naming an animate render's clip file, beside its PNG
 _RENDER_NAME = re.compile(r"^flexip-.*[0-9a-f]{8}\.png$")
 _COLUMNS = "id, file, created, prompt, gate, seed, subject, identity, parameters, warnings"
 _SCHEMA = f"""
@@ -115,6 +117,12 @@ class Entry:
         """The settings it was made with; ValueError when its parameters cannot be read."""
         return Generation.from_parameters(self.parameters)
 
+    @property
+    def clip(self) -> str | None:
+        """The clip beside the PNG (an animate render, whose PNG is its first frame), absolute; None for a still."""
+        name = self.parameters.get(CLIP_KEY)
+        return str(Path(self.path).with_name(name)) if isinstance(name, str) and name else None
+
 
 @dataclass(frozen=True)
 class Subject:
@@ -177,7 +185,7 @@ class Gallery:
 
     # --- renders -------------------------------------------------------------------------------------------
     def add(self, image: Image.Image, parameters: dict, *, subject: str, identity: float | None = None,
-            warnings=()) -> Entry:
+            warnings=(), clip: str | Path | None = None) -> Entry:
         """Keep one render: its PNG (with the parameters chunk) written atomically, then its row.
 
         Args:
@@ -187,6 +195,9 @@ class Gallery:
             subject: key of the subject it was rendered from (Session.subject()); "" when none.
             identity: its identity score, None when none was computed.
             warnings: what the core noted while rendering it.
+            clip: an animate render's video file (MP4, WebP or GIF), whose first frame is `image`: copied beside the
+                PNG under the PNG's name (before the PNG, so a listed render always has its clip), and named in
+                the parameters (`clip`).
 
         Returns the new Entry. Raises ValueError for a value that cannot be stored, and GalleryWriteError when the
         folder cannot take the file or the row (disk full, no permission); then neither is left behind."""
@@ -202,9 +213,13 @@ class Gallery:
         identity = _number(identity, "identity")
         warnings = tuple(str(warning) for warning in warnings)
         stored = json.loads(_to_json(parameters, "parameters"))  # what get() will return: a JSON-shaped copy
+        if clip is not None and not Path(clip).is_file():
+            raise ValueError(f"clip {clip} is not a file")
 
         now = datetime.now(timezone.utc)
-        path = self._write_png(image, parameters, self.images_folder / now.strftime("%Y-%m-%d"))
+        path, parameters = self._write_png(image, parameters, self.images_folder / now.strftime("%Y-%m-%d"), clip)
+        if clip is not None:
+            stored[CLIP_KEY] = parameters[CLIP_KEY]
         file = path.relative_to(self.folder).as_posix()
         prompt = str(parameters.get("prompt") or "")
         gate, seed = _lenient_number(parameters.get("gate")), _lenient_whole(parameters.get("seed"))
@@ -217,6 +232,8 @@ class Gallery:
             entry_id = self._insert(row)
         except BaseException as error:
             _remove(path)
+            if clip is not None:
+                _remove(path.with_name(parameters[CLIP_KEY]))
             if isinstance(error, sqlite3.Error):
                 code = errno.ENOSPC if "full" in str(error) else None
                 raise GalleryWriteError(f"could not index the render in the gallery folder {self.folder} ({error}); "
@@ -283,6 +300,8 @@ class Gallery:
         path = self.folder / row["file"]
         try:
             path.unlink(missing_ok=True)
+            for clip in path.parent.glob(f"{glob.escape(path.stem)}.*"):  # an animate render's clip
+                clip.unlink(missing_ok=True)
         except OSError as error:
             raise _write_error(error, f"remove {path.name}", self.folder) from error
         return True
@@ -398,8 +417,10 @@ class Gallery:
                            f"ON CONFLICT (file) DO UPDATE SET {updates}", list(row.values()))
                 return db.execute("SELECT id FROM renders WHERE file = ?", (row["file"],)).fetchone()[0]
 
-    def _write_png(self, image: Image.Image, parameters: dict, folder: Path) -> Path:
-        """Write the PNG under a temporary name in `folder`, fsync it and rename it into place; its final path."""
+    def _write_png(self, image: Image.Image, parameters: dict, folder: Path, clip: str | Path | None = None
+                   ) -> tuple[Path, dict]:
+        """Write the PNG under a temporary name in `folder`, fsync it and rename it into place (a clip first, the
+        same way, under the PNG's name); its final path, and the parameters as written (naming the clip)."""
         label = ""
         gate, seed = parameters.get("gate"), parameters.get("seed")
         if isinstance(gate, (int, float)) and not isinstance(gate, bool):
@@ -412,18 +433,26 @@ class Gallery:
             path = folder / f"flexip{label}-{secrets.token_hex(4)}.png"
             while path.exists():  # 32 random bits: a clash is rare, and os.replace would overwrite it
                 path = folder / f"flexip{label}-{secrets.token_hex(4)}.png"
-            temp = folder / _temp_name(".part")
+            temp, moved = folder / _temp_name(".part"), None
             try:
+                if clip is not None:
+                    moved = path.with_suffix(Path(clip).suffix.lower())
+                    shutil.copyfile(clip, temp)
+                    _fsync_file(temp)
+                    os.replace(temp, moved)
+                    parameters = {**parameters, CLIP_KEY: moved.name}
                 save_png(image, temp, parameters)
                 _fsync_file(temp)
                 os.replace(temp, path)
             except BaseException:
                 _remove(temp)
+                if moved is not None:
+                    _remove(moved)
                 raise
             _fsync_folder(folder)
         except OSError as error:
             raise _write_error(error, "save the render", self.folder) from error
-        return path
+        return path, parameters
 
     def _entry(self, row: sqlite3.Row) -> Entry:
         return Entry(id=row["id"], path=str(self.folder / row["file"]), created=row["created"], prompt=row["prompt"],

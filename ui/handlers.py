@@ -35,6 +35,7 @@ from flexip_core.generation.metadata import save_png
 from flexip_core.generation.settings import MAX_SEED, Generation, parse_gates
 from flexip_core.generation.task_inputs import MODES, TaskInputs, prepare
 
+from .clips import ANIMATE, DEFAULT_FPS, DEFAULT_FRAMES, clips_row, read_clip, write_clip
 from .engine import Done, RenderCancelled, Step, stream_render
 from .files import EXAMPLES, ensure_examples, example_path, zip_results
 from .gallery import MAX_LIMIT, GalleryWriteError
@@ -61,11 +62,11 @@ CONTROLS = ("prompt", "negative_prompt", "gate", "strength", "seed", "num_infere
 WINDOW_PRESETS = {"whole run": (0.0, 1.0), "identity early": (0.0, 0.5), "identity late": (0.5, 1.0)}  # pres window
 # The mode panel's inputs (Mode, its picture, the inpainting scene and mask, and each mode's settings); the mode
 # "text" is text-to-image, the others are task_inputs.MODES.
-MODE_INPUTS = ("mode", "mode_image", "scene", "mask", "denoise", "control", "control_scale")
-MODE_SETTINGS = ("mode", "denoise", "control", "control_scale")  # what a PNG or a history click restores
+MODE_INPUTS = ("mode", "mode_image", "scene", "mask", "denoise", "control", "control_scale", "frames", "fps")
+MODE_SETTINGS = ("mode", "denoise", "control", "control_scale", "frames", "fps")  # what a PNG or history restores
 TEXT_MODE = dict(mode="text", mode_image=None, scene=None, mask=None, denoise=0.6, control="canny",
-                 control_scale=1.0)  # the mode panel as the page starts: text to image (MODE_INPUTS' values)
-MODE_OF_TASK = {task: mode for mode, task in MODES.items()} | {"text-to-image": "text"}
+                 control_scale=1.0, frames=DEFAULT_FRAMES, fps=DEFAULT_FPS)  # the panel as the page starts
+MODE_OF_TASK = {task: mode for mode, task in MODES.items()} | {"text-to-image": "text", ANIMATE: ANIMATE}
 # The API's argument names for these where they differ (a public contract kept from before the fields were renamed).
 API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "pres_until": "identity_early"}
 MAX_SWEEP = 9  # γ values in one sweep or grid row
@@ -190,11 +191,13 @@ def read_task(studio: Studio, values: dict, generation: Generation) -> TaskInput
     mode = values.get("mode") or "text"
     if mode == "text":
         return None
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; one of text, {', '.join(MODES)}")
+    if mode not in MODES and mode != ANIMATE:
+        raise ValueError(f"unknown mode {mode!r}; one of text, {', '.join(MODES)}, {ANIMATE}")
     reason = studio.engine.modes().get(mode)
     if reason:
         raise ValueError(reason)
+    if mode == ANIMATE:
+        return read_clip(values.get("frames"), values.get("fps"), generation.height, generation.width)
     inpaint, value = mode == "inpaint", values.get
     return prepare(mode, image=value("scene") if inpaint else value("mode_image"),
                    mask=value("mask") if value("mask") is not None or not isinstance(value("scene"), dict)
@@ -215,7 +218,8 @@ def with_task(generation: Generation, task: TaskInputs | None) -> Generation:
     for key in ("image", "mask_image"):
         if key in task.pipeline_kwargs:
             inputs[key] = pixel_digest(task.pipeline_kwargs[key], 12)
-    return replace(generation, task=task.task, height=task.height, width=task.width,
+    clip = {"num_frames": task.settings["frames"], "fps": task.settings["fps"]} if task.task == ANIMATE else {}
+    return replace(generation, task=task.task, height=task.height, width=task.width, **clip,
                    task_inputs=tuple(sorted((key, float(v) if not isinstance(v, str) else v)
                                             for key, v in inputs.items())))
 
@@ -325,9 +329,18 @@ class Stopped(Exception):
 
 
 def _save(studio: Studio, subject: str, done: Done) -> list[Result]:
-    """Each render into the gallery (the PNG written atomically, then indexed); GalleryWriteError when it cannot."""
-    entries = [studio.gallery.add(r.image, r.parameters, subject=subject, identity=r.identity, warnings=r.warnings)
-               for r in done.results]
+    """Each render into the gallery (the PNG written atomically, then indexed; a clip first, beside it);
+    GalleryWriteError when it cannot."""
+    entries = []
+    for r in done.results:
+        clip = None if r.frames is None else write_clip(r.frames, studio.results_folder / "clips", r.parameters,
+                                                       r.generation.fps or DEFAULT_FPS)
+        try:
+            entries.append(studio.gallery.add(r.image, r.parameters, subject=subject, identity=r.identity,
+                                              warnings=r.warnings, clip=clip))
+        finally:
+            if clip is not None:
+                clip.unlink(missing_ok=True)  # the gallery keeps its own copy
     return [replace(Result.from_entry(entry), generation=r.generation) for entry, r in zip(entries, done.results)]
 
 
@@ -440,8 +453,9 @@ def describe(result: Result) -> str:
     score = "n/a" if result.identity is None else f"{result.identity:.3f}"
     metric = result.parameters.get("identity_metric", "clip")
     notes = "".join(f" · ⚠ {warning}" for warning in result.warnings)
-    return (f"**seed {g.seed}** · γ {g.gate:.2f} · strength {g.strength:g} · {g.num_inference_steps} steps · "
-            f"identity score **{score}** ({METRICS.get(metric, metric)}){notes}")
+    clip = f"{g.num_frames} frames at {g.fps} fps · " if g.num_frames else ""
+    return (f"**seed {g.seed}** · γ {g.gate:.2f} · strength {g.strength:g} · {g.num_inference_steps} steps · {clip}"
+            f"identity score **{score}** ({METRICS.get(metric, metric)}{' of its first frame' * bool(clip)}){notes}")
 
 
 def reference_view(session: Session) -> str | None:
@@ -449,24 +463,26 @@ def reference_view(session: Session) -> str | None:
 
 
 def large(session: Session, result: Result | None) -> dict:
-    """The large image and its comparison with the reference."""
+    """The large image (a clip's first frame), the clip, and the comparison with the reference."""
     if result is None:
-        return {"result": None, "compare": None}
+        return {"result": None, "compare": None, "clip": None}
     reference = reference_view(session)
-    return {"result": result.path, "compare": (reference, result.path) if reference else None}
+    return {"result": result.path, "compare": (reference, result.path) if reference else None, "clip": result.clip}
 
 
 def show(session: Session, result: Result) -> dict:
     """Outputs that put `result` on screen: large, against the reference, in the history, as a download."""
     return {
-        **large(session, result), "info": describe(result), "download": gr.update(value=result.path, interactive=True),
+        **large(session, result), "info": describe(result),
+        "download": gr.update(value=result.clip or result.path, interactive=True,
+                              label=f"Download {'clip' if result.clip else 'PNG'} (with settings)"),
         "history": [(r.path, r.caption) for r in session.history], "session": session,
     }
 
 
 def sweep_view(session: Session) -> dict:
-    """The γ sweep tab as the last finished sweep left it."""
-    return {"sweep_gallery": list(session.sweep_tiles),
+    """The γ sweep tab as the last finished sweep left it (its clips side by side, for the Animate mode)."""
+    return {"sweep_gallery": list(session.sweep_tiles), "sweep_clips": clips_row(session.sweep_clips),
             "sweep_zip": gr.update(value=session.sweep_zip, interactive=session.sweep_zip is not None)}
 
 
@@ -514,7 +530,8 @@ def restore_outputs(generation: Generation) -> dict:
     values = generation.to_parameters()
     inputs = dict(generation.task_inputs)
     mode = {"mode": MODE_OF_TASK.get(generation.task, "text"), "denoise": inputs.get("strength"),
-            "control": inputs.get("control"), "control_scale": inputs.get("controlnet_conditioning_scale")}
+            "control": inputs.get("control"), "control_scale": inputs.get("controlnet_conditioning_scale"),
+            "frames": generation.num_frames, "fps": generation.fps}
     return {**{name: gr.update() if values[name] is None else values[name] for name in CONTROLS},
             **{name: gr.update() if value is None else value for name, value in mode.items()}}
 
@@ -673,6 +690,8 @@ async def generate(studio: Studio, *, session: Session, lock_seed: bool, batch=1
 
 def start_ticks(studio: Studio, session: Session, generation: Generation, task: TaskInputs | None) -> None:
     """Render the slider's ticks (ui.scrub.TICKS) of `generation` that are not rendered yet, in the background."""
+    if generation.task == ANIMATE:  # eleven clips are not a background job
+        return
     photos = list(session.photos)
     subject = fingerprint(photos)
     missing = [gate for gate in TICKS if session.exact(generation.at(gate), subject) is None]
@@ -765,9 +784,9 @@ async def drag(studio: Studio, *, session: Session, **form) -> dict:
     """While the slider moves, where single renders are fast (ui.scrub): render at the slider's γ (not kept; let
     go there and it is), so that dragging plays like a video. Elsewhere, or for a position already rendered, nothing:
     peek shows the nearest render. Gradio runs only the newest position after the render in flight."""
-    if not studio.scrubber.fast or session.run is not None:
-        return {}
     mode = form.get("mode") or "text"
+    if not studio.scrubber.fast or session.run is not None or mode == ANIMATE:
+        return {}
     try:
         photos, generation = _dragged(session, form)
         check_request(studio, photos, generation)
@@ -875,7 +894,9 @@ async def sweep(studio: Studio, *, session: Session, gates_text: str, sequential
                 reference = reference_view(session)
                 session.sweep_tiles = [(reference, "reference")] * bool(reference) + [
                     (r.path, r.gate_caption) for r in event]
-                session.sweep_zip = zip_results([r.path for r in event], studio.results_folder, "flexip-sweep")
+                session.sweep_clips = [(r.clip, r.gate_caption) for r in event if r.clip]
+                session.sweep_zip = zip_results([r.clip or r.path for r in event], studio.results_folder,
+                                                "flexip-sweep")
                 session.current = session.nearest(generation) or event[0]
                 warn_once(session, event)
                 yield {**sweep_view(session), **large(session, session.current), "info": describe(session.current),
@@ -1029,7 +1050,9 @@ def api_history(studio: Studio, *, query: str = "", limit: float = 50) -> dict:
 
 # --- the mode panel ------------------------------------------------------------------------------------
 MODE_VIEWS = {"mode_image": ("start_image", "control"), "denoise": ("start_image",), "scene": ("inpaint",),
-              "mask": ("inpaint",), "control": ("control",), "control_scale": ("control",), "edge_view": ("control",)}
+              "mask": ("inpaint",), "control": ("control",), "control_scale": ("control",), "edge_view": ("control",),
+              "frames": (ANIMATE,), "fps": (ANIMATE,), "clip": (ANIMATE,), "sweep_clips": (ANIMATE,)}
+STILL_VIEWS = ("result", "sweep_gallery")  # shown in every mode but Animate, whose clips take their place
 
 
 def mode_view(studio: Studio, *, mode: str) -> dict:
@@ -1040,8 +1063,11 @@ def mode_view(studio: Studio, *, mode: str) -> dict:
             "inpaint": "Paint where the subject goes on the scene, or upload a mask (white: the subject); the rest of "
                        "the scene is kept.",
             "control": "The picture's edges (computed here) shape the result; the subject comes from the photos.",
+            ANIMATE: "A short clip of the subject (AnimateDiff): the γ slider works as for images; the γ sweep plays "
+                     "its clips side by side.",
             }.get(mode)
     return {**{name: gr.update(visible=mode in modes) for name, modes in MODE_VIEWS.items()},
+            **{name: gr.update(visible=mode != ANIMATE) for name in STILL_VIEWS},
             "mode_hint": gr.update(value=f"⚠ {reason}" if reason else hint, visible=bool(reason or hint))}
 
 
@@ -1096,9 +1122,9 @@ async def _api_run(studio: Studio, photos: list[Photo], generation: Generation, 
         else:
             results = event
     notes = [photo.flat_warning for photo in photos if photo.flat] + list(task.notes if task is not None else ())
-    return [result.path for result in results], [
-        {**result.parameters, "identity_score": result.identity, "file": Path(result.path).name,
-         "warnings": notes + list(result.warnings)} for result in results]
+    files = [result.clip or result.path for result in results]  # an animate render's file is its clip
+    return files, [{**result.parameters, "identity_score": result.identity, "file": Path(file).name,
+                    "warnings": notes + list(result.warnings)} for result, file in zip(results, files)]
 
 
 async def api_generate(studio: Studio, *, photos: list[str] | None, weights: str = "", batch: float = 1,
@@ -1156,6 +1182,22 @@ async def _api_mode(studio: Studio, mode: str, photos, weights: str, progress, v
     except (ValueError, NotLoaded) as error:
         raise refused_call(error) from None
     return {"api_images": paths, "api_parameters": described}
+
+
+async def api_animate(studio: Studio, *, photos: list[str] | None, weights: str = "", frames: float = DEFAULT_FRAMES,
+                      fps: float = DEFAULT_FPS, progress=gr.Progress(), **settings) -> dict:
+    """A short clip of the subject (AnimateDiff; profiles with a motion adapter: sd15, sd15-animate, tiny).
+
+    Args:
+        photos, weights, settings: as for /generate (prompt, negative_prompt, gate, seed, steps, guidance, width,
+            height, ...).
+        frames: frames in the clip, 8 to 32.
+        fps: frames per second it plays at, 1 to 30.
+
+    Returns the clip (MP4, or animated WebP where no encoder is installed; its settings in the file's metadata) and
+    its settings (task "animate", num_frames, fps, identity_score of its first frame, file, warnings)."""
+    values = await _api_mode(studio, ANIMATE, photos, weights, progress, {"frames": frames, "fps": fps}, settings)
+    return {"api_video": values["api_images"][0], "api_parameters": values["api_parameters"][0]}
 
 
 async def api_start_image(studio: Studio, *, photos: list[str] | None, image: str | None, weights: str = "",

@@ -17,6 +17,7 @@ import gradio as gr
 from flexip_core.generation.settings import MAX_SEED
 
 from . import handlers
+from .clips import DEFAULT_FPS, DEFAULT_FRAMES, MAX_FPS, MAX_FRAMES, MIN_FPS, MIN_FRAMES, clips_row
 from .files import EXAMPLES
 from .handlers import API_NAMES, CONTROLS, MODE_INPUTS, MODE_SETTINGS
 from .state import Session, Studio
@@ -179,7 +180,7 @@ def _controls_panel(out: dict, studio: Studio) -> dict:
 
 
 MODE_CHOICES = [("Text to image", "text"), ("Start image", "start_image"), ("Inpaint", "inpaint"),
-                ("Control", "control")]
+                ("Control", "control"), ("Animate", "animate")]
 
 
 def _mode_panel(out: dict) -> None:
@@ -205,6 +206,11 @@ def _mode_panel(out: dict) -> None:
                                      elem_id="control")
         out["control_scale"] = gr.Slider(0.0, 2.0, 1.0, step=0.05, label="Control strength", visible=False, scale=3,
                                          elem_id="control-scale")
+    with gr.Row(equal_height=True):  # the Animate mode's clip: checked by the handler (8 to 32 frames, 1 to 30 fps)
+        out["frames"] = gr.Slider(MIN_FRAMES, MAX_FRAMES, DEFAULT_FRAMES, step=1, label="Frames", visible=False,
+                                  scale=3, elem_id="frames")
+        out["fps"] = gr.Slider(MIN_FPS, MAX_FPS, DEFAULT_FPS, step=1, label="FPS", visible=False,
+                               scale=2, elem_id="fps")
 
 
 def _result_panel(out: dict) -> dict:
@@ -214,6 +220,8 @@ def _result_panel(out: dict) -> dict:
         with gr.Tab("Result", id="result"):
             out["result"] = gr.Image(label="Result", type="filepath", interactive=False, height=430,
                                      elem_id="result", buttons=["download", "fullscreen"])
+            out["clip"] = gr.Video(label="Clip", interactive=False, height=430, autoplay=True, loop=True,
+                                   visible=False, elem_id="clip")  # the Animate mode's result, in place of the image
             out["download"] = gr.DownloadButton("Download PNG (with settings)", interactive=False, size="sm")
         with gr.Tab("Compare with reference", id="compare"):
             out["compare"] = gr.ImageSlider(label="reference | result", type="filepath", max_height=470)
@@ -224,6 +232,7 @@ def _result_panel(out: dict) -> dict:
             out["sweep_gallery"] = gr.Gallery(label="reference, then each γ", columns=6, height=300,
                                               object_fit="contain", elem_id="sweep-gallery", interactive=False,
                                               fit_columns=False)
+            out["sweep_clips"] = gr.HTML(clips_row([]), visible=False, elem_id="sweep-clips")  # Animate
             out["sweep_zip"] = gr.DownloadButton("Download all (zip)", interactive=False, size="sm")
         with gr.Tab("Gallery", id="gallery") as out["gallery_tab"]:
             with gr.Row(equal_height=True):
@@ -273,10 +282,13 @@ def _api_panel(out: dict) -> dict:
         out["api_control"] = gr.Textbox("canny", label="control")
         out["api_control_scale"] = gr.Number(1.0, label="control_scale")
         out["api_batch"] = gr.Number(1, label="batch")  # unbounded here: the handler's check names it
+        out["api_frames"] = gr.Number(DEFAULT_FRAMES, label="frames")  # likewise
+        out["api_fps"] = gr.Number(DEFAULT_FPS, label="fps")
+        out["api_video"] = gr.File(label="video")
         out["api_query"] = gr.Textbox("", label="query")
         out["api_limit"] = gr.Number(50, label="limit")
         return {name: gr.Button(name) for name in ("api_generate", "api_sweep", "api_start_image", "api_inpaint",
-                                                   "api_control", "api_history")}
+                                                   "api_control", "api_animate", "api_history")}
 
 
 def build_studio(studio: Studio) -> gr.Blocks:
@@ -306,7 +318,7 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     controls = {name: out[name] for name in CONTROLS}
     weights = {f"weight{i}": out[f"weight{i}"] for i in range(max_photos)}
     form = {**controls, **weights, **{name: out[name] for name in MODE_INPUTS}}  # what a render reads
-    shown = components(out, "seed", "info", "result", "compare", "download", "history", "session")
+    shown = components(out, "seed", "info", "result", "compare", "clip", "download", "history", "session")
     restored = components(out, *CONTROLS, *MODE_SETTINGS)
     # A render says how far it got in the line under the result; Gradio's own progress overlays (timers over each
     # output, redrawn many times a second) would hide what is on screen and cost the browser more than the line.
@@ -332,6 +344,9 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
                                      inputs_kwargs={**api_inputs, "image": out["api_image"], **extra},
                                      outputs=components(out, "api_images", "api_parameters"), api_name=mode, **GPU)
 
+    buttons["api_animate"].click(bind(handlers.api_animate, out, studio),
+                                 inputs_kwargs={**api_inputs, "frames": out["api_frames"], "fps": out["api_fps"]},
+                                 outputs=components(out, "api_video", "api_parameters"), api_name="animate", **GPU)
     buttons["api_history"].click(bind(handlers.api_history, out, studio),
                                  inputs_kwargs={"query": out["api_query"], "limit": out["api_limit"]},
                                  outputs=components(out, "api_images", "api_parameters"), api_name="history",
@@ -360,7 +375,7 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
 
     # The mode panel: the chosen mode's inputs, and the edge map the Control mode follows
     out["mode"].change(bind(handlers.mode_view, out, studio), inputs_kwargs={"mode": out["mode"]},
-                       outputs=components(out, *handlers.MODE_VIEWS, "mode_hint"), queue=False,
+                       outputs=components(out, *handlers.MODE_VIEWS, *handlers.STILL_VIEWS, "mode_hint"), queue=False,
                        api_visibility="private")
     for trigger in (out["mode_image"].change, out["control"].change, out["mode"].change):
         trigger(bind(handlers.edge_preview, out, studio), inputs_kwargs={
@@ -392,7 +407,8 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
                                       **generate_kwargs)
     sweep_inputs = {"session": out["session"], "gates_text": out["gates_text"],
                     "sequential_sweep": out["sequential_sweep"], **form}
-    sweep_outputs = components(out, "sweep_gallery", "sweep_zip", "result", "compare", "info", "session")
+    sweep_outputs = components(out, "sweep_gallery", "sweep_clips", "sweep_zip", "result", "compare", "clip", "info",
+                               "session")
     sweep = buttons["sweep"].click(bind(handlers.sweep, out, studio), api_name="ui_sweep", inputs_kwargs=sweep_inputs,
                                    outputs=sweep_outputs, api_visibility="undocumented", **quiet, **GPU)
     grid = buttons["grid"].click(
@@ -421,19 +437,20 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     out["gate"].input(fn=None, cancels=renders, api_visibility="private")
     dragged = {"session": out["session"], **controls, **weights, "mode": out["mode"]}  # no pictures: the mode's last
     out["gate"].input(bind(handlers.peek, out, studio), inputs_kwargs=dragged,
-                      outputs=components(out, "result", "compare", "info"), queue=False, show_progress="hidden",
+                      outputs=components(out, "result", "compare", "clip", "info"), queue=False, show_progress="hidden",
                       api_visibility="private")
     # Where single renders are fast, the slider also renders while it moves (ui.scrub; the page's script clicks the
     # hidden button as it moves): the newest position runs when the render before it ends.
     buttons["drag"].click(bind(handlers.drag, out, studio), inputs_kwargs=dragged,
-                          outputs=components(out, "result", "compare", "info"), trigger_mode="always_last",
+                          outputs=components(out, "result", "compare", "clip", "info"), trigger_mode="always_last",
                           api_name="ui_drag", api_visibility="undocumented", **quiet, **GPU)
     # Stop halts the render in flight, which ends at its next step with the stopped state as its own last answer (no
     # Gradio cancel: a cancelled event can end in an error badge). These handlers run beside the render's queue.
     beside = dict(api_visibility="private", concurrency_id="beside_renders", concurrency_limit=None, **quiet)
     buttons["stop"].click(bind(handlers.stop, out, studio), inputs_kwargs={"session": out["session"]},
-                          outputs=components(out, "result", "compare", "download", "info", "history", "session",
-                                             "sweep_gallery", "sweep_zip", "grid_view", "grid_zip"), **beside)
+                          outputs=components(out, "result", "compare", "clip", "download", "info", "history",
+                                             "session", "sweep_gallery", "sweep_clips", "sweep_zip", "grid_view",
+                                             "grid_zip"), **beside)
 
     # History (a click halts a render in flight, then shows the result it names), seed
     out["history"].select(bind(handlers.select_history, out, studio), inputs_kwargs={"session": out["session"]},

@@ -79,6 +79,7 @@ class Result:
     parameters: dict = field(default_factory=dict)  # everything written into the PNG chunk (profile, base, ...)
     warnings: tuple[str, ...] = ()  # what the core noted while rendering it (a prompt cut off, ...)
     kept: bool = True  # in the gallery; False: a slider tick or a render made while dragging, kept when released on
+    clip: str | None = None  # an animate render's clip (MP4 or WebP; `path` is its first frame), None for a still
 
     @property
     def caption(self) -> str:
@@ -93,7 +94,7 @@ class Result:
     def from_entry(cls, entry: Entry) -> Result:
         """A render the gallery kept (this run's or an earlier one's)."""
         return cls(path=entry.path, generation=entry.generation, identity=entry.identity, subject=entry.subject,
-                   parameters=entry.parameters, warnings=entry.warnings)
+                   parameters=entry.parameters, warnings=entry.warnings, clip=entry.clip)
 
     def _caption(self, seed: str) -> str:
         score = "" if self.identity is None else f" · id {self.identity:.2f}"
@@ -121,6 +122,7 @@ class Session:
     current: Result | None = None  # the result shown large
     sweep_tiles: list[tuple[str, str]] = field(default_factory=list)  # the last finished γ sweep: (path, caption)
     sweep_zip: str | None = None  # its zip
+    sweep_clips: list[tuple[str, str]] = field(default_factory=list)  # its clips (Animate mode): (path, caption)
     grid_rows: list[tuple[str, list[Result]]] = field(default_factory=list)  # the last grid's rows: (prompt, row)
     grid_zip: str | None = None  # their zip (made at the end, or when the grid is stopped)
     run: Run | None = None  # the render in flight, if any
