@@ -9,7 +9,15 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MODEL_FLAGS = ("base", "base_config", "clip_encoder", "dino_encoder", "preservation", "personalization", "adapter",
-               "lora", "inpaint_base", "motion")
+               "lora", "inpaint_base", "motion", "preview_vae")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def compile_mode(text: str) -> str:
+    """argparse type of --compile MODE: one of torch.compile's modes."""
+    if text not in COMPILE_MODES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch.compile mode; one of {', '.join(COMPILE_MODES)}")
+    return text
 
 
 def comma_numbers(text: str) -> tuple[float, ...]:
@@ -88,6 +96,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default=None, choices=["auto", "sdpa", "xformers"], help="attention backend")
     parser.add_argument("--low-vram", action="store_true",
                         help="for small GPUs: model CPU offload plus VAE tiling and slicing (slower)")
+    parser.add_argument("--compile", nargs="?", const=True, default=None, type=compile_mode, metavar="MODE",
+                        help="torch.compile the UNet for a fixed size (CUDA graphs on CUDA; the first render of each "
+                             "size compiles for minutes); MODE: " + ", ".join(COMPILE_MODES))
+    parser.add_argument("--channels-last", action="store_true", help="the UNet in channels-last memory (NHWC)")
 
 
 def add_generation_flags(parser: argparse.ArgumentParser, per_image: bool = True) -> None:
@@ -141,6 +153,10 @@ def model_options(args) -> dict:
                if getattr(args, name, None)}
     if getattr(args, "low_vram", False):
         options["low_vram"] = True  # diffusers' model CPU offload plus VAE slicing and tiling
+    if getattr(args, "compile", None) is not None:
+        options["compile"] = args.compile  # True, or a torch.compile mode
+    if getattr(args, "channels_last", False):
+        options["channels_last"] = True
     return options
 
 

@@ -171,6 +171,29 @@ def test_compiled_unet_renders_the_same_image(tiny, monkeypatch):
         compile_mode("fastest", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("argv, options", [
+    ([], {}),
+    (["--compile"], {"compile": True}),
+    (["--compile", "max-autotune-no-cudagraphs", "--channels-last"],
+     {"compile": "max-autotune-no-cudagraphs", "channels_last": True}),
+    (["--preview-vae", "madebyollin/taesd"], {"preview_vae": "madebyollin/taesd"}),
+])
+def test_speed_flags_reach_the_profile_overrides(argv, options):
+    """`--compile [MODE]`, `--channels-last` and `--preview-vae` (the CLI's and app.py's) become from_profile's
+    overrides of the profile fields of the same names; an unknown compile mode is refused by name."""
+    import argparse
+
+    from flexip_core.cli import add_model_flags, model_options
+    from flexip_core.loading.profiles import Profile
+
+    parser = argparse.ArgumentParser()
+    add_model_flags(parser)
+    assert model_options(parser.parse_args(argv)) == options
+    assert set(options) <= set(Profile.__dataclass_fields__)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--compile", "fastest"])
+
+
 # --- previews ----------------------------------------------------------------------------------------------------
 def test_previews_come_from_the_tiny_autoencoder_when_the_profile_has_one(tiny):
     from flexip_core import FlexIPPipeline
@@ -207,3 +230,23 @@ def test_a_preview_autoencoder_not_downloaded_falls_back_to_the_projection(caplo
     assert [r.getMessage() for r in caplog.records if "preview autoencoder" in r.getMessage()] == [
         "preview autoencoder madebyollin/taesd is not downloaded: step previews use the linear projection (to get it: "
         "hf download madebyollin/taesd)"]
+
+
+def test_the_studio_decodes_renders_while_dragging_with_the_tiny_autoencoder_only_where_there_is_one():
+    """The studio's engine asks for decode="fast" while the slider is dragged: with a tiny autoencoder that decode
+    differs from the VAE's; without one the VAE decodes (the projection would be a blur)."""
+    from flexip_core.generation.settings import Generation
+    from flexip_core.loading.assembly import ensure_built
+    from ui.engine import CoreEngine
+
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    generation = Generation(prompt="a dog", seed=3, num_inference_steps=2, width=64, height=64)
+
+    def pixels(engine, decode):
+        image = engine.render([photo], [1.0], generation, [0.5], decode=decode)[0].image
+        return np.asarray(image, dtype=np.float32)
+
+    with_vae = CoreEngine("tiny", {"preview_vae": str(ensure_built("tiny") / "preview_vae")})
+    assert np.abs(pixels(with_vae, "fast") - pixels(with_vae, "full")).mean() > 5
+    plain = CoreEngine("tiny")
+    assert np.array_equal(pixels(plain, "fast"), pixels(plain, "full"))

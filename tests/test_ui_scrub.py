@@ -105,6 +105,7 @@ def test_renders_while_dragging_where_single_renders_are_fast(tmp_path, photo):
         calls = len(studio.engine.calls)
         dragged = await handlers.drag(studio, session=session, **form(gate=0.43, weight0=1.0), mode="text")
         assert studio.engine.calls[-1].gates == (0.43,) and len(studio.engine.calls) == calls + 1
+        assert studio.engine.calls[-1].decode == "fast" and studio.engine.calls[0].decode == "full"
         assert "γ 0.43, rendered while dragging" in dragged["info"] and "/ticks/" in dragged["result"]
         assert studio.gallery.count() == 1  # not kept while dragging ...
         assert await handlers.drag(studio, session=session, **form(gate=0.4, weight0=1.0)) == {}  # a tick: peek

@@ -27,6 +27,7 @@ class Call:
     generation: Generation
     gates: tuple[float, ...]
     task: object = None  # the mode's TaskInputs, None for text-to-image
+    decode: str = "full"  # "fast": the tiny autoencoder (renders while dragging)
 
 
 class FakeEngine:
@@ -73,13 +74,13 @@ class FakeEngine:
         return {"start_image": None, "inpaint": None, "control": self.control_missing, "animate": None}
 
     def render(self, references, weights, generation: Generation, gates, on_step=None, task=None,
-               images: int = 1) -> list[Rendered]:
+               images: int = 1, decode: str = "full") -> list[Rendered]:
         for gate in gates:
             if not 0.0 <= gate <= 1.0:
                 raise ValueError(f"gate (γ) must be a number in [0, 1], got {gate}")
         generation.check(self.defaults().max_side)
         self.load()
-        self.calls.append(Call(tuple(references), tuple(weights), generation, tuple(gates), task))
+        self.calls.append(Call(tuple(references), tuple(weights), generation, tuple(gates), task, decode))
         steps = generation.num_inference_steps
         for step in range(1, steps + 1):
             time.sleep(self.step_delay)

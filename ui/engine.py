@@ -64,16 +64,17 @@ class Engine(Protocol):
         """Why the last attempt to load failed (None when it did not, or none was made); a later load retries."""
 
     def modes(self) -> dict[str, str | None]:
-        """Each studio mode beyond text-to-image ("start_image", "inpaint", "control") and why this profile cannot
-        run it (None when it can)."""
+        """Each studio mode beyond text-to-image ("start_image", "inpaint", "control", "animate") and why this
+        profile cannot run it (None when it can)."""
 
     def render(self, references: Sequence[Image.Image], weights: Sequence[float], generation: Generation,
                gates: Sequence[float], on_step: StepCallback | None = None, task: TaskInputs | None = None,
-               images: int = 1) -> list[Rendered]:
+               images: int = 1, decode: str = "full") -> list[Rendered]:
         """Render `generation` once per γ of `gates` (one batch), or `images` times at its one γ with consecutive
         seeds, for the subject in `references` (validated RGB photos, one weight each), in the mode `task` describes
-        (None: text-to-image); ValueError for bad settings or a mode the profile cannot run, RenderCancelled when
-        stopped."""
+        (None: text-to-image); `decode` "fast" decodes with the profile's tiny autoencoder where it has one (the
+        slider's renders while dragging; without one, the VAE). ValueError for bad settings or a mode the profile
+        cannot run, RenderCancelled when stopped."""
 
 
 @dataclass
@@ -157,7 +158,7 @@ class CoreEngine:
 
     def render(self, references: Sequence[Image.Image], weights: Sequence[float], generation: Generation,
                gates: Sequence[float], on_step: StepCallback | None = None, task: TaskInputs | None = None,
-               images: int = 1) -> list[Rendered]:
+               images: int = 1, decode: str = "full") -> list[Rendered]:
         from flexip_core import GenerationCancelled
 
         self.load()
@@ -175,9 +176,11 @@ class CoreEngine:
             pipe = self._pipeline_for(task)
             subject = pipe.encode_subject(references, [float(w) for w in weights])  # cached by content
             kwargs = dict(task.pipeline_kwargs) if task is not None else None
+            if pipe.preview_decoder.autoencoder is None:  # no tiny autoencoder: the VAE, not the blurry projection
+                decode = "full"
             try:
                 out = pipe(subject=subject, gate=[float(g) for g in gates], generation=generation, callback=callback,
-                           pipeline_kwargs=kwargs, num_images=images)
+                           pipeline_kwargs=kwargs, num_images=images, decode=decode)
             except GenerationCancelled as stop:
                 raise RenderCancelled(str(stop)) from None
             scores = pipe.identity_score(out.images, subject, references)
@@ -207,7 +210,8 @@ class Done:
 async def stream_render(engine: Engine, references: Sequence[Image.Image], weights: Sequence[float],
                         generation: Generation, gates: Sequence[float], preview_every: float = 0.0,
                         on_step: Callable[[Step], None] | None = None, halt: threading.Event | None = None,
-                        task: TaskInputs | None = None, images: int = 1) -> AsyncIterator[Step | Done]:
+                        task: TaskInputs | None = None, images: int = 1, decode: str = "full"
+                        ) -> AsyncIterator[Step | Done]:
     """Yield the newest Step at most once per `preview_every` seconds (and none that a slower consumer has not
     taken in time), then one Done; `on_step` sees every step that arrives (a progress count). Setting `halt` (Stop)
     ends the render at its next step. Errors from the engine (ValueError, RenderCancelled when halted, ...) are
@@ -230,7 +234,7 @@ async def stream_render(engine: Engine, references: Sequence[Image.Image], weigh
     def work() -> None:
         try:
             post("done", Done(engine.render(references, weights, generation, gates, on_step=report, task=task,
-                                            images=images)))
+                                            images=images, decode=decode)))
         except BaseException as error:  # handed to the consumer, which re-raises it
             post("error", error)
 

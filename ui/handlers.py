@@ -279,7 +279,7 @@ def check_request(studio: Studio, photos: Sequence[Photo], generation: Generatio
 
 async def render(studio: Studio, photos: Sequence[Photo], generation: Generation, gates: Sequence[float],
                  run: Run | None = None, progress: gr.Progress | None = None, one_at_a_time: bool = False,
-                 task: TaskInputs | None = None, images: int = 1, keep: bool = True
+                 task: TaskInputs | None = None, images: int = 1, keep: bool = True, decode: str = "full"
                  ) -> AsyncIterator[Preview | list[Result]]:
     """Yield a Preview at most every PREVIEW_EVERY_S, then the list of saved Results (one per γ); `run` follows
     the step count. `one_at_a_time` renders the γ values as separate batches of one (less device memory, more
@@ -311,7 +311,7 @@ async def render(studio: Studio, photos: Sequence[Photo], generation: Generation
         try:
             async for event in stream_render(studio.engine, references, weights, generation, batch,
                                              preview_every=PREVIEW_EVERY_S, on_step=track, halt=halt, task=task,
-                                             images=images):
+                                             images=images, decode=decode):
                 if isinstance(event, Step):
                     yield Preview(event.step, event.total, [_upscale(image) for image in event.previews], batch)
                 elif isinstance(event, Done):
@@ -799,7 +799,7 @@ async def drag(studio: Studio, *, session: Session, **form) -> dict:
     began = time.perf_counter()
     try:
         async for event in render(studio, photos, generation, [generation.gate], task=session.mode_tasks.get(mode),
-                                  keep=False):
+                                  keep=False, decode="fast"):  # the tiny autoencoder, where the profile has one
             if isinstance(event, list) and event:
                 studio.scrubber.render_s = time.perf_counter() - began
                 session.remember(event[0], history=False)
