@@ -74,8 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--outputs", default="outputs", metavar="DIR",
                         help="where every render is kept and indexed, across restarts (default: ./outputs)")
     parser.add_argument("--no-scrub", dest="scrub", action="store_false",
-                        help="no background renders of the slider's ticks after a render, and no renders while the "
-                             "slider moves (each costs device time)")
+                        help="no background renders of the slider's ticks after a render (they cost device time)")
     parser.add_argument("--live-drag", choices=("auto", "on", "off"), default="auto",
                         help="render while the γ slider moves: auto (where one render takes at most 0.75 s), on, off")
     parser.add_argument("--no-preload", dest="preload", action="store_false",

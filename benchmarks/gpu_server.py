@@ -10,7 +10,7 @@ server is started on a profile file made from the shipped one with those paths (
   the servers run with --no-scrub, so no background render of the ticks competes with the releases; "final" is
   when the server's answer names the image (the client does not download the outputs' files);
 - `sd15`: a γ sweep of 5 values as one batched `/sweep` call against 5 sequential `/generate` calls;
-- renders per second while dragging (`drag_renders_per_s`): a hook the studio's drag path fills (None until then).
+- `sd15-fast`: fresh renders shown per second during a scripted drag (`drag_renders_per_s`, benchmarks/scrub.py).
 
 gpu_check.py runs it after its in-process figures (sd15); its --smoke run does the same on the tiny models on CPU.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.app_process import REPO, AppServer
+from benchmarks.app_process import AppServer
 from flexip_core.loading.profiles import PROFILE_DIR
 
 logger = logging.getLogger("gpu_check")
@@ -78,21 +78,21 @@ def median(values: list[float]) -> float | None:
 
 
 def server_flags(smoke: bool) -> list[str]:
-    """The device flags, and --no-scrub where this app.py has it (the studio's background renders of the ticks)."""
+    """The device flags; --no-scrub, so that no background render of the slider's ticks competes with what is
+    timed; --live-drag on, so that the drag renders whatever the first renders took."""
     device = ["--device", "cpu", "--dtype", "float32"] if smoke else ["--device", "cuda", "--dtype", "float16"]
-    return device + (["--no-scrub"] if "--no-scrub" in (REPO / "app.py").read_text() else [])
+    return [*device, "--no-scrub", "--live-drag", "on"]
 
 
-def drag_renders_per_s(client, form, gates: tuple[float, ...]) -> float | None:
-    """Fresh renders shown per second during a scripted drag on sd15-fast (issue 35, item 4); None: not measured.
+def drag_renders_per_s(client, form) -> float:
+    """Fresh renders shown per second during a scripted drag on sd15-fast (issue 35, item 4): positions at 30 Hz for
+    3 s, each asking the studio for a render there as the page does while the slider moves (`/ui_drag`, the newest
+    position only while one is in flight); the server runs with --live-drag on."""
+    from benchmarks.scrub import scripted_drag
 
-    TODO(studio, ui/): the studio renders while the slider moves through its drag event (`handlers.drag`,
-    api_name "ui_drag"), which is undocumented, not a public endpoint. Fill this in once the drag path is final:
-    submit the drag event at `gates` in quick succession (as the page does on every slider input), count the
-    distinct fresh renders that come back (each replaces the one before it in flight) and divide by the drag's
-    seconds. `form(gate)` gives the page's inputs at a γ (server started with --no-scrub: drop that flag for this
-    measure, since it also turns renders while dragging off)."""
-    return None
+    rate, asked = scripted_drag(client, form)
+    logger.info("drag: %d positions asked for, %.1f fresh renders shown per second", asked, rate)
+    return rate
 
 
 def start_server(name: str, profile: Path, smoke: bool, log_folder: Path) -> AppServer:
@@ -138,7 +138,7 @@ def measure_server(name: str, app: AppServer, profile: Path, *, smoke: bool, siz
         out["first_preview_s"] = [t[0] for t in timed]
         out["final_s"] = [t[1] for t in timed]
         if name == "sd15-fast":
-            out["drag_renders_per_s"] = drag_renders_per_s(client, form, RELEASE_GATES)
+            out["drag_renders_per_s"] = drag_renders_per_s(client, form)
         if sweep_rounds:
             out["sweep"] = sweep_vs_sequential(client, photo, settings, sweep_rounds, warm=not smoke)
     finally:
@@ -236,6 +236,4 @@ def print_report(r: dict) -> None:
               f"{median(s['final_s']):.3f} s (median of {len(s['final_s'])})")
     print(f"server sd15 sweep of {len(SWEEP_GATES)} γ: batched {r['sweep_batched_s']:.3f} s, sequential "
           f"{r['sweep_sequential_s']:.3f} s ({r['sweep_sequential_s'] / r['sweep_batched_s']:.2f}x)")
-    drag = r["drag_renders_per_s"]
-    print(f"renders per second while dragging (sd15-fast): "
-          f"{'not measured yet (drag_renders_per_s hook)' if drag is None else f'{drag:.1f}'}")
+    print(f"renders per second while dragging (sd15-fast, scripted 30 Hz drag): {r['drag_renders_per_s']:.1f}")

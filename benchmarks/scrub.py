@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .app_process import REPO, AppServer
@@ -21,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 DRAG_HZ = 30.0  # slider positions per second a mouse drag gives (the page asks for one render per position)
 DRAG_S = 3.0  # seconds of the scripted drag
-TICKS_READY = "slider ticks rendered"  # the server's log line when the background ticks are in
+TICKS_READY = r"slider ticks rendered: γ [^\n]* in ([0-9.]+) s"  # the server's line when the background ticks are in
+RENDERED = r"rendered γ [0-9.]+ in ([0-9.]+) s"  # its line when a single render is shown
 
 
 def ui_values(steps: int, size: int, gate: float, seed: int = 5, prompt: str = "a dog on the beach") -> dict:
@@ -42,18 +45,20 @@ def form(steps: int, size: int, gate: float, **changes) -> list:
     return values["controls"] + values["weights"] + values["mode"]
 
 
-def scripted_drag(client, steps: int, size: int, start: float = 0.05, end: float = 0.95, hz: float = DRAG_HZ,
-                  duration: float = DRAG_S, **changes) -> tuple[float, int]:
+def scripted_drag(client, form: Callable[[float], list], start: float = 0.05, end: float = 0.95,
+                  hz: float = DRAG_HZ, duration: float = DRAG_S) -> tuple[float, int]:
     """Drag from `start` to `end` over `duration` seconds, one position every 1/hz s; each position asks the server
-    for a render there (/ui_drag) unless one is in flight, in which case only the newest waits for it. Returns the
-    fresh renders shown per second and how many positions were asked for; after the drag, the last request ends."""
+    for a render there (/ui_drag) unless one is in flight, in which case only the newest waits for it (the page's
+    always_last). `form(gate)` gives the page's inputs at a γ (/ui_release's). Returns the fresh renders shown per
+    second and how many positions were asked for; after the drag, the last request ends."""
+    from ui.handlers import MODE_INPUTS
+
     shown, asked, job, waiting = 0, 0, None, None
     began = time.perf_counter()
     while (now := time.perf_counter() - began) < duration or job is not None:
         if now < duration:
             gate = round(start + (end - start) * now / duration, 2)
-            values = ui_values(steps, size, gate, **changes)
-            waiting = values["controls"] + values["weights"] + values["mode"][:1]  # the drag sends the mode only
+            waiting = form(gate)[:1 - len(MODE_INPUTS)]  # the drag sends the mode, not the mode's pictures
         if job is not None and job.done():
             info = job.result()[-1]  # the line under the result
             shown += "rendered while dragging" in (info or "")
@@ -64,14 +69,15 @@ def scripted_drag(client, steps: int, size: int, start: float = 0.05, end: float
     return shown / duration, asked
 
 
-def wait_for_ticks(app: AppServer, before: int, timeout: float = 120.0) -> float:
-    """Seconds until the server logs one more set of ticks ready than `before`."""
+def logged_seconds(app: AppServer, pattern: str, before: int, timeout: float = 120.0) -> float:
+    """The seconds of the server's next log line matching `pattern` (one group: the seconds) after its first
+    `before` such lines, once it is there."""
     started = time.perf_counter()
-    while app.log.read_text().count(TICKS_READY) <= before:
+    while len(found := re.findall(pattern, app.log.read_text())) <= before:
         if time.perf_counter() - started > timeout:
-            raise TimeoutError(f"the slider's ticks were not ready within {timeout:.0f} s")
+            raise TimeoutError(f"no log line {pattern!r} within {timeout:.0f} s")
         time.sleep(0.02)
-    return time.perf_counter() - started
+    return float(found[before])
 
 
 def run(mode: Mode) -> Section:
@@ -88,16 +94,16 @@ def run(mode: Mode) -> Section:
         app = AppServer("--profile", "tiny", log=Path(folder) / "app.log", timeout=180.0)
         try:
             app.wait_for_log("profile 'tiny' loaded", timeout=240)
-            client = Client(app.url, verbose=False)
+            client = Client(app.url, verbose=False, download_files=False)  # as a page: no history strip downloads
             client.predict([handle_file(str(photo))], api_name="/add_photos")
             renders, ticks, on_tick, off_tick = [], [], [], []
             for round_ in range(rounds + 1):  # the first round warms the caches up: not counted
                 seed = 100 + round_
-                before = app.log.read_text().count(TICKS_READY)
-                started = time.perf_counter()
+                log = app.log.read_text()
+                ticks_before, renders_before = len(re.findall(TICKS_READY, log)), len(re.findall(RENDERED, log))
                 client.predict(True, *form(steps, size, 0.55, seed=seed), 1, api_name="/ui_generate")
-                render = time.perf_counter() - started
-                ready = wait_for_ticks(app, before)
+                render = logged_seconds(app, RENDERED, renders_before)  # the server's own seconds, both
+                ready = logged_seconds(app, TICKS_READY, ticks_before)
                 started = time.perf_counter()
                 client.predict(*form(steps, size, 0.3, seed=seed), api_name="/ui_release")
                 tick = time.perf_counter() - started
@@ -107,11 +113,12 @@ def run(mode: Mode) -> Section:
                 if round_:
                     for figures, value in ((renders, render), (ticks, ready), (on_tick, tick), (off_tick, between)):
                         figures.append(value)
-            rate, asked = scripted_drag(client, steps, size, seed=999)
+            rate, asked = scripted_drag(client, lambda gate: form(steps, size, gate, seed=999))
         finally:
             app.stop()
-    section.add(f"one render ({steps} steps): median of {len(renders)}", seconds(median(renders)))
-    section.add("the 10 other ticks ready after it (one background batch)", seconds(median(ticks)))
+    section.add(f"one render ({steps} steps, as the server logs it): median of {len(renders)}",
+                seconds(median(renders)))
+    section.add("the 10 other ticks, one background batch (as the server logs it)", seconds(median(ticks)))
     section.add("**ticks ready / one render** (10 renders one after the other would be 10)",
                 f"**{median(ticks) / median(renders):.2f}**")
     section.add("release on a tick (shown and kept) / release between ticks (a render)",

@@ -430,7 +430,7 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     for key in ("server_release_to_final_s", "fast_release_to_final_s", "sweep_batched_s", "sweep_sequential_s"):
         assert data[key] > 0, key
     assert data["first_preview_ms"] is None or data["first_preview_ms"] > 0
-    assert "drag_renders_per_s" in data and data["server"]["sd15"]["steps"] == 20
+    assert data["drag_renders_per_s"] >= 0 and data["server"]["sd15"]["steps"] == 20  # the scripted drag ran
     assert data["server"]["sd15-fast"]["steps"] == 4 and data["server"]["sd15-fast"]["scheduler"] == "lcm"
     assert [t["name"] for t in data["targets"]] == ["flexip_vs_plain_sd", "flexip_vs_ip_adapter_plus",
                                                     "release_to_final_sd15", "release_to_final_fast",

@@ -665,6 +665,7 @@ async def _render_one(studio: Studio, session: Session, generation: Generation, 
                     yield {**show(session, event[0]), "info": describe(event[0]) + more}
                     if images == 1:
                         studio.scrubber.render_s = time.perf_counter() - began
+                        logger.info("rendered γ %.2f in %.2f s", generation.gate, studio.scrubber.render_s)
                         start_ticks(studio, session, generation, task)
         except Stopped:
             yield stopped(studio, session, run)
@@ -705,6 +706,7 @@ async def _render_ticks(studio: Studio, session: Session, photos: list[Photo], g
     """The background job: the ticks in one batched call (one at a time if the device runs out of memory), each
     remembered for the slider as it is saved; dropped (`halted`) at its next step."""
     run = Run("ticks", "slider ticks", halted=halted)
+    began = time.perf_counter()
     for one_at_a_time in (False, True):
         try:
             async for event in render(studio, photos, generation, gates, run, one_at_a_time=one_at_a_time, task=task,
@@ -712,7 +714,8 @@ async def _render_ticks(studio: Studio, session: Session, photos: list[Photo], g
                 if isinstance(event, list):
                     for result in event:
                         session.remember(result, history=False)
-                    logger.info("slider ticks rendered: γ %s", ", ".join(f"{gate:g}" for gate in gates))
+                    logger.info("slider ticks rendered: γ %s in %.2f s", ", ".join(f"{gate:g}" for gate in gates),
+                                time.perf_counter() - began)
             return
         except Stopped:
             return

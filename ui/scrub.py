@@ -30,7 +30,7 @@ FAST_RENDER_S = 0.75  # a single render at most this long: the studio renders wh
 class Scrubber:
     """The studio's one background job (the ticks of the last render) and the speed of its single renders."""
 
-    enabled: bool = True  # False: no background ticks and no renders while dragging (app.py --no-scrub)
+    enabled: bool = True  # the background ticks; False: none (app.py --no-scrub)
     live_drag: str = "auto"  # renders while dragging: "auto" (where renders are fast), "on" or "off" (--live-drag)
     render_s: float | None = None  # seconds the last single render took, from request to saved image
     task: asyncio.Task | None = None  # the tick job, if one was started
@@ -41,7 +41,7 @@ class Scrubber:
     def fast(self) -> bool:
         """Whether the slider renders while it moves: asked for (live_drag "on"), or "auto" and a render per
         position keeps up (the last single render took at most FAST_RENDER_S)."""
-        if not self.enabled or self.live_drag == "off":
+        if self.live_drag == "off":
             return False
         return self.live_drag == "on" or (self.render_s is not None and self.render_s <= FAST_RENDER_S)
 

@@ -40,8 +40,8 @@ class Studio:
     max_photos: int = MAX_PHOTOS  # subject photos per session
     decoded: OrderedDict = field(default_factory=OrderedDict, repr=False)  # photo digest -> RGB image, newest last
     gallery: Gallery | None = None  # every render and subject, on disk and indexed (--outputs); default: in `folder`
-    scrubber: Scrubber = field(default_factory=lambda: Scrubber(enabled=False))  # the slider's background ticks and
-    #   renders while dragging (app.py turns them on unless --no-scrub)
+    scrubber: Scrubber = field(default_factory=lambda: Scrubber(enabled=False, live_drag="off"))  # the slider's
+    #   background ticks and renders while dragging (app.py turns them on: --no-scrub, --live-drag)
 
     def __post_init__(self):
         if self.gallery is None:
