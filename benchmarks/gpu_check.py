@@ -190,15 +190,8 @@ def low_vram_image(run: Settings, pipe, encoder, adapter, steps: int, **call) ->
 
 def backend_agreement(pipe: FlexIPPipeline, subject, backends: tuple[str, str], size: int) -> float:
     """Max abs difference of one UNet step (CFG batch, both branches at 0.5) between two attention backends."""
-    device, dtype, unet = pipe.device, pipe.dtype, pipe.unet
-    gen = torch.Generator("cpu").manual_seed(0)
-    side = size // pipe.pipe.vae_scale_factor
-    latents = torch.randn(2, unet.config.in_channels, side, side, generator=gen).to(device, dtype)  # (2, 4, h, w)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen).to(device, dtype)  # (2, 77, C)
-    features = subject.features.map(lambda t: t.to(device, dtype))
-    pres = pipe.adapter.preservation(features, text[:1]).expand(2, -1, -1)  # (2, 16, C)
-    pers = pipe.adapter.personalization(features, text[:1]).expand(2, -1, -1)  # (2, 4, C)
-    weights = torch.full((2,), 0.5, device=device, dtype=dtype)
+    unet = pipe.unet
+    latents, text, pres, pers, weights = gpu_speed.step_inputs(pipe, subject, size)  # both branches at 0.5
     outputs = []
     with torch.no_grad():
         for backend in backends:

@@ -53,11 +53,9 @@ def count_ops(fn) -> int:
     return state["ops"]
 
 
-def ops_per_step(pipe, subject, size: int) -> dict[str, int]:
-    """Operations of one UNet step (CFG batch of 2, both branches at 0.5, keys and values already cached as in every
-    step after the first), fused and unfused; the pipeline's processors are put back."""
-    from flexip_core.generation.attention import BranchInputs, install_processors
-
+def step_inputs(pipe, subject, size: int) -> tuple:
+    """One UNet step's inputs at `size` px: a CFG batch of 2 random latents, random text states, both branches'
+    tokens of `subject` and their weights at GATE: (latents, text, pres, pers, weights)."""
     device, dtype, unet = pipe.device, pipe.dtype, pipe.unet
     gen = torch.Generator("cpu").manual_seed(0)
     side = size // pipe.pipe.vae_scale_factor
@@ -67,7 +65,16 @@ def ops_per_step(pipe, subject, size: int) -> dict[str, int]:
     with torch.no_grad():
         pres = pipe.adapter.preservation(features, text[:1]).expand(2, -1, -1)  # (2, Np, C)
         pers = pipe.adapter.personalization(features, text[:1]).expand(2, -1, -1)  # (2, Nq, C)
-    weights = torch.full((2,), GATE, device=device, dtype=dtype)
+    return latents, text, pres, pers, torch.full((2,), GATE, device=device, dtype=dtype)
+
+
+def ops_per_step(pipe, subject, size: int) -> dict[str, int]:
+    """Operations of one UNet step (CFG batch of 2, both branches at 0.5, keys and values already cached as in every
+    step after the first), fused and unfused; the pipeline's processors are put back."""
+    from flexip_core.generation.attention import BranchInputs, install_processors
+
+    unet = pipe.unet
+    latents, text, pres, pers, weights = step_inputs(pipe, subject, size)
     counts = {}
     for name, fused in (("fused", True), ("unfused", False)):
         install_processors(unet, pipe.adapter, "sdpa", fused=fused)

@@ -8,11 +8,13 @@ throughput of one user alone.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .app_process import REPO, AppServer
@@ -24,6 +26,20 @@ USERS = 8  # clients at once
 REQUESTS = 3  # calls per user (quick and full mode; smoke mode sends 1 to stay fast)
 STEPS, SIZE = 1, 64  # denoising steps and image side of every call: the studio's overhead, not the model's
 REQUEST_TIMEOUT = 120.0  # seconds one call may take, its wait behind the other users included
+
+
+@contextlib.contextmanager
+def tiny_server(*flags: str) -> Iterator[tuple[AppServer, Path]]:
+    """A real `app.py --profile tiny` server, its models loaded, and a synthetic subject photo; stopped at the end."""
+    with tempfile.TemporaryDirectory() as folder:
+        photo = Path(folder) / "subject.png"
+        synthetic_photo(0).save(photo)
+        app = AppServer("--profile", "tiny", *flags, log=Path(folder) / "app.log", timeout=180.0)
+        try:
+            app.wait_for_log("profile 'tiny' loaded", timeout=240)
+            yield app, photo
+        finally:
+            app.stop()
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -41,32 +57,24 @@ def run(mode: Mode) -> Section:
     from gradio_client import Client, handle_file
 
     requests = 1 if mode.arch == "tiny" else REQUESTS
-    with tempfile.TemporaryDirectory() as folder:
-        photo = Path(folder) / "subject.png"
-        synthetic_photo(0).save(photo)
-        app = AppServer("--profile", "tiny", log=Path(folder) / "app.log", timeout=180.0)
-        try:
-            app.wait_for_log("profile 'tiny' loaded", timeout=240)
-
-            def call(client, prompt: str, seed: int) -> float:
-                started = time.perf_counter()
-                job = client.submit(photos=[handle_file(str(photo))], prompt=prompt, seed=seed, steps=STEPS,
-                                    width=SIZE, height=SIZE, api_name="/generate")
-                _, parameters = job.result(timeout=REQUEST_TIMEOUT)
-                if (parameters[0]["prompt"], parameters[0]["seed"]) != (prompt, seed):
-                    raise RuntimeError(f"asked for {prompt!r}, seed {seed}; got {parameters[0]!r}")
-                return time.perf_counter() - started
-
-            alone_client = Client(app.url, verbose=False)
-            call(alone_client, "warm-up", 1)  # first calls pay for caches: not timed
+    with tiny_server() as (app, photo):
+        def call(client, prompt: str, seed: int) -> float:
             started = time.perf_counter()
-            alone = [call(alone_client, f"a dog alone, request {r}", 10 + r) for r in range(requests)]
-            alone_wall = time.perf_counter() - started
-            logged = len(app.log.read_text())
-            latencies, failures, load_wall = under_load(app.url, call, requests)
-            errors = app.log.read_text()[logged:].count("Traceback")
-        finally:
-            app.stop()
+            job = client.submit(photos=[handle_file(str(photo))], prompt=prompt, seed=seed, steps=STEPS,
+                                width=SIZE, height=SIZE, api_name="/generate")
+            _, parameters = job.result(timeout=REQUEST_TIMEOUT)
+            if (parameters[0]["prompt"], parameters[0]["seed"]) != (prompt, seed):
+                raise RuntimeError(f"asked for {prompt!r}, seed {seed}; got {parameters[0]!r}")
+            return time.perf_counter() - started
+
+        alone_client = Client(app.url, verbose=False)
+        call(alone_client, "warm-up", 1)  # first calls pay for caches: not timed
+        started = time.perf_counter()
+        alone = [call(alone_client, f"a dog alone, request {r}", 10 + r) for r in range(requests)]
+        alone_wall = time.perf_counter() - started
+        logged = len(app.log.read_text())
+        latencies, failures, load_wall = under_load(app.url, call, requests)
+        errors = app.log.read_text()[logged:].count("Traceback")
     if failures:
         raise RuntimeError(f"{len(failures)} of {USERS * requests} requests failed: {failures[:3]}")
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from .app_process import REPO, AppServer
-from .common import Mode, Section, median, seconds, synthetic_photo
+from .common import Mode, Section, median, seconds
+from .load import tiny_server
 
 logger = logging.getLogger(__name__)
 
@@ -88,34 +87,27 @@ def run(mode: Mode) -> Section:
     from gradio_client import Client, handle_file
 
     steps, size, rounds = 4, 64, 1 if mode.arch == "tiny" else 3
-    with tempfile.TemporaryDirectory() as folder:
-        photo = Path(folder) / "subject.png"
-        synthetic_photo(0).save(photo)
-        app = AppServer("--profile", "tiny", log=Path(folder) / "app.log", timeout=180.0)
-        try:
-            app.wait_for_log("profile 'tiny' loaded", timeout=240)
-            client = Client(app.url, verbose=False, download_files=False)  # as a page: no history strip downloads
-            client.predict([handle_file(str(photo))], api_name="/add_photos")
-            renders, ticks, on_tick, off_tick = [], [], [], []
-            for round_ in range(rounds + 1):  # the first round warms the caches up: not counted
-                seed = 100 + round_
-                log = app.log.read_text()
-                ticks_before, renders_before = len(re.findall(TICKS_READY, log)), len(re.findall(RENDERED, log))
-                client.predict(True, *form(steps, size, 0.55, seed=seed), 1, api_name="/ui_generate")
-                render = logged_seconds(app, RENDERED, renders_before)  # the server's own seconds, both
-                ready = logged_seconds(app, TICKS_READY, ticks_before)
-                started = time.perf_counter()
-                client.predict(*form(steps, size, 0.3, seed=seed), api_name="/ui_release")
-                tick = time.perf_counter() - started
-                started = time.perf_counter()
-                client.predict(*form(steps, size, 0.35, seed=seed), api_name="/ui_release")
-                between = time.perf_counter() - started
-                if round_:
-                    for figures, value in ((renders, render), (ticks, ready), (on_tick, tick), (off_tick, between)):
-                        figures.append(value)
-            rate, asked = scripted_drag(client, lambda gate: form(steps, size, gate, seed=999))
-        finally:
-            app.stop()
+    with tiny_server() as (app, photo):
+        client = Client(app.url, verbose=False, download_files=False)  # as a page: no history strip downloads
+        client.predict([handle_file(str(photo))], api_name="/add_photos")
+        renders, ticks, on_tick, off_tick = [], [], [], []
+        for round_ in range(rounds + 1):  # the first round warms the caches up: not counted
+            seed = 100 + round_
+            log = app.log.read_text()
+            ticks_before, renders_before = len(re.findall(TICKS_READY, log)), len(re.findall(RENDERED, log))
+            client.predict(True, *form(steps, size, 0.55, seed=seed), 1, api_name="/ui_generate")
+            render = logged_seconds(app, RENDERED, renders_before)  # the server's own seconds, both
+            ready = logged_seconds(app, TICKS_READY, ticks_before)
+            started = time.perf_counter()
+            client.predict(*form(steps, size, 0.3, seed=seed), api_name="/ui_release")
+            tick = time.perf_counter() - started
+            started = time.perf_counter()
+            client.predict(*form(steps, size, 0.35, seed=seed), api_name="/ui_release")
+            between = time.perf_counter() - started
+            if round_:
+                for figures, value in ((renders, render), (ticks, ready), (on_tick, tick), (off_tick, between)):
+                    figures.append(value)
+        rate, asked = scripted_drag(client, lambda gate: form(steps, size, gate, seed=999))
     section.add(f"one render ({steps} steps, as the server logs it): median of {len(renders)}",
                 seconds(median(renders)))
     section.add("the 10 other ticks, one background batch (as the server logs it)", seconds(median(ticks)))

@@ -45,3 +45,14 @@ def tiny_pipe():
 @pytest.fixture(scope="session")
 def subject(tiny_pipe, photos):
     return tiny_pipe.encode_subject([photos["dog"]])
+
+
+@pytest.fixture
+def photo(tmp_path) -> str:
+    """A subject photo file for the studio's handlers: a red toy on a light ground (test modules may have their own)."""
+    from tests.ui_fixtures import png_bytes
+
+    path = tmp_path / "uploads" / "red_toy.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes((96, 64)))
+    return str(path)

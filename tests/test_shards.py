@@ -7,8 +7,6 @@ import io
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from safetensors.torch import load_file
 from flexip_core.training.config import TrainConfig, load_config
 from flexip_core.training.data import PairPixels
 from flexip_core.training.shards import ShardBatches, ShardStream, expand_shards, stream_shards
-from tests.test_train import TINY_SIZES, Interrupted, run
+from tests.test_train import TINY_SIZES, Interrupted, run, torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 SHARDS = 4
@@ -208,13 +206,7 @@ def test_training_from_shards_resumes_to_the_same_weights(shard_dir, tmp_path):
 def test_two_processes_read_different_shards(shard_dir, tmp_path):
     """torchrun starts two CPU processes: each reads its own shards; the checkpoint keeps both processes' streams."""
     config = dataclasses.asdict(shard_config(shard_dir, tmp_path / "out", max_steps=2, checkpoint_every=2))
-    (tmp_path / "run.json").write_text(json.dumps(config))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "flexip_core.train", "--config", str(tmp_path / "run.json")]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    log = [json.loads(line) for line in (tmp_path / "out" / "logs" / "train_log.jsonl").read_text().splitlines()]
+    log = torchrun(config, tmp_path)
     assert [entry["processes"] for entry in log] == [2, 2]
     state = torch.load(tmp_path / "out" / "checkpoints" / "step-000002" / "custom_checkpoint_0.pkl",
                        weights_only=False)

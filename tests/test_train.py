@@ -231,19 +231,24 @@ def test_resume_equals_an_uninterrupted_run(manifest, tmp_path):
     assert [entry["step"] for entry in log] == [1, 2, 3, 4]  # the interrupted run's step 3 was replaced
 
 
+def torchrun(config: dict, folder: Path) -> list[dict]:
+    """Train `config` in two CPU processes started by torchrun (accelerate joins them with gloo); its log lines."""
+    (folder / "run.json").write_text(json.dumps(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "flexip_core.train", "--config", str(folder / "run.json")]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in (Path(config["output_dir"]) / "logs" / "train_log.jsonl").read_text()
+            .splitlines()]
+
+
 @pytest.mark.slow
 def test_two_processes_with_torchrun(manifest, tmp_path, tiny_pipe, photos):
     """A real distributed run: torchrun starts two CPU processes that accelerate joins with gloo."""
     init = tiny_pipe.profile.adapter  # start from a native FlexIP file
-    config = dict(dataclasses.asdict(tiny_config(manifest, tmp_path / "out", init=init, max_steps=3,
-                                                 checkpoint_every=2)))
-    (tmp_path / "run.json").write_text(json.dumps(config))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "flexip_core.train", "--config", str(tmp_path / "run.json")]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    log = [json.loads(line) for line in (tmp_path / "out" / "logs" / "train_log.jsonl").read_text().splitlines()]
+    config = dataclasses.asdict(tiny_config(manifest, tmp_path / "out", init=init, max_steps=3, checkpoint_every=2))
+    log = torchrun(config, tmp_path)
     assert [entry["processes"] for entry in log] == [2, 2, 2]
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints" / "step-000002").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]

@@ -11,7 +11,7 @@ import pytest
 
 from flexip_core.generation.video import read_video
 from tests.test_ui_handlers import collect, form, refusal, run_api
-from tests.ui_fixtures import FakeEngine, png_bytes
+from tests.ui_fixtures import FakeEngine
 from ui import handlers
 from ui.gallery import Gallery
 from ui.scrub import Scrubber
@@ -30,12 +30,9 @@ def studio(tmp_path) -> Studio:
 
 
 @pytest.fixture
-def session(studio, tmp_path) -> Session:
-    path = tmp_path / "uploads" / "red_toy.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes((96, 64)))
+def session(studio, photo) -> Session:
     session = Session()
-    handlers.add_photos(studio, session=session, files=[str(path)])
+    handlers.add_photos(studio, session=session, files=[photo])
     return session
 
 

@@ -64,14 +64,6 @@ def studio(tmp_path) -> Studio:
 
 
 @pytest.fixture
-def photo(tmp_path) -> str:
-    path = tmp_path / "uploads" / "red_toy.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes((96, 64)))
-    return str(path)
-
-
-@pytest.fixture
 def session(studio, photo) -> Session:
     session = Session()
     handlers.add_photos(studio, session=session, files=[photo])

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from tests.test_ui_handlers import form
-from tests.ui_fixtures import FakeEngine, png_bytes
+from tests.ui_fixtures import FakeEngine
 from ui import handlers
 from ui.scrub import TICKS, Scrubber
 from ui.state import Session, Studio
@@ -15,14 +13,6 @@ from ui.state import Session, Studio
 
 async def run(agen) -> list[dict]:
     return [values async for values in agen]
-
-
-@pytest.fixture
-def photo(tmp_path) -> str:
-    path = tmp_path / "uploads" / "red_toy.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes((96, 64)))
-    return str(path)
 
 
 def scrubbing(tmp_path, photo, engine: FakeEngine | None = None) -> tuple[Studio, Session]:

@@ -21,21 +21,9 @@ DEFAULT_FRAMES, DEFAULT_FPS = 16, 8  # as the animate profiles suggest
 _NAMES = itertools.count()  # file numbers of clips written before the gallery takes them
 
 
-def _whole(value, name: str, low: int, high: int, meaning: str) -> int:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not number.is_integer() or not low <= number <= high:
-        raise ValueError(f"{name} must be a whole number from {low} to {high}{meaning}, got {value!r}")
-    return int(number)
-
-
-def read_clip(frames, fps, height: int, width: int) -> TaskInputs:
-    """The Animate mode's inputs: `frames` (MIN_FRAMES to MAX_FRAMES) and `fps` checked; ValueError names the one
-    that is wrong. The clip renders at the generation's size (the memory check is the core's, against the card)."""
-    frames = _whole(frames, "frames", MIN_FRAMES, MAX_FRAMES, " (frames per clip)")
-    fps = _whole(fps, "fps", MIN_FPS, MAX_FPS, " (frames per second)")
+def clip_task(frames: int, fps: int, height: int, width: int) -> TaskInputs:
+    """The Animate mode's inputs, `frames` and `fps` already read (MIN_FRAMES to MAX_FRAMES, MIN_FPS to MAX_FPS).
+    The clip renders at the generation's size (the memory check is the core's, against the card)."""
     return TaskInputs(ANIMATE, ANIMATE, {}, height, width, {"mode": ANIMATE, "frames": frames, "fps": fps})
 
 

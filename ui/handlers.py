@@ -35,7 +35,18 @@ from flexip_core.generation.metadata import save_png
 from flexip_core.generation.settings import MAX_SEED, Generation, parse_gates
 from flexip_core.generation.task_inputs import MODES, TaskInputs, prepare
 
-from .clips import ANIMATE, DEFAULT_FPS, DEFAULT_FRAMES, clips_row, read_clip, write_clip
+from .clips import (
+    ANIMATE,
+    DEFAULT_FPS,
+    DEFAULT_FRAMES,
+    MAX_FPS,
+    MAX_FRAMES,
+    MIN_FPS,
+    MIN_FRAMES,
+    clip_task,
+    clips_row,
+    write_clip,
+)
 from .engine import Done, RenderCancelled, Step, stream_render
 from .files import EXAMPLES, ensure_examples, example_path, zip_results
 from .gallery import MAX_LIMIT, GalleryWriteError
@@ -197,7 +208,8 @@ def read_task(studio: Studio, values: dict, generation: Generation) -> TaskInput
     if reason:
         raise ValueError(reason)
     if mode == ANIMATE:
-        return read_clip(values.get("frames"), values.get("fps"), generation.height, generation.width)
+        return clip_task(whole_number(values.get("frames"), "frames", MIN_FRAMES, MAX_FRAMES),
+                         whole_number(values.get("fps"), "fps", MIN_FPS, MAX_FPS), generation.height, generation.width)
     inpaint, value = mode == "inpaint", values.get
     return prepare(mode, image=value("scene") if inpaint else value("mode_image"),
                    mask=value("mask") if value("mask") is not None or not isinstance(value("scene"), dict)
