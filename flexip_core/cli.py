@@ -184,10 +184,15 @@ def _generate(args) -> int:
     for note in out.warnings:
         logger.warning(note)
     target = args.out
-    for i, (image, params) in enumerate(zip(out.images, out.parameters)):
+    clips = out.frames or [None] * len(out.images)  # an animate profile: a clip per γ, written beside its first frame
+    for i, (image, params, frames) in enumerate(zip(out.images, out.parameters, clips)):
         path = target if len(out.images) == 1 else target.with_name(f"{target.stem}_{i:02d}{target.suffix}")
         save_png(image, path, params)
         print(path)
+        if frames is not None:
+            from flexip_core.generation.video import write_video
+
+            print(write_video(frames, path.with_suffix(".mp4"), params, fps=params.get("fps")))
     return 0
 
 

@@ -353,3 +353,20 @@ def test_gpu_check_animate_smoke_runs_end_to_end(tmp_path):
         assert data[key] > 0, key
     assert data["clip_peak_gb"] is None  # peak memory is read on CUDA only
     assert "plain AnimateDiff" in result.stdout and "per 8-frame clip" in result.stdout
+
+
+def test_the_command_line_writes_each_clip_beside_its_first_frame(tmp_path, capsys):
+    """`python -m flexip_core generate` on an animate profile (here the tiny profile as one): the PNG of each clip's
+    first frame and the clip itself, the settings in both."""
+    from flexip_core.cli import main
+    from flexip_core.loading.profiles import PROFILE_DIR
+
+    profile = {**json.loads((PROFILE_DIR / "tiny.json").read_text()), "name": "tiny-animate",
+               "pipeline": "AnimateDiffPipeline"}
+    (tmp_path / "tiny-animate.json").write_text(json.dumps(profile))
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(tmp_path / "photo.png")
+    assert main(["generate", "--profile", str(tmp_path / "tiny-animate.json"), "--image", str(tmp_path / "photo.png"),
+                 "--prompt", "a dog running", "--steps", "2", "--seed", "3", "--out", str(tmp_path / "clip.png")]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / "clip.png"), str(tmp_path / "clip.mp4")]
+    clip = read_video(tmp_path / "clip.mp4")
+    assert clip.frames == 16 and clip.parameters["seed"] == 3 and clip.parameters["task"] == "animate"
