@@ -19,9 +19,12 @@ def test_epoch_cost_of_the_paper_data_on_eight_gpus():
 
 @pytest.mark.slow
 def test_smoke_run_times_both_variants_and_prints_the_epoch(tmp_path, capsys):
+    from accelerate.state import AcceleratorState
+
     from benchmarks import train_step
 
     threads = torch.get_num_threads()
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier in-process run may have set another precision
     try:
         assert train_step.main(["--smoke", "--json", str(tmp_path / "train.json")]) == 0
     finally:

@@ -10,7 +10,7 @@ import gradio as gr
 import pytest
 
 from flexip_core.generation.video import read_video
-from tests.test_ui_handlers import collect, form, refusal, run_api
+from tests.test_ui_handlers import collect, form, on_screen, refusal, run_api
 from tests.ui_fixtures import FakeEngine
 from ui import handlers
 from ui.gallery import Gallery
@@ -42,7 +42,7 @@ def test_a_render_in_the_animate_mode_is_a_clip_kept_beside_its_first_frame(stud
     assert call.generation.task == "animate" and (call.generation.num_frames, call.generation.fps) == (8, 6)
     result = session.current
     assert result.clip and Path(result.clip).parent == Path(result.path).parent  # in the gallery, beside its PNG
-    assert updates[-1]["clip"] == result.clip and updates[-1]["result"] == result.path
+    assert on_screen(updates[-1]["clip"]) == result.clip and on_screen(updates[-1]["result"]) == result.path
     clip = read_video(result.clip)
     assert clip.frames == 8 and clip.fps == 6 and clip.parameters["seed"] == 4 and clip.parameters["gate"] == 0.7
     entry = studio.gallery.entries()[0]

@@ -515,13 +515,13 @@ def test_animate_plays_the_clip_and_a_sweep_of_clips_side_by_side(page, server, 
 
     dog_in_mode(page, server, "Animate", "a dog running")
     expect(page.locator("#frames")).to_be_visible()
-    expect(page.locator("#result")).to_be_hidden()  # the clip takes the image's place
     frames = page.locator("#frames input[type=number]")
     frames.fill("8")
     frames.press("Tab")
     render_in_mode(page)
     video = page.locator("#clip video")
     expect(video).to_have_count(1)
+    expect(page.locator("#result")).to_be_hidden()  # the clip plays in the image's place (the previews showed there)
     page.wait_for_function("() => document.querySelector('#clip video').readyState >= 2")  # the browser decoded it
     assert page.evaluate("document.querySelector('#clip video').duration") > 0
     mode_screenshot(page, "mode-animate.png", tmp_path)

@@ -29,6 +29,11 @@ def collect(agen) -> list[dict]:
     return asyncio.run(run())
 
 
+def on_screen(update):
+    """What an output shows: a gr.update's value, or the value itself."""
+    return update["value"] if isinstance(update, dict) and update.get("__type__") == "update" else update
+
+
 def form(**changes) -> dict:
     """The generation controls' values, keyed as the UI's handlers get them (ui.handlers.CONTROLS)."""
     values = dict(prompt="a toy on the beach", negative_prompt="", gate=0.5, strength=1.0, seed=7,
@@ -167,14 +172,14 @@ def test_an_example_sets_the_subject_and_prompt(studio, session):
 def test_generate_streams_previews_then_a_png_with_its_settings(studio, session):
     studio.engine.step_delay = 0.2  # time to read each preview; an instant render goes straight to its final image
     updates = collect(handlers.generate(studio, session=session, lock_seed=True, **form(gate=0.3)))
-    previews = [u for u in updates if isinstance(u.get("result"), Image.Image)]
+    previews = [u for u in updates if isinstance(on_screen(u.get("result")), Image.Image)]
     assert previews  # at most four a second, the newest step each time
     assert all(re.search(r"step [123] of 3", p["info"]) for p in previews)
     final = updates[-1]
-    made, params = read_png_generation(final["result"])  # the PNG carries the Generation that made it
+    made, params = read_png_generation(on_screen(final["result"]))  # the PNG carries the Generation that made it
     assert made == session.history[0].generation == read_form(form(gate=0.3)) and params["profile"] == "fake"
     assert (made.seed, made.gate, made.num_inference_steps, made.prompt) == (7, 0.3, 3, "a toy on the beach")
-    assert final["compare"] == (session.photos[0].view, final["result"])
+    assert final["compare"] == (session.photos[0].view, on_screen(final["result"]))
     assert final["history"][0][1].startswith("γ 0.30 · seed 7 · id 0.62")
     assert "identity score **0.620** (CLIP cosine with the subject)" in final["info"]
     assert len(studio.engine.calls) == 1 and studio.engine.calls[0].gates == (0.3,)
@@ -228,8 +233,9 @@ def test_errors_are_a_toast_and_the_line_and_leave_the_screen_and_the_session(st
                            (dict(guidance_scale=None), "enter a number"), (dict(width=100), "multiple of 8")):
         updates = refusal(handlers.generate(studio, session=session, lock_seed=True, **form(**changes)), words)
         shown = {name for update in updates for name in update}
-        assert shown <= {"seed", "info", "result", "compare"}, shown  # nothing else is touched
-        assert updates[-1].get("result", first["result"]) == first["result"]  # the last image stays (or goes back)
+        assert shown <= {"seed", "info", "result", "compare", "clip"}, shown  # nothing else is touched
+        kept = on_screen(first["result"])
+        assert on_screen(updates[-1].get("result", kept)) == kept  # the last image stays (or goes back)
         assert updates[-1]["info"].endswith("showing **seed 7** · γ 0.50")
     refusal(handlers.generate(studio, session=Session(), lock_seed=True, **form()), "add at least one photo")
     assert len(session.history) == 1 and len(session.photos) == 1
@@ -251,8 +257,8 @@ def test_a_render_that_fails_half_way_puts_the_last_image_back(studio, session):
     studio.engine.render = fails_after_a_step
     updates = refusal(handlers.generate(studio, session=session, lock_seed=True, **form(gate=0.9)),
                       "RuntimeError: out of device memory")
-    assert isinstance(updates[1]["result"], Image.Image)  # a preview was on screen ...
-    assert updates[-1]["result"] == before and session.current.path == before  # ... and the last image is back
+    assert isinstance(on_screen(updates[1]["result"]), Image.Image)  # a preview was on screen ...
+    assert on_screen(updates[-1]["result"]) == before and session.current.path == before  # ... and the last is back
 
 
 def test_old_files_are_pruned_and_reused_photos_kept(studio, session, photo):
@@ -327,16 +333,43 @@ def test_peek_shows_the_nearest_render_without_computing(studio, session):
     collect(handlers.sweep(studio, session=session, gates_text="0, 0.5, 1", **form()))
     requests = len(studio.engine.calls)
     values = handlers.peek(studio, session=session, **form(gate=0.62, weight0=1.0))
-    assert "nearest rendered γ 0.50" in values["info"] and values["result"].endswith(".png")
-    assert "FlexIP gate: 0.5," in chunk(values["result"])
-    assert handlers.peek(studio, session=session, **form(gate=0.9))["result"] == session.exact(
+    assert "nearest rendered γ 0.50" in values["info"] and on_screen(values["result"]).endswith(".png")
+    assert "FlexIP gate: 0.5," in chunk(on_screen(values["result"]))
+    assert on_screen(handlers.peek(studio, session=session, **form(gate=0.9))["result"]) == session.exact(
         read_form(form(gate=1.0))).path
     for other in (dict(seed=8), dict(prompt="other")):  # nothing rendered with these: the last image, said so
         values = handlers.peek(studio, session=session, **form(gate=0.6, **other))
-        assert values["result"] == session.current.path and values["info"] == (
+        assert on_screen(values["result"]) == session.current.path and values["info"] == (
             "let go of the slider to render γ 0.60 · showing **seed 7** · γ 0.50 (other settings)")
     assert handlers.peek(studio, session=session, **form(gate=None)) == {}  # an empty box: nothing to show yet
     assert len(studio.engine.calls) == requests
+
+
+def test_a_slider_move_to_another_gamma_ends_the_render_in_flight_quietly(studio, session):
+    """Moving the slider halts an image render at another γ at its next step, without a stopped message (what the move
+    shows stays); a move to the γ being rendered (a late event of the same gesture) leaves it alone."""
+    studio.engine.step_delay = 0.05
+
+    async def scenario():
+        updates = []
+
+        async def consume():
+            async for values in handlers.release(studio, session=session, **form(gate=0.8, num_inference_steps=60)):
+                updates.append(values)
+
+        task = asyncio.create_task(consume())
+        while session.run is None or "step" not in session.run.progress:
+            await asyncio.sleep(0.01)
+        handlers.peek(studio, session=session, **form(gate=0.8, weight0=1.0))
+        await asyncio.sleep(0.2)
+        assert not studio.engine.cancelled.is_set() and not task.done()
+        handlers.peek(studio, session=session, **form(gate=0.3, weight0=1.0))
+        await asyncio.wait_for(task, 5)
+        return updates
+
+    updates = asyncio.run(scenario())
+    assert studio.engine.cancelled.is_set() and session.run is None and not session.history
+    assert not any("stopped" in values.get("info", "") for values in updates)
 
 
 def test_release_renders_with_the_same_seed_or_reuses_an_exact_render(studio, session):
@@ -374,9 +407,9 @@ def test_stop_puts_the_last_image_back_and_says_where_the_render_stopped(studio,
     studio.engine.step_delay = 0.1
     updates, shown = asyncio.run(stop_half_way(handlers.generate, studio, session, lock_seed=True,
                                                **form(gate=0.8, num_inference_steps=50)))
-    assert any(isinstance(update.get("result"), Image.Image) for update in updates)  # previews were on screen
+    assert any(isinstance(on_screen(update.get("result")), Image.Image) for update in updates)  # previews were shown
     assert studio.engine.cancelled.wait(2.0)  # the engine stopped within a step
-    assert shown["result"] == first["result"] and shown["compare"] == first["compare"]
+    assert on_screen(shown["result"]) == on_screen(first["result"]) and shown["compare"] == first["compare"]
     assert re.match(r"\*\*seed 7\*\* · γ 0.80 · \*\*stopped\*\* at step \d+ of 50 · showing the last finished image: "
                     r"\*\*seed 7\*\* · γ 0.20", shown["info"]), shown["info"]
     assert len(session.history) == 1 and session.current.generation.gate == 0.2
@@ -419,7 +452,7 @@ def test_a_history_click_during_a_render_shows_that_result_after_the_render_has_
                 updates.append(values)
 
         task = asyncio.create_task(consume())
-        while not any(isinstance(update.get("result"), Image.Image) for update in updates):
+        while not any(isinstance(on_screen(update.get("result")), Image.Image) for update in updates):
             await asyncio.sleep(0.02)
         click = asyncio.create_task(handlers.select_history(
             studio, gr.SelectData(None, {"index": 0, "value": None}), session=session))
@@ -428,7 +461,7 @@ def test_a_history_click_during_a_render_shows_that_result_after_the_render_has_
         return await click
 
     picked = asyncio.run(click_during_a_render())
-    assert picked["gate"] == 0.2 and picked["result"] == session.history[0].path and session.run is None
+    assert picked["gate"] == 0.2 and on_screen(picked["result"]) == session.history[0].path and session.run is None
     assert picked["info"].startswith("**seed 7** · γ 0.20")
 
 

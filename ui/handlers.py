@@ -475,11 +475,19 @@ def reference_view(session: Session) -> str | None:
 
 
 def large(session: Session, result: Result | None) -> dict:
-    """The large image (a clip's first frame), the clip, and the comparison with the reference."""
+    """The large image, or for a clip its player in the image's place, and the comparison with the reference (for a
+    clip, with its first frame)."""
     if result is None:
-        return {"result": None, "compare": None, "clip": None}
+        return {**on_screen(None), "compare": None}
     reference = reference_view(session)
-    return {"result": result.path, "compare": (reference, result.path) if reference else None, "clip": result.clip}
+    return {"result": gr.update(value=result.path, visible=result.clip is None),
+            "clip": gr.update(value=result.clip, visible=result.clip is not None),
+            "compare": (reference, result.path) if reference else None}
+
+
+def on_screen(image) -> dict:
+    """An image (a step's preview, a clip's included) in the large view, any clip's player hidden."""
+    return {"result": gr.update(value=image, visible=True), "clip": gr.update(value=None, visible=False)}
 
 
 def show(session: Session, result: Result) -> dict:
@@ -661,13 +669,14 @@ async def _render_one(studio: Studio, session: Session, generation: Generation, 
     seeds = f"seeds {generation.seed}–{generation.seed + images - 1}" if images > 1 else f"seed {generation.seed}"
     label = f"**{seeds}** · γ {generation.gate:.2f}"
     async with running(session, "image", label) as run:
+        run.gate = generation.gate
         yield {"seed": generation.seed, "info": f"{label} · {starting(studio)}"}
         try:
             began = time.perf_counter()
             async for event in render(studio, session.photos, generation, [generation.gate], run, task=task,
                                       images=images):
                 if isinstance(event, Preview):
-                    yield {"result": event.images[0], "info": f"{label} · {run.progress}"}
+                    yield {**on_screen(event.images[0]), "info": f"{label} · {run.progress}"}
                 elif event:
                     for result in reversed(event):  # the history lists the first seed first
                         session.remember(result)
@@ -680,7 +689,8 @@ async def _render_one(studio: Studio, session: Session, generation: Generation, 
                         logger.info("rendered γ %.2f in %.2f s", generation.gate, studio.scrubber.render_s)
                         start_ticks(studio, session, generation, task)
         except Stopped:
-            yield stopped(studio, session, run)
+            if not run.superseded:  # Stop; a slider move shows what it shows
+                yield stopped(studio, session, run)
         except Exception as error:  # said on the page (and logged); the last finished image goes back
             yield {**large(session, session.current), **refused(session, error, label)}
 
@@ -762,6 +772,16 @@ async def release(studio: Studio, *, session: Session, **form):
         yield values
 
 
+def supersede(session: Session, gate: float) -> None:
+    """The slider moved to `gate`: the session's render in flight (a sweep, a grid, an image at another γ) ends at
+    its next step, quietly. Not Gradio's cancel: the page's events run beside each other, and a cancel posted by one
+    move could land on the release that came after it (its render then never showed)."""
+    run = session.run
+    if run is not None and run.gate != gate and not run.halted.is_set():
+        run.superseded = True
+        run.halted.set()
+
+
 def _dragged(session: Session, form: dict) -> tuple[list[Photo], Generation]:
     """The photos (with the form's weights) and Generation the slider's position names, in the mode's last
     pictures (the slider's events do not send pictures); ValueError for a form that names none yet."""
@@ -779,6 +799,7 @@ def peek(studio: Studio, *, session: Session, **form) -> dict:
         photos, generation = _dragged(session, form)
     except ValueError:
         return {}
+    supersede(session, generation.gate)
     target = f"let go of the slider to render γ {generation.gate:.2f}"
     subject = fingerprint(photos)
     scrubber = studio.scrubber
@@ -917,7 +938,8 @@ async def sweep(studio: Studio, *, session: Session, gates_text: str, sequential
                 yield {**sweep_view(session), **large(session, session.current), "info": describe(session.current),
                        "session": session}
         except Stopped:
-            yield stopped(studio, session, run)
+            if not run.superseded:
+                yield stopped(studio, session, run)
         except Exception as error:  # the previous sweep goes back
             yield {**sweep_view(session), **refused(session, error, label)}
 
@@ -954,7 +976,8 @@ async def grid(studio: Studio, *, session: Session, prompts_text: str, gates_tex
                     warn_once(session, event)
                     yield {**grid_view(session), "session": session}
         except Stopped:  # the rows finished so far stay
-            yield stopped(studio, session, run)
+            if not run.superseded:
+                yield stopped(studio, session, run)
             return
         except Exception as error:  # the rows finished so far stay
             yield {**grid_view(session), **refused(session, error, label)}
@@ -1066,8 +1089,8 @@ def api_history(studio: Studio, *, query: str = "", limit: float = 50) -> dict:
 # --- the mode panel ------------------------------------------------------------------------------------
 MODE_VIEWS = {"mode_image": ("start_image", "control"), "denoise": ("start_image",), "scene": ("inpaint",),
               "mask": ("inpaint",), "control": ("control",), "control_scale": ("control",), "edge_view": ("control",),
-              "frames": (ANIMATE,), "fps": (ANIMATE,), "clip": (ANIMATE,), "sweep_clips": (ANIMATE,)}
-STILL_VIEWS = ("result", "sweep_gallery")  # shown in every mode but Animate, whose clips take their place
+              "frames": (ANIMATE,), "fps": (ANIMATE,), "sweep_clips": (ANIMATE,)}
+STILL_VIEWS = ("sweep_gallery",)  # shown in every mode but Animate, whose row of clips takes its place
 
 
 def mode_view(studio: Studio, *, mode: str) -> dict:

@@ -402,39 +402,31 @@ def _wire(studio: Studio, demo: gr.Blocks, out: dict, buttons: dict) -> None:
     generate_kwargs = dict(inputs_kwargs={"session": out["session"], "lock_seed": out["lock_seed"], **form,
                                           "batch": out["batch"]},  # last: the events' positional order is kept
                            outputs=shown, api_visibility="undocumented", **quiet, **GPU)
-    gen = buttons["generate"].click(bind(handlers.generate, out, studio), api_name="ui_generate", **generate_kwargs)
-    gen_submit = out["prompt"].submit(bind(handlers.generate, out, studio), api_name="ui_generate_submit",
-                                      **generate_kwargs)
+    buttons["generate"].click(bind(handlers.generate, out, studio), api_name="ui_generate", **generate_kwargs)
+    out["prompt"].submit(bind(handlers.generate, out, studio), api_name="ui_generate_submit", **generate_kwargs)
     sweep_inputs = {"session": out["session"], "gates_text": out["gates_text"],
                     "sequential_sweep": out["sequential_sweep"], **form}
     sweep_outputs = components(out, "sweep_gallery", "sweep_clips", "sweep_zip", "result", "compare", "clip", "info",
                                "session")
-    sweep = buttons["sweep"].click(bind(handlers.sweep, out, studio), api_name="ui_sweep", inputs_kwargs=sweep_inputs,
-                                   outputs=sweep_outputs, api_visibility="undocumented", **quiet, **GPU)
-    grid = buttons["grid"].click(
+    buttons["sweep"].click(bind(handlers.sweep, out, studio), api_name="ui_sweep", inputs_kwargs=sweep_inputs,
+                           outputs=sweep_outputs, api_visibility="undocumented", **quiet, **GPU)
+    buttons["grid"].click(
         bind(handlers.grid, out, studio), api_name="ui_grid", api_visibility="undocumented", **quiet, **GPU,
         inputs_kwargs={"session": out["session"], "prompts_text": out["prompts_text"],
                        "gates_text": out["gates_text"], "sequential_sweep": out["sequential_sweep"], **form},
         outputs=components(out, "grid_view", "grid_zip", "info", "session"))
-    examples = [
+    for example in EXAMPLES:
         buttons[f"example_{example.name}"].click(
             bind(handlers.example, out, studio, name=example.name), inputs_kwargs=sweep_inputs,
             outputs=[*sweep_outputs, out["prompt"], out["tabs"], out["mode"], *slots],
-            api_name=f"ui_example_{example.name}",
-            api_visibility="undocumented", **quiet, **GPU)
-        for example in EXAMPLES]
-    runs = [gen, gen_submit, sweep, grid, *examples]
+            api_name=f"ui_example_{example.name}", api_visibility="undocumented", **quiet, **GPU)
 
-    # The live slider: release renders (replacing a run in flight); moving it shows renders already made. The
-    # page's script (ui/studio.js) also releases it after arrow keys and on Enter in its number box.
-    # The page runs a trigger's listeners one after another, each to its end: the cancelling one comes first.
-    out["gate"].release(fn=None, cancels=runs, api_visibility="private")
-    release = out["gate"].release(bind(handlers.release, out, studio),
-                                  inputs_kwargs={"session": out["session"], **form}, outputs=shown,
-                                  api_name="ui_release", api_visibility="undocumented", trigger_mode="always_last",
-                                  **quiet, **GPU)
-    renders = [*runs, release]
-    out["gate"].input(fn=None, cancels=renders, api_visibility="private")
+    # The live slider: moving it shows renders already made and ends a render in flight at another γ at its next step
+    # (handlers.supersede); release renders. The page's script (ui/studio.js) also releases it after arrow keys and
+    # on Enter in its number box.
+    out["gate"].release(bind(handlers.release, out, studio), inputs_kwargs={"session": out["session"], **form},
+                        outputs=shown, api_name="ui_release", api_visibility="undocumented",
+                        trigger_mode="always_last", **quiet, **GPU)
     dragged = {"session": out["session"], **controls, **weights, "mode": out["mode"]}  # no pictures: the mode's last
     out["gate"].input(bind(handlers.peek, out, studio), inputs_kwargs=dragged,
                       outputs=components(out, "result", "compare", "clip", "info"), queue=False, show_progress="hidden",

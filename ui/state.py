@@ -112,6 +112,8 @@ class Run:
     progress: str = "its first step"  # how far it got, e.g. "prompt 2 of 3 · step 9 of 30"
     finished: asyncio.Event = field(default_factory=asyncio.Event)  # set when its handler has ended, however
     halted: threading.Event = field(default_factory=threading.Event)  # set by Stop: the render ends at its next step
+    gate: float | None = None  # the γ an image render renders (a slider move to another γ supersedes it)
+    superseded: bool = False  # halted by a slider move, not Stop: it ends without a word (what the move shows stays)
 
 
 @dataclass
