@@ -380,8 +380,14 @@ def test_release_renders_with_the_same_seed_or_reuses_an_exact_render(studio, se
     assert len(studio.engine.calls) == 2 and len(updates) == 1 and "0.50" in updates[0]["info"]
 
 
-async def stop_half_way(handler, studio: Studio, session: Session, when=lambda run: "step 3 of" in run.progress,
-                        **arguments):
+def past_step(run, step: int = 3) -> bool:
+    """Whether the render in flight is at `step` or later (previews come at most four a second, so a given step
+    may pass between two of them)."""
+    done = re.search(r"step (\d+) of", run.progress)
+    return done is not None and int(done.group(1)) >= step
+
+
+async def stop_half_way(handler, studio: Studio, session: Session, when=past_step, **arguments):
     """Run a UI handler as Gradio does and press Stop once `when(run)` holds: Stop halts the render, which ends at
     its next step with the stopped state as the handler's own last answer; Stop itself answers nothing. Returns the
     handler's updates before that answer, and the answer."""
