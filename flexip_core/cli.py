@@ -6,11 +6,12 @@ import logging
 import sys
 from pathlib import Path
 
+from flexip_core.loading.profiles import COMPILE_MODES
+
 logger = logging.getLogger(__name__)
 
 MODEL_FLAGS = ("base", "base_config", "clip_encoder", "dino_encoder", "preservation", "personalization", "adapter",
                "lora", "inpaint_base", "motion", "preview_vae")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def compile_mode(text: str) -> str:

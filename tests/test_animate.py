@@ -157,6 +157,11 @@ def test_the_output_holds_frames_per_clip_and_their_settings(flexip, subject):
     assert [p["num_frames"] for p in out.parameters] == [4, 4] and {p["fps"] for p in out.parameters} == {12}
     assert {p["task"] for p in out.parameters} == {"animate"} and [g.gate for g in out.generations] == [0.2, 0.8]
     assert out.arrays is None
+    fast = flexip(PROMPT, subject=subject, gate=0.5, num_inference_steps=1, num_frames=4, seed=3, height=SIZE,
+                  width=SIZE, decode="fast")  # the fast decoder, through AnimateDiff's video processor
+    assert [len(clip) for clip in fast.frames] == [4] and fast.images[0].size == (SIZE, SIZE)
+    latents = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(0))
+    assert [image.size for image in flexip.decode_fast(latents)] == [(SIZE, SIZE)] * 2
 
 
 # --- 3. previews and cancellation ------------------------------------------------------------------------------

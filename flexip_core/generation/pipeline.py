@@ -554,7 +554,7 @@ class FlexIPPipeline:
         Args:
             latents: (B, 4, h, w) latents as the UNet sees them (scaled by the VAE's scaling factor).
         """
-        return self.pipe.image_processor.numpy_to_pil(self.preview_decoder.decode(latents))
+        return self._processor.numpy_to_pil(self.preview_decoder.decode(latents))
 
     def _generation(self, prompt, negative_prompt, gate, strength, seed, steps, guidance, height, width, scheduler,
                     gate_schedule, pipeline_kwargs) -> Generation:

@@ -21,9 +21,13 @@ def latents_to_previews(latents: torch.Tensor, family: str = "sd15") -> list[Ima
     """(B, 4, h, w) latents of the model family `family` ("sd15" or "sdxl") -> B small RGB images (h x w)."""
     if family not in LATENT_RGB:
         raise ValueError(f"no preview factors for model family {family!r}; one of {', '.join(LATENT_RGB)}")
-    rgb = torch.einsum("bchw,cr->bhwr", latents.detach().float().cpu()[:, :4], LATENT_RGB[family])  # (B, h, w, 3)
-    rgb = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
-    return [Image.fromarray(np.ascontiguousarray(frame)) for frame in rgb]
+    rgb = (_projected(latents, family).permute(0, 2, 3, 1) + 1.0) * 127.5  # (B, h, w, 3)
+    return [Image.fromarray(np.ascontiguousarray(frame)) for frame in rgb.clamp(0, 255).to(torch.uint8).numpy()]
+
+
+def _projected(latents: torch.Tensor, family: str) -> torch.Tensor:
+    """(B, 4, h, w) latents -> (B, 3, h, w) RGB in about [-1, 1] by the family's linear projection, on the CPU."""
+    return torch.einsum("bchw,cr->brhw", latents.detach().float().cpu()[:, :4], LATENT_RGB[family])
 
 
 class PreviewDecoder:
@@ -61,6 +65,6 @@ class PreviewDecoder:
         projection upsampled (bilinear) to the image size."""
         if self.autoencoder is not None:
             return self._tiny(latents).permute(0, 2, 3, 1).cpu().numpy()
-        rgb = torch.einsum("bchw,cr->brhw", latents.detach().float().cpu()[:, :4], LATENT_RGB[self.family])
-        rgb = torch.nn.functional.interpolate(rgb, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        rgb = torch.nn.functional.interpolate(_projected(latents, self.family), scale_factor=self.scale,
+                                              mode="bilinear", align_corners=False)
         return ((rgb + 1.0) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)

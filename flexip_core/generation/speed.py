@@ -9,11 +9,12 @@ import logging
 
 import torch
 
+from flexip_core.loading.profiles import COMPILE_MODES
+
 logger = logging.getLogger(__name__)
 
-# torch.compile's modes (torch.compile(mode=...)); "reduce-overhead" replays CUDA graphs, so a denoising step costs
-# one graph launch instead of some thousand kernel launches (the loop at batch 2 is launch-bound)
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# of COMPILE_MODES, "reduce-overhead" replays CUDA graphs, so a denoising step costs one graph launch instead of some
+# thousand kernel launches (the loop at batch 2 is launch-bound)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
 
 

@@ -13,6 +13,8 @@ from flexip_core.generation.gate import GateCurve
 logger = logging.getLogger(__name__)
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "assets" / "profiles"
+# torch.compile's modes, which a profile's `compile` field (and --compile MODE) may name (generation/speed.py)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
