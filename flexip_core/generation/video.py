@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import subprocess
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +145,8 @@ def _xmp(text: str) -> bytes:
 
 # --- reading ------------------------------------------------------------------------------------------------
 def read_video(path: str | Path) -> VideoInfo:
-    """A clip's frame count, frame rate, size and settings, from an MP4, WebP or GIF file (an MP4's frames are
-    counted by ffmpeg; WebP and GIF frames are walked by Pillow)."""
+    """A clip's frame count, frame rate, size and settings, from an MP4, WebP or GIF file (an MP4's header read by
+    PyAV, a requirement already for the training-pair builder; WebP and GIF frames walked by Pillow)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"clip not found: {path}")
@@ -192,47 +191,18 @@ def read_frames(path: str | Path) -> np.ndarray:
 
 
 def _read_mp4(path: Path) -> VideoInfo:
-    if not mp4_available():
-        raise ValueError(f"reading {path.name} needs imageio-ffmpeg: {ENCODER_HINT}")
-    import imageio_ffmpeg
+    """An MP4's frame count, rate, size and settings (its `comment` tag), read by PyAV without decoding a frame."""
+    import av
 
     try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        meta = next(reader)  # the stream's description, before any frame
-        reader.close()
-        frames, _ = imageio_ffmpeg.count_frames_and_secs(str(path))
-    except (RuntimeError, OSError, StopIteration) as error:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            text = container.metadata.get("comment")
+            info = (stream.frames, float(stream.average_rate or 0), (stream.codec_context.width,
+                                                                     stream.codec_context.height))
+    except (av.FFmpegError, IndexError) as error:
         raise ValueError(f"{path.name} is not a readable MP4 file ({error})") from None
-    text = _mp4_tags(path).get("comment")
-    return VideoInfo(path, "mp4", frames, float(meta["fps"]), tuple(meta["size"]),
-                     parse_parameters(text) if text else None)
-
-
-def _mp4_tags(path: Path) -> dict[str, str]:
-    """The container's tags, as ffmpeg's FFMETADATA dump gives them (key=value lines; '=', ';', '#' and '\\'
-    escaped with a backslash, and a backslash before a newline continuing the value)."""
-    import imageio_ffmpeg
-
-    dump = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
-                          capture_output=True, timeout=60, check=False).stdout.decode("utf-8", "replace")
-    tags, key, value, escaped, in_value = {}, [], [], False, False
-    for char in dump.split("\n", 1)[1] if dump.startswith(";FFMETADATA") else "":
-        if escaped:
-            (value if in_value else key).append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == "=" and not in_value:
-            in_value = True
-        elif char == "\n":
-            if in_value:
-                tags["".join(key)] = "".join(value)
-            key, value, in_value = [], [], False
-        else:
-            (value if in_value else key).append(char)
-    if in_value:
-        tags["".join(key)] = "".join(value)
-    return tags
+    return VideoInfo(path, "mp4", *info, parse_parameters(text) if text else None)
 
 
 def _xmp_text(packet) -> str | None:
