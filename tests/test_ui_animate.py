@@ -115,3 +115,10 @@ def test_a_profile_without_a_motion_adapter_says_what_would_animate(studio, sess
     studio = Studio(engine=NoMotion(), folder=studio.folder)
     refusal(handlers.generate(studio, session=session, lock_seed=True, **animate()), "no motion adapter")
     assert "no motion adapter" in handlers.mode_view(studio, mode="animate")["mode_hint"]["value"]
+
+
+def test_the_slider_finds_the_clips_of_the_animate_mode(studio, session):
+    collect(handlers.generate(studio, session=session, lock_seed=True, **animate(gate=0.5)))
+    peeked = handlers.peek(studio, session=session, **{k: v for k, v in animate(gate=0.55, weight0=1.0).items()
+                                                       if k not in handlers.MODE_INPUTS[1:]})
+    assert "nearest rendered γ 0.50" in peeked["info"] and on_screen(peeked["clip"]) == session.current.clip

@@ -77,6 +77,7 @@ MODE_INPUTS = ("mode", "mode_image", "scene", "mask", "denoise", "control", "con
 MODE_SETTINGS = ("mode", "denoise", "control", "control_scale", "frames", "fps")  # what a PNG or history restores
 TEXT_MODE = dict(mode="text", mode_image=None, scene=None, mask=None, denoise=0.6, control="canny",
                  control_scale=1.0, frames=DEFAULT_FRAMES, fps=DEFAULT_FPS)  # the panel as the page starts
+MODE_FIELDS = ("task", "task_inputs", "height", "width", "num_frames", "fps")  # the Generation fields with_task sets
 MODE_OF_TASK = {task: mode for mode, task in MODES.items()} | {"text-to-image": "text", ANIMATE: ANIMATE}
 # The API's argument names for these where they differ (a public contract kept from before the fields were renamed).
 API_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance", "pres_until": "identity_early"}
@@ -173,10 +174,8 @@ def read_request(studio: Studio, session: Session, form: dict
             session.told.add(("mode", note))
             toast(note)
     generation = with_task(generation, task)
-    if task is not None:
-        session.mode_settings[task.mode] = {"task": generation.task, "task_inputs": generation.task_inputs,
-                                            "height": generation.height, "width": generation.width}
-        session.mode_tasks[task.mode] = task
+    if task is not None:  # what the slider's events, which send no pictures, render and look up in this mode
+        session.mode_tasks[task.mode] = (task, {name: getattr(generation, name) for name in MODE_FIELDS})
     return photos, generation, task
 
 
@@ -782,12 +781,13 @@ def supersede(session: Session, gate: float) -> None:
         run.halted.set()
 
 
-def _dragged(session: Session, form: dict) -> tuple[list[Photo], Generation]:
-    """The photos (with the form's weights) and Generation the slider's position names, in the mode's last
-    pictures (the slider's events do not send pictures); ValueError for a form that names none yet."""
+def _dragged(session: Session, form: dict) -> tuple[list[Photo], Generation, TaskInputs | None]:
+    """The photos (with the form's weights), Generation and mode inputs the slider's position names, in the mode's
+    last pictures (the slider's events do not send pictures); ValueError for a form that names none yet."""
     mode = form.pop("mode", None) or "text"
     photos = weighted_photos(session.photos, dict(form))
-    return photos, replace(read_form(form), **session.mode_settings.get(mode, {}))
+    task, fields = session.mode_tasks.get(mode, (None, {}))
+    return photos, replace(read_form(form), **fields), task
 
 
 def peek(studio: Studio, *, session: Session, **form) -> dict:
@@ -796,7 +796,7 @@ def peek(studio: Studio, *, session: Session, **form) -> dict:
     and which will render."""
     session.cancelled = None  # a render this move stopped is replaced by what it shows
     try:
-        photos, generation = _dragged(session, form)
+        photos, generation, _ = _dragged(session, form)
     except ValueError:
         return {}
     supersede(session, generation.gate)
@@ -824,7 +824,7 @@ async def drag(studio: Studio, *, session: Session, **form) -> dict:
     if not studio.scrubber.fast or session.run is not None or mode == ANIMATE:
         return {}
     try:
-        photos, generation = _dragged(session, form)
+        photos, generation, task = _dragged(session, form)
         check_request(studio, photos, generation)
     except ValueError:
         return {}
@@ -834,8 +834,8 @@ async def drag(studio: Studio, *, session: Session, **form) -> dict:
     studio.scrubber.drop()  # the ticks give way to the slider itself
     began = time.perf_counter()
     try:
-        async for event in render(studio, photos, generation, [generation.gate], task=session.mode_tasks.get(mode),
-                                  keep=False, decode="fast"):  # the tiny autoencoder, where the profile has one
+        async for event in render(studio, photos, generation, [generation.gate], task=task, keep=False,
+                                  decode="fast"):  # the tiny autoencoder, where the profile has one
             if isinstance(event, list) and event:
                 studio.scrubber.render_s = time.perf_counter() - began
                 session.remember(event[0], history=False)

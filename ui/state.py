@@ -133,10 +133,8 @@ class Session:
     uploads: int = 0  # uploads answered (add_photos calls), for the page's script
     gallery_shown: list[int] = field(default_factory=list)  # the Gallery tab's entry ids, in the order shown
     gallery_selected: int | None = None  # the entry last clicked there
-    mode_settings: dict = field(default_factory=dict)  # mode -> the Generation fields of its last request (task,
-    #   task_inputs with its pictures' digests, size), so that the slider finds that mode's renders without the pictures
-    mode_tasks: dict = field(default_factory=dict)  # mode -> its last TaskInputs (pictures prepared): the slider's
-    #   renders while dragging render in it
+    mode_tasks: dict = field(default_factory=dict)  # mode -> (its last TaskInputs, the Generation fields they set:
+    #   task, pictures' digests, size, frames): the slider's events send no pictures, and find and render in these
 
     def subject(self) -> str:
         """Fingerprint of the photos and their weights: renders are reusable only for the same subject."""
