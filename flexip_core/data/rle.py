@@ -4,6 +4,9 @@ A mask of height H and width W is read column by column (Fortran order); `counts
 starting with 0s. The compressed form is the string of pycocotools' maskApi.c (rleToString / rleFrString): each
 count, after the third stored as the difference from the count two before it, in 5-bit groups, least significant
 first, 0x20 marking that more groups follow, each group plus 48 as one ASCII character.
+
+Not pycocotools: its C decoder writes as many pixels as the counts say, past the mask for counts that cover more
+than H x W (a damaged annotation file); here such counts are refused. The tests check the encoding against it.
 """
 from __future__ import annotations
 
